@@ -1,0 +1,1937 @@
+"""wsloop: a single-file, dependency-free WebSocket server (RFC 6455).
+
+One thread multiplexes every socket with :mod:`selectors`.  Each connection is
+a small state machine fed by incremental byte buffers, so frames may arrive
+split at any byte, and nothing a client sends can make the server grow its
+memory without bound or stall the other connections.
+
+Two ways to use it
+------------------
+Run it::
+
+    python wsloop.py --port 8765               # echo every message back
+    python wsloop.py --port 8765 --broadcast   # chat: everyone gets everything
+    python wsloop.py --port 8765 --app mymodule:handler
+
+Or copy this file into a project and write a handler::
+
+    import wsloop
+
+    class Greeter(wsloop.Handler):
+        def on_connect(self, conn):
+            conn.send("hello " + conn.path)
+
+        def on_message(self, conn, message):
+            conn.send(message.upper() if isinstance(message, str) else message)
+
+    wsloop.serve(Greeter(), port=8765)
+
+Limits and their defaults (all configurable on :class:`Server` and the CLI)
+---------------------------------------------------------------------------
+- ``max_size`` 1 MiB: largest incoming message (close code 1009).
+- ``max_fragments``: most frames in one message, ``max(1024, max_size // 64)``.
+- ``open_timeout`` 10 s: to complete the opening handshake.
+- ``close_timeout`` 10 s: to complete the closing handshake.
+- ``ping_interval`` 20 s / ``ping_timeout`` 20 s: keepalive (close code 1011).
+- ``write_high_water`` 256 KiB: stop reading a peer whose output backs up.
+- ``max_pending_output`` 4 MiB: close (1008) a peer that cannot keep up
+  with what the server pushes to it.
+- Request head: lines of 8 KiB at most, 128 headers, 64 KiB in all.
+
+The file is layered top to bottom, each section using only those above it:
+constants, exceptions, helpers, the HTTP handshake, the frame codec, the
+socket-free protocol, the selectors loop, the public API and the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import codecs
+import collections
+import enum
+import errno
+import hashlib
+import heapq
+import importlib
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple, Union
+
+__version__ = "0.1.0"
+__all__ = [
+    "CloseCode",
+    "Connection",
+    "ConnectionClosed",
+    "Echo",
+    "Chat",
+    "Handler",
+    "HandshakeError",
+    "Headers",
+    "Opcode",
+    "Protocol",
+    "ProtocolError",
+    "Request",
+    "Server",
+    "State",
+    "WebSocketError",
+    "accept_key",
+    "serve",
+]
+
+logger = logging.getLogger("wsloop")
+
+
+# =============================================================================
+# Constants
+# =============================================================================
+
+
+class Opcode(enum.IntEnum):
+    """Frame opcodes (RFC 6455 section 5.2)."""
+
+    CONTINUATION = 0x0
+    TEXT = 0x1
+    BINARY = 0x2
+    CLOSE = 0x8
+    PING = 0x9
+    PONG = 0xA
+
+
+class CloseCode(enum.IntEnum):
+    """Close status codes (RFC 6455 section 7.4 and the IANA registry)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    NO_STATUS = 1005  # never on the wire: "the close frame had no code"
+    ABNORMAL = 1006  # never on the wire: "no close frame at all"
+    INVALID_DATA = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    MANDATORY_EXTENSION = 1010
+    INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012
+    TRY_AGAIN_LATER = 1013
+    BAD_GATEWAY = 1014
+
+
+class State(enum.Enum):
+    """Where a connection is in its life (RFC 6455 sections 4 and 7)."""
+
+    CONNECTING = "connecting"  # waiting for (or deciding on) the HTTP request
+    OPEN = "open"  # messages flow both ways
+    CLOSING = "closing"  # we sent a close frame and wait for the peer's
+    CLOSED = "closed"  # close handshake done, failed, or request rejected
+
+
+class Event(enum.IntEnum):
+    """Kinds of events :meth:`Protocol.events` yields as ``(kind, value)``."""
+
+    REQUEST = 0  # value: Request, answer it with accept() or reject()
+    TEXT = 1  # value: str
+    BINARY = 2  # value: bytes
+    PING = 9  # value: bytes (the pong is already queued)
+    PONG = 10  # value: bytes
+    CLOSE = 8  # value: (code, reason) from the peer's close frame
+
+
+# RFC 6455 section 1.3: the fixed GUID mixed into Sec-WebSocket-Accept.
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+DEFAULT_MAX_SIZE = 2**20
+DEFAULT_OPEN_TIMEOUT = 10.0
+DEFAULT_CLOSE_TIMEOUT = 10.0
+DEFAULT_PING_INTERVAL = 20.0
+DEFAULT_PING_TIMEOUT = 20.0
+DEFAULT_WRITE_HIGH_WATER = 256 * 2**10
+DEFAULT_MAX_PENDING_OUTPUT = 4 * 2**20
+
+MAX_REQUEST_LINE = 8 * 2**10
+MAX_HEADER_LINE = 8 * 2**10
+MAX_HEADERS = 128
+MAX_REQUEST_HEAD = 64 * 2**10
+
+# Bytes asked of the kernel per readable event: large enough to swallow many
+# small frames at once, small enough that one busy peer cannot hog the loop.
+RECV_SIZE = 256 * 2**10
+
+# Close codes a peer may put on the wire (RFC 6455 section 7.4.1 and 7.4.2):
+# the registered ones below 3000 except 1004-1006 and 1015, and 3000-4999.
+_VALID_WIRE_CODES = frozenset(
+    [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014]
+)
+
+
+def _is_valid_close_code(code: int) -> bool:
+    return code in _VALID_WIRE_CODES or 3000 <= code <= 4999
+
+
+def _default_max_fragments(max_size: int) -> int:
+    # Many tiny frames cost CPU, not memory; one frame per 64 bytes of the
+    # size limit on average is generous for real clients yet bounds the work.
+    return max(1024, max_size // 64)
+
+
+# =============================================================================
+# Exceptions
+# =============================================================================
+
+
+class WebSocketError(Exception):
+    """Base class of every error wsloop raises."""
+
+
+class ProtocolError(WebSocketError):
+    """The peer broke RFC 6455; ``code`` is the close code to fail it with."""
+
+    def __init__(self, reason: str, code: int = CloseCode.PROTOCOL_ERROR):
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+class HandshakeError(WebSocketError):
+    """The opening handshake cannot succeed; ``status`` is the HTTP answer."""
+
+    def __init__(self, status: int, reason: str, headers: Iterable[Tuple[str, str]] = ()):
+        super().__init__("%d %s" % (status, reason))
+        self.status = status
+        self.reason = reason
+        self.headers = list(headers)
+
+
+class ConnectionClosed(WebSocketError):
+    """A message was sent on a connection that is no longer open."""
+
+
+# =============================================================================
+# Helpers
+# =============================================================================
+
+
+def accept_key(key: Union[str, bytes]) -> str:
+    """Return the Sec-WebSocket-Accept value for a Sec-WebSocket-Key (RFC 6455 4.2.2)."""
+    if isinstance(key, str):
+        key = key.encode("ascii")
+    return base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest()).decode("ascii")
+
+
+def _header_tokens(value: Optional[str]) -> List[str]:
+    """Split a comma-separated header value into lower-case tokens."""
+    if not value:
+        return []
+    return [token.strip().lower() for token in value.split(",") if token.strip()]
+
+
+def _unmask(data: bytes, mask: bytes) -> bytes:
+    """XOR ``data`` with the 4-byte ``mask`` repeated (RFC 6455 section 5.3).
+
+    One big-integer XOR does the whole payload in C, with no Python loop.
+    """
+    length = len(data)
+    if not length:
+        return b""
+    key = mask * (length >> 2) + mask[: length & 3]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
+        length, "little"
+    )
+
+
+_HTTP_REASONS = {
+    101: "Switching Protocols",
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    414: "URI Too Long",
+    426: "Upgrade Required",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+
+
+def _http_response(status: int, headers: Iterable[Tuple[str, str]] = (), body: bytes = b"") -> bytes:
+    """Serialize an HTTP/1.1 response that ends the connection."""
+    lines = ["HTTP/1.1 %d %s" % (status, _HTTP_REASONS.get(status, "Unknown"))]
+    names = set()
+    for name, value in headers:
+        names.add(name.lower())
+        lines.append("%s: %s" % (name, value))
+    if "content-type" not in names and body:
+        lines.append("Content-Type: text/plain; charset=utf-8")
+    lines.append("Content-Length: %d" % len(body))
+    lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+# =============================================================================
+# HTTP handshake (RFC 6455 section 4.2, RFC 9112 for the HTTP/1.1 syntax)
+# =============================================================================
+
+
+class Headers:
+    """The request's header fields, in order, looked up without regard to case."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Iterable[Tuple[str, str]] = ()):
+        self._items = list(items)
+
+    def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
+        """The field's value; repeated fields are joined with ``", "``."""
+        values = self.get_all(name)
+        return ", ".join(values) if values else default
+
+    def get_all(self, name: str) -> List[str]:
+        name = name.lower()
+        return [value for key, value in self._items if key.lower() == name]
+
+    def items(self) -> List[Tuple[str, str]]:
+        return list(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and bool(self.get_all(name))
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return "Headers(%r)" % (self._items,)
+
+
+class Request:
+    """An HTTP request head: ``method``, ``target``, ``path``, ``query``, ``headers``."""
+
+    __slots__ = ("method", "target", "path", "query", "version", "headers")
+
+    def __init__(self, method: str, target: str, version: Tuple[int, int], headers: Headers):
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        path, _, query = target.partition("?")
+        self.path = path
+        self.query = query
+
+    def __repr__(self) -> str:
+        return "Request(%s %s)" % (self.method, self.target)
+
+
+# RFC 9110 section 5.6.2: the characters of a token (method, header name).
+_TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+# Visible ASCII and space: all a request line may hold.  Anything else in the
+# first bytes (a TLS ClientHello starts with 0x16) is answered at once.
+_REQUEST_LINE_CHARS = bytes(range(0x20, 0x7F))
+_FIELD_VALUE_DELETE = bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100)) + b"\t"
+
+
+def _is_token(data: bytes) -> bool:
+    return bool(data) and not data.translate(None, _TOKEN_CHARS)
+
+
+def _check_partial_head(buffer: bytearray) -> None:
+    """Enforce the head limits on a request that has not ended yet.
+
+    Checked only while waiting for more bytes, so each limit costs little and
+    fails exactly when crossed (the way h11 does it).
+    """
+    first_end = buffer.find(b"\r\n")
+    first_line = buffer if first_end < 0 else buffer[:first_end]
+    if first_line.translate(None, _REQUEST_LINE_CHARS):
+        raise HandshakeError(400, "not an HTTP request")
+    if len(first_line) > MAX_REQUEST_LINE:
+        raise HandshakeError(414, "request line too long")
+    if len(buffer) > MAX_REQUEST_HEAD:
+        raise HandshakeError(431, "request head too large")
+    if first_end >= 0:
+        last_end = buffer.rfind(b"\r\n")
+        if len(buffer) - last_end - 2 > MAX_HEADER_LINE:
+            raise HandshakeError(431, "header line too long")
+        if buffer.count(b"\r\n") > MAX_HEADERS + 1:
+            raise HandshakeError(431, "too many headers")
+
+
+def _parse_request_head(buffer: bytearray) -> Optional[Tuple[Request, int]]:
+    """Parse a request head from the start of ``buffer``.
+
+    Returns ``(request, head_length)``, ``None`` when more bytes are needed,
+    or raises :class:`HandshakeError` with the status to answer.
+    """
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        _check_partial_head(buffer)
+        return None
+    head_length = end + 4
+    if head_length > MAX_REQUEST_HEAD:
+        raise HandshakeError(431, "request head too large")
+    lines = bytes(buffer[:end]).split(b"\r\n")
+    request_line = lines[0]
+    if len(request_line) > MAX_REQUEST_LINE:
+        raise HandshakeError(414, "request line too long")
+    if request_line.translate(None, _REQUEST_LINE_CHARS):
+        raise HandshakeError(400, "not an HTTP request")
+    parts = request_line.split(b" ")
+    if len(parts) != 3 or not _is_token(parts[0]) or not parts[1]:
+        raise HandshakeError(400, "malformed request line")
+    method, target, version_text = (part.decode("ascii") for part in parts)
+    version = _parse_http_version(version_text)
+    if len(lines) - 1 > MAX_HEADERS:
+        raise HandshakeError(431, "too many headers")
+    fields = []
+    for line in lines[1:]:
+        if len(line) > MAX_HEADER_LINE:
+            raise HandshakeError(431, "header line too long")
+        name, colon, value = line.partition(b":")
+        # No space before the colon, no obsolete line folding (RFC 9112 5.1-5.2).
+        if not colon or not _is_token(name):
+            raise HandshakeError(400, "malformed header line")
+        value = value.strip(b" \t")
+        if value.translate(None, _FIELD_VALUE_DELETE):
+            raise HandshakeError(400, "control character in header value")
+        fields.append((name.decode("ascii"), value.decode("latin-1")))
+    return Request(method, target, version, Headers(fields)), head_length
+
+
+def _parse_http_version(text: str) -> Tuple[int, int]:
+    if len(text) != 8 or not text.startswith("HTTP/") or text[6] != ".":
+        raise HandshakeError(400, "malformed HTTP version")
+    major, minor = text[5], text[7]
+    if not (major.isdigit() and minor.isdigit()):
+        raise HandshakeError(400, "malformed HTTP version")
+    return int(major), int(minor)
+
+
+_PLAIN_HTTP_BODY = b"This is a WebSocket server: connect to it with a WebSocket client.\n"
+
+
+def _check_upgrade_request(request: Request) -> str:
+    """Validate a WebSocket opening handshake; return its Sec-WebSocket-Key.
+
+    Raises :class:`HandshakeError` carrying the status RFC 6455 section 4.2.1
+    calls for.
+    """
+    if request.method != "GET":
+        raise HandshakeError(405, "method not allowed", [("Allow", "GET")])
+    if request.version < (1, 1):
+        raise HandshakeError(505, "HTTP/1.1 or later required")
+    if not request.target.startswith("/"):
+        raise HandshakeError(400, "request target must be a path")
+    headers = request.headers
+    if len(headers.get_all("Host")) != 1:
+        raise HandshakeError(400, "exactly one Host header required")
+    upgrade = headers.get("Upgrade")
+    if upgrade is None:
+        raise HandshakeError(
+            426, "plain HTTP request", [("Upgrade", "websocket"), ("Connection", "Upgrade")]
+        )
+    if "websocket" not in _header_tokens(upgrade):
+        raise HandshakeError(400, "Upgrade header must name websocket")
+    if "upgrade" not in _header_tokens(headers.get("Connection")):
+        raise HandshakeError(400, "Connection header must include upgrade")
+    if headers.get("Sec-WebSocket-Version") != "13":
+        raise HandshakeError(426, "unsupported WebSocket version", [("Sec-WebSocket-Version", "13")])
+    key = headers.get("Sec-WebSocket-Key")
+    try:
+        if key is None or len(key) != 24 or len(base64.b64decode(key, validate=True)) != 16:
+            raise ValueError
+    except ValueError:
+        raise HandshakeError(400, "Sec-WebSocket-Key must be 16 bytes in base64") from None
+    return key
+
+
+# =============================================================================
+# Frame codec (RFC 6455 section 5)
+# =============================================================================
+
+_pack_16 = struct.Struct("!BBH").pack
+_pack_64 = struct.Struct("!BBQ").pack
+_unpack_16 = struct.Struct("!H").unpack_from
+_unpack_64 = struct.Struct("!Q").unpack_from
+
+_FIN = 0x80
+_RSV_BITS = 0x70
+_MASK_BIT = 0x80
+_CONTROL_OPCODES = frozenset([Opcode.CLOSE, Opcode.PING, Opcode.PONG])
+_DATA_OPCODES = frozenset([Opcode.CONTINUATION, Opcode.TEXT, Opcode.BINARY])
+
+
+def _frame_header(first_byte: int, length: int) -> bytes:
+    """The header of an unmasked (server-to-client) frame."""
+    if length < 126:
+        return bytes((first_byte, length))
+    if length < 65536:
+        return _pack_16(first_byte, 126, length)
+    return _pack_64(first_byte, 127, length)
+
+
+def encode_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """Serialize one unmasked frame, as a server sends it."""
+    return _frame_header((_FIN if fin else 0) | opcode, len(payload)) + payload
+
+
+def _encode_close(code: Optional[int], reason: str = "") -> bytes:
+    if code is None:
+        return encode_frame(Opcode.CLOSE, b"")
+    return encode_frame(Opcode.CLOSE, struct.pack("!H", code) + reason.encode("utf-8"))
+
+
+def encode_message(message: Union[str, bytes]) -> bytes:
+    """Serialize a whole message as one unmasked frame (text for ``str``)."""
+    if isinstance(message, str):
+        payload = message.encode("utf-8")
+        return _frame_header(_FIN | Opcode.TEXT, len(payload)) + payload
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        payload = bytes(message)
+        return _frame_header(_FIN | Opcode.BINARY, len(payload)) + payload
+    raise TypeError("message must be str or bytes, not %s" % type(message).__name__)
+
+
+def _parse_close_payload(payload: bytes) -> Tuple[int, str]:
+    """Return ``(code, reason)`` of a close frame (RFC 6455 section 5.5.1)."""
+    if not payload:
+        return CloseCode.NO_STATUS, ""
+    if len(payload) == 1:
+        raise ProtocolError("close frame with a 1-byte payload")
+    code = int.from_bytes(payload[:2], "big")
+    if not _is_valid_close_code(code):
+        raise ProtocolError("invalid close code %d" % code)
+    try:
+        reason = payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("close reason is not UTF-8", CloseCode.INVALID_DATA) from None
+    return code, reason
+
+
+# =============================================================================
+# Protocol: the socket-free state machine of one server connection
+# =============================================================================
+#
+# Theory of operation
+# -------------------
+# A Protocol never touches a socket.  The I/O layer hands it every byte it
+# reads with receive_data(), iterates events() for the (Event, value) pairs
+# those bytes complete, and writes what the protocol appended to `outgoing`
+# (a bytearray the I/O layer drains from the front).  events() parses lazily,
+# one event per step, so replies to a message are queued before whatever the
+# next frame causes (even a close frame for a protocol error).
+#
+#   CONNECTING --accept()--> OPEN --close()--> CLOSING --peer's close--> CLOSED
+#        |                    |                   |
+#        +--reject()/error----+--peer's close-----+--protocol error----> CLOSED
+#
+# In CONNECTING the bytes go to the HTTP request parser; once a request head
+# is complete a REQUEST event is returned and the application answers with
+# accept() or reject().  Bytes that came after the head stay buffered and are
+# parsed as frames after accept().
+#
+# In OPEN and CLOSING the bytes go to the frame parser.  Data frame payloads
+# are consumed as they arrive (unmasked, UTF-8-checked, appended to the
+# message) rather than once the frame is whole, so invalid text fails at the
+# first bad byte, and the buffer never holds more than a partial header or a
+# partial control frame.  Control frames (<= 125 bytes) are handled whole.
+#
+# Any violation raises ProtocolError inside the parser; events() is the
+# one place that turns it into a close frame with the error's code, after
+# which the protocol is CLOSED and ignores further input.  When `state` is
+# CLOSED and `outgoing` is empty, the I/O layer closes the TCP connection
+# (the server closes first, RFC 6455 section 7.1.1).
+
+_TRANSITIONS = {
+    State.CONNECTING: (State.OPEN, State.CLOSED),
+    State.OPEN: (State.CLOSING, State.CLOSED),
+    State.CLOSING: (State.CLOSED,),
+    State.CLOSED: (),
+}
+
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
+
+# Hot-path aliases: enum attribute lookups are slow on older Pythons.
+_OPEN = State.OPEN
+_CLOSING = State.CLOSING
+_CLOSED = State.CLOSED
+_CONNECTING = State.CONNECTING
+_EV_TEXT = Event.TEXT
+_EV_BINARY = Event.BINARY
+_OP_TEXT = int(Opcode.TEXT)
+_OP_CONTINUATION = int(Opcode.CONTINUATION)
+
+
+class Protocol:
+    """The server side of one WebSocket connection, without I/O (RFC 6455).
+
+    Feed it bytes with :meth:`receive_data`, act on each event that
+    :meth:`events` yields, and write out what it leaves in :attr:`outgoing`
+    (removing what was written; :meth:`data_to_send` does both at once).
+    """
+
+    __slots__ = (
+        "state",
+        "outgoing",
+        "request",
+        "handshake_error",
+        "close_code",
+        "close_reason",
+        "close_sent",
+        "max_size",
+        "max_fragments",
+        "_buffer",
+        "_frame_remaining",
+        "_frame_mask",
+        "_frame_offset",
+        "_frame_fin",
+        "_in_payload",
+        "_message_opcode",
+        "_message_data",
+        "_message_size",
+        "_message_fragments",
+        "_utf8",
+    )
+
+    def __init__(self, max_size: int = DEFAULT_MAX_SIZE, max_fragments: Optional[int] = None):
+        self.state = State.CONNECTING
+        self.outgoing = bytearray()
+        self.request: Optional[Request] = None
+        self.handshake_error: Optional[HandshakeError] = None
+        # The peer's close frame (NO_STATUS if it had no code); ABNORMAL when
+        # the connection ended without one.
+        self.close_code: Optional[int] = None
+        self.close_reason = ""
+        # The code of the close frame we sent, if any.
+        self.close_sent: Optional[int] = None
+        self.max_size = max_size
+        self.max_fragments = (
+            max_fragments if max_fragments is not None else _default_max_fragments(max_size)
+        )
+        self._buffer = bytearray()
+        # The frame whose payload is being consumed.
+        self._in_payload = False
+        self._frame_remaining = 0
+        self._frame_mask = b""
+        self._frame_offset = 0
+        self._frame_fin = True
+        # The message being assembled (opcode 0: none).
+        self._message_opcode = 0
+        self._message_data: Optional[bytearray] = None
+        self._message_size = 0
+        self._message_fragments = 0
+        self._utf8 = None
+
+    def __repr__(self) -> str:
+        return "<Protocol %s>" % self.state.value
+
+    # -- state ----------------------------------------------------------------
+
+    def _set_state(self, state: State) -> None:
+        if state not in _TRANSITIONS[self.state]:
+            raise RuntimeError("cannot go from %s to %s" % (self.state.name, state.name))
+        self.state = state
+
+    # -- input ----------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Take bytes from the peer; :meth:`events` then returns what they complete."""
+        if self.state is not _CLOSED:
+            self._buffer += data
+
+    def events(self) -> Iterator[Tuple[Event, Any]]:
+        """Yield the events in the bytes received so far, one at a time.
+
+        Events are parsed lazily, so what the caller does with one (a reply,
+        a close) is queued before anything the next frame causes: if a valid
+        message is followed by a bad frame, the reply goes out before the
+        close frame, as the peer expects.
+        """
+        if self.state is _CONNECTING:
+            if self.request is None:
+                request = self._receive_request()
+                if request is not None:
+                    yield (Event.REQUEST, request)
+            if self.state is _CONNECTING:
+                return  # not accepted (yet): keep the bytes for later
+        buffer = self._buffer
+        end = len(buffer)
+        position = 0
+        try:
+            while self.state is _OPEN or self.state is _CLOSING:
+                if self._in_payload:
+                    available = end - position
+                    remaining = self._frame_remaining
+                    if available < remaining:
+                        if not available:
+                            break
+                        chunk = buffer[position:end]
+                        position = end
+                        self._frame_remaining = remaining - available
+                        event = self._receive_payload(chunk, False)
+                    else:
+                        chunk = buffer[position : position + remaining]
+                        position += remaining
+                        self._frame_remaining = 0
+                        self._in_payload = False
+                        event = self._receive_payload(chunk, True)
+                    if event is not None:
+                        yield event
+                    continue
+                if end - position < 2:
+                    break
+                first = buffer[position]
+                second = buffer[position + 1]
+                length = second & 0x7F
+                header_length = 6
+                if length == 126:
+                    header_length = 8
+                    if end - position < 8:
+                        break
+                    length = _unpack_16(buffer, position + 2)[0]
+                elif length == 127:
+                    header_length = 14
+                    if end - position < 14:
+                        break
+                    length = _unpack_64(buffer, position + 2)[0]
+                opcode = first & 0x0F
+                self._check_header(first, second, opcode, length)
+                if end - position < header_length:
+                    break
+                mask = bytes(buffer[position + header_length - 4 : position + header_length])
+                if opcode >= 8:
+                    # Control frames are short: handle them whole.
+                    frame_end = position + header_length + length
+                    if frame_end > end:
+                        break
+                    payload = _unmask(buffer[position + header_length : frame_end], mask)
+                    position = frame_end
+                    yield self._receive_control(opcode, payload)
+                    continue
+                position += header_length
+                self._start_data_frame(opcode, first & _FIN, length)
+                self._frame_mask = mask
+                self._frame_offset = 0
+                self._frame_remaining = length
+                self._in_payload = True
+        except ProtocolError as exc:
+            # The one place where a violation becomes a close frame.
+            self._fail(exc.code, exc.reason)
+        finally:
+            if self.state is _CLOSED:
+                buffer.clear()
+            elif position:
+                del buffer[:position]
+
+    def receive_eof(self) -> None:
+        """The peer closed its side of TCP (or the connection dropped)."""
+        if self.state is not _CLOSED:
+            self.state = _CLOSED
+            self.outgoing.clear()
+        if self.close_code is None:
+            self.close_code = CloseCode.ABNORMAL
+
+    def data_to_send(self) -> bytes:
+        """Return and forget everything queued for the peer."""
+        data = bytes(self.outgoing)
+        self.outgoing.clear()
+        return data
+
+    # -- handshake ------------------------------------------------------------
+
+    def _receive_request(self) -> Optional[Request]:
+        try:
+            parsed = _parse_request_head(self._buffer)
+            if parsed is None:
+                return None
+            request, head_length = parsed
+            del self._buffer[:head_length]
+            self.request = request
+            _check_upgrade_request(request)
+        except HandshakeError as exc:
+            self.handshake_error = exc
+            body = _PLAIN_HTTP_BODY if exc.status == 426 and self.request else exc.reason.encode()
+            self.reject(exc.status, exc.headers, body + b"\n")
+            return None
+        return request
+
+    def accept(self, headers: Iterable[Tuple[str, str]] = ()) -> None:
+        """Answer the request with 101 and open the connection.
+
+        ``headers`` are added to the response.  Frames that arrived along
+        with the request come out of :meth:`events` next.
+        """
+        request = self.request
+        if request is None or self.state is not _CONNECTING:
+            raise RuntimeError("no request to accept")
+        lines = [
+            "HTTP/1.1 101 Switching Protocols",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            "Sec-WebSocket-Accept: " + accept_key(request.headers.get("Sec-WebSocket-Key") or ""),
+        ]
+        lines.extend("%s: %s" % item for item in headers)
+        self.outgoing += ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self._set_state(_OPEN)
+
+    def reject(
+        self, status: int, headers: Iterable[Tuple[str, str]] = (), body: bytes = b""
+    ) -> None:
+        """Answer the request (or what there is of it) with an HTTP error."""
+        if self.state is not _CONNECTING:
+            raise RuntimeError("cannot reject in state %s" % self.state.name)
+        self.outgoing += _http_response(status, headers, body)
+        self._buffer.clear()
+        self._set_state(_CLOSED)
+
+    # -- frames ---------------------------------------------------------------
+
+    def _check_header(self, first: int, second: int, opcode: int, length: int) -> None:
+        """Reject a bad frame from its header alone, before reading its payload."""
+        if first & _RSV_BITS:
+            raise ProtocolError("reserved bits set without an extension")
+        if not second & _MASK_BIT:
+            # RFC 6455 5.1: the server MUST close on an unmasked client frame.
+            raise ProtocolError("client frame is not masked")
+        if opcode >= 8:
+            if opcode > 0xA:
+                raise ProtocolError("reserved opcode %d" % opcode)
+            if length > 125:
+                raise ProtocolError("control frame payload over 125 bytes")
+            if not first & _FIN:
+                raise ProtocolError("fragmented control frame")
+            return
+        if opcode > 2:
+            raise ProtocolError("reserved opcode %d" % opcode)
+        if length >> 63:
+            raise ProtocolError("frame length with the most significant bit set")
+        if opcode == _OP_CONTINUATION:
+            if not self._message_opcode:
+                raise ProtocolError("continuation frame with nothing to continue")
+        elif self._message_opcode:
+            raise ProtocolError("new data frame inside a fragmented message")
+        if self._message_size + length > self.max_size:
+            raise ProtocolError(
+                "message over %d bytes" % self.max_size, CloseCode.MESSAGE_TOO_BIG
+            )
+
+    def _start_data_frame(self, opcode: int, fin: int, length: int) -> None:
+        if opcode != _OP_CONTINUATION:
+            self._message_opcode = opcode
+            self._message_fragments = 0
+        self._message_fragments += 1
+        if self._message_fragments > self.max_fragments:
+            raise ProtocolError(
+                "message in over %d fragments" % self.max_fragments, CloseCode.MESSAGE_TOO_BIG
+            )
+        self._message_size += length
+        self._frame_fin = bool(fin)
+
+    def _receive_payload(self, chunk: bytearray, frame_done: bool) -> Optional[Tuple[Event, Any]]:
+        """Take the next piece of a data frame's payload."""
+        offset = self._frame_offset
+        mask = self._frame_mask
+        if offset & 3:
+            mask = mask[offset & 3 :] + mask[: offset & 3]
+        self._frame_offset = offset + len(chunk)
+        data = _unmask(chunk, mask)
+        message_done = frame_done and self._frame_fin
+        if message_done and self._message_data is None:
+            # The whole message is in this one piece: the fast, common case.
+            return self._deliver(data)
+        if self._message_data is None:
+            self._message_data = bytearray()
+            if self._message_opcode == _OP_TEXT:
+                self._utf8 = _utf8_decoder()
+        self._message_data += data
+        if self._utf8 is not None:
+            # Check the text as it arrives, to fail at the first bad byte.
+            try:
+                self._utf8.decode(data, message_done)
+            except UnicodeDecodeError:
+                raise ProtocolError("invalid UTF-8 in text message", CloseCode.INVALID_DATA) from None
+        if not message_done:
+            return None
+        data = self._message_data
+        self._message_data = None
+        self._utf8 = None
+        return self._deliver(data)
+
+    def _deliver(self, data) -> Optional[Tuple[Event, Any]]:
+        opcode = self._message_opcode
+        self._message_opcode = 0
+        self._message_size = 0
+        if self.state is not _OPEN:
+            return None  # we sent a close: nothing more is delivered
+        if opcode == _OP_TEXT:
+            try:
+                return (_EV_TEXT, data.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise ProtocolError("invalid UTF-8 in text message", CloseCode.INVALID_DATA) from None
+        return (_EV_BINARY, bytes(data))
+
+    def _receive_control(self, opcode: int, payload: bytes) -> Tuple[Event, Any]:
+        if opcode == Opcode.PING:
+            if self.state is _OPEN:
+                # RFC 6455 5.5.2: answer with a pong carrying the same data.
+                self.outgoing += encode_frame(Opcode.PONG, payload)
+            return (Event.PING, payload)
+        if opcode == Opcode.PONG:
+            return (Event.PONG, payload)
+        code, reason = _parse_close_payload(payload)
+        self.close_code = code
+        self.close_reason = reason
+        if self.state is _OPEN:
+            # RFC 6455 5.5.1: echo the status code in the reply.
+            reply = None if code == CloseCode.NO_STATUS else code
+            self.outgoing += _encode_close(reply)
+            self.close_sent = reply if reply is not None else CloseCode.NO_STATUS
+        self._set_state(_CLOSED)
+        return (Event.CLOSE, (code, reason))
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Fail the connection (RFC 6455 7.1.7): send a close, then stop."""
+        if self.state is _OPEN:
+            self.outgoing += _encode_close(code, reason)
+            self.close_sent = code
+        if self.state is not _CLOSED:
+            self._set_state(_CLOSED)
+        self._buffer.clear()
+        self._message_data = None
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+
+    # -- output ---------------------------------------------------------------
+
+    def send(self, message: Union[str, bytes]) -> None:
+        """Queue a text (``str``) or binary (``bytes``) message."""
+        if self.state is not _OPEN:
+            raise ConnectionClosed("connection is %s" % self.state.value)
+        self.send_encoded(encode_message(message))
+
+    def send_encoded(self, frame: bytes) -> None:
+        """Queue frames already serialized by :func:`encode_message`."""
+        if self.state is not _OPEN:
+            raise ConnectionClosed("connection is %s" % self.state.value)
+        self.outgoing += frame
+
+    def ping(self, payload: bytes = b"") -> None:
+        """Queue a ping (at most 125 bytes of payload)."""
+        if len(payload) > 125:
+            raise ValueError("ping payload over 125 bytes")
+        if self.state is not _OPEN:
+            raise ConnectionClosed("connection is %s" % self.state.value)
+        self.outgoing += encode_frame(Opcode.PING, bytes(payload))
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Start the closing handshake; a no-op unless the connection is open."""
+        if not _is_valid_close_code(code):
+            raise ValueError("%r is not a close code one may send" % (code,))
+        encoded_reason = reason.encode("utf-8")
+        if len(encoded_reason) > 123:
+            raise ValueError("close reason over 123 bytes")
+        if self.state is not _OPEN:
+            return
+        self.outgoing += _encode_close(code, reason)
+        self.close_sent = code
+        self._set_state(_CLOSING)
+
+
+# =============================================================================
+# The loop: one thread, one selector, a timer heap, wake-ups from other threads
+# =============================================================================
+
+
+class _Timer:
+    """A callback due at ``when`` on the loop's clock; cancel() is O(1)."""
+
+    __slots__ = ("when", "callback", "args")
+
+    def __init__(self, when: float, callback: Callable, args: tuple):
+        self.when = when
+        self.callback: Optional[Callable] = callback
+        self.args = args
+
+    def __lt__(self, other: "_Timer") -> bool:
+        return self.when < other.when
+
+    def cancel(self) -> None:
+        # Left in the heap and skipped when due: cheaper than removing it.
+        self.callback = None
+        self.args = ()
+
+
+class _EventLoop:
+    """A minimal selectors loop: readiness callbacks, timers, thread wake-ups.
+
+    Objects registered with the selector carry themselves as ``key.data``
+    and implement ``_handle_io(mask)``.
+    """
+
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self._timers: List[_Timer] = []
+        self._ready: collections.deque = collections.deque()
+        self._flush_queue: list = []
+        self._stopping = False
+        self._thread_id: Optional[int] = None
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
+        self.selector.register(self._wake_reader, selectors.EVENT_READ, self)
+
+    @property
+    def in_loop_thread(self) -> bool:
+        return self._thread_id == threading.get_ident()
+
+    def call_later(self, delay: float, callback: Callable, *args: Any) -> _Timer:
+        timer = _Timer(time.monotonic() + delay, callback, args)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def call_soon_threadsafe(self, callback: Callable, *args: Any) -> None:
+        self._ready.append((callback, args))
+        self._wake()
+
+    def schedule_flush(self, connection: "Connection") -> None:
+        """Have ``connection`` write its output once, at the end of this pass."""
+        self._flush_queue.append(connection)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_writer.send(b"\0")
+        except (BlockingIOError, InterruptedError):
+            pass  # already awake: the pipe is full of wake-ups
+        except OSError:
+            pass  # closed during shutdown
+
+    def _handle_io(self, mask: int) -> None:
+        try:
+            while self._wake_reader.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake()
+
+    def run(self) -> None:
+        self._thread_id = threading.get_ident()
+        self._stopping = False
+        select = self.selector.select
+        timers = self._timers
+        ready = self._ready
+        try:
+            while not self._stopping:
+                timeout = None
+                if ready or self._flush_queue:
+                    timeout = 0
+                elif timers:
+                    timeout = max(0.0, timers[0].when - time.monotonic())
+                for key, mask in select(timeout):
+                    key.data._handle_io(mask)
+                if timers:
+                    self._run_timers()
+                while ready:
+                    callback, args = ready.popleft()
+                    self._run_callback(callback, args)
+                self._flush()
+        finally:
+            self._thread_id = None
+
+    def _run_timers(self) -> None:
+        timers = self._timers
+        now = time.monotonic()
+        while timers and timers[0].when <= now:
+            timer = heapq.heappop(timers)
+            callback = timer.callback
+            if callback is not None:
+                timer.callback = None
+                self._run_callback(callback, timer.args)
+
+    def _run_callback(self, callback: Callable, args: tuple) -> None:
+        try:
+            callback(*args)
+        except Exception:
+            logger.exception("error in callback %r", callback)
+
+    def _flush(self) -> None:
+        queue = self._flush_queue
+        while queue:
+            self._flush_queue = []
+            for connection in queue:
+                connection._flush()
+            queue = self._flush_queue
+
+    def close(self) -> None:
+        self.selector.close()
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+
+# =============================================================================
+# Public API: handlers, connections, the server
+# =============================================================================
+
+
+class Handler:
+    """What a server calls; subclass it and override what you need.
+
+    Any object with some of these methods works as a handler.  They run on
+    the server's thread, one at a time: keep them short, and hand slow work
+    to another thread (which may call ``conn.send()`` safely).
+    """
+
+    def on_connect(self, conn: "Connection") -> None:
+        """A client completed the opening handshake."""
+
+    def on_message(self, conn: "Connection", message: Union[str, bytes]) -> None:
+        """A whole message arrived: ``str`` for text, ``bytes`` for binary."""
+
+    def on_close(self, conn: "Connection", code: int, reason: str) -> None:
+        """The connection is gone; ``code`` 1006 means it ended without a close frame."""
+
+
+class Echo(Handler):
+    """Send every message back to its sender."""
+
+    def on_message(self, conn: "Connection", message: Union[str, bytes]) -> None:
+        conn.send(message)
+
+
+class Chat(Handler):
+    """Send every message to every open connection (the ``--broadcast`` app)."""
+
+    def on_message(self, conn: "Connection", message: Union[str, bytes]) -> None:
+        conn.server.broadcast(message)
+
+
+class Connection:
+    """One client connection, as handlers see it.
+
+    Attributes: ``id`` (a number unique within the server), ``remote_address``,
+    ``request`` (the HTTP request, with ``path``, ``query`` and ``headers``
+    also available here), ``state``, ``close_code`` and ``close_reason``
+    (once closed), and ``data``, free for the application's own use.
+    Every method may be called from any thread.
+    """
+
+    __slots__ = (
+        "id",
+        "server",
+        "remote_address",
+        "data",
+        "_sock",
+        "_protocol",
+        "_loop",
+        "_events",
+        "_reading_paused",
+        "_flush_scheduled",
+        "_write_shut",
+        "_opened",
+        "_open_timer",
+        "_close_timer",
+        "_ping_timer",
+        "_pong_timer",
+        "_ping_payload",
+    )
+
+    def __init__(self, server: "Server", sock: socket.socket, address: Any, connection_id: int):
+        self.id = connection_id
+        self.server = server
+        self.remote_address = address
+        self.data: Any = None
+        self._sock: Optional[socket.socket] = sock
+        self._protocol = Protocol(server.max_size, server.max_fragments)
+        self._loop = server._loop
+        self._events = 0
+        self._reading_paused = False
+        self._flush_scheduled = False
+        self._write_shut = False
+        self._opened = False
+        self._open_timer: Optional[_Timer] = None
+        self._close_timer: Optional[_Timer] = None
+        self._ping_timer: Optional[_Timer] = None
+        self._pong_timer: Optional[_Timer] = None
+        self._ping_payload: Optional[bytes] = None
+
+    def __repr__(self) -> str:
+        return "<Connection %d %s %s>" % (self.id, _format_address(self.remote_address), self.state.value)
+
+    # -- what handlers read ---------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._protocol.state
+
+    @property
+    def request(self) -> Optional[Request]:
+        return self._protocol.request
+
+    @property
+    def path(self) -> str:
+        request = self._protocol.request
+        return request.path if request else ""
+
+    @property
+    def query(self) -> str:
+        request = self._protocol.request
+        return request.query if request else ""
+
+    @property
+    def headers(self) -> Headers:
+        request = self._protocol.request
+        return request.headers if request else Headers()
+
+    @property
+    def close_code(self) -> Optional[int]:
+        return self._protocol.close_code
+
+    @property
+    def close_reason(self) -> str:
+        return self._protocol.close_reason
+
+    @property
+    def pending_output(self) -> int:
+        """Bytes accepted for sending that the peer has not taken yet."""
+        return len(self._protocol.outgoing)
+
+    # -- what handlers do -----------------------------------------------------
+
+    def send(self, message: Union[str, bytes]) -> None:
+        """Send a text (``str``) or binary (``bytes``) message.
+
+        Raises :class:`ConnectionClosed` if the connection is not open (when
+        called from another thread the message is dropped instead, and the
+        closing is logged).  A peer that lets more than the server's
+        ``max_pending_output`` back up is closed with 1008.
+        """
+        if not self._loop.in_loop_thread:
+            self._loop.call_soon_threadsafe(self._send_from_thread, message)
+            return
+        self._send_frame(encode_message(message))
+
+    def ping(self, payload: bytes = b"") -> None:
+        """Send a ping; the peer's pong reaches no handler (keepalive uses them)."""
+        if not self._loop.in_loop_thread:
+            self._loop.call_soon_threadsafe(self.ping, payload)
+            return
+        self._protocol.ping(payload)
+        self._schedule_flush()
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Start the closing handshake; the TCP connection ends when it completes
+        or after the server's ``close_timeout``."""
+        if not self._loop.in_loop_thread:
+            self._loop.call_soon_threadsafe(self.close, code, reason)
+            return
+        protocol = self._protocol
+        if protocol.state is _OPEN:
+            protocol.close(code, reason)
+            self._stop_keepalive()
+            self._start_close_timer()
+            self._schedule_flush()
+
+    # -- output ---------------------------------------------------------------
+
+    def _send_from_thread(self, message: Union[str, bytes]) -> None:
+        try:
+            self._send_frame(encode_message(message))
+        except ConnectionClosed:
+            logger.debug("connection %d: message from another thread dropped: closed", self.id)
+
+    def _send_frame(self, frame: bytes) -> bool:
+        protocol = self._protocol
+        if protocol.state is not _OPEN:
+            raise ConnectionClosed("connection is %s" % protocol.state.value)
+        if len(protocol.outgoing) > self.server.max_pending_output:
+            logger.warning(
+                "connection %d: closed: over %d bytes of output pending (peer too slow)",
+                self.id,
+                self.server.max_pending_output,
+            )
+            self.close(CloseCode.POLICY_VIOLATION, "too slow to keep up")
+            raise ConnectionClosed("peer too slow: output limit reached")
+        protocol.outgoing += frame
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.schedule_flush(self)
+        return True
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.schedule_flush(self)
+
+    def _flush(self) -> None:
+        """Write what is pending once, then fix the selector interest."""
+        self._flush_scheduled = False
+        sock = self._sock
+        if sock is None:
+            return
+        outgoing = self._protocol.outgoing
+        if outgoing and not self._events & selectors.EVENT_WRITE:
+            # Not known to be blocked: try now rather than wait for a wake-up.
+            if not self._write(sock, outgoing):
+                return
+        self._update_interest()
+
+    def _write(self, sock: socket.socket, outgoing: bytearray) -> bool:
+        try:
+            sent = sock.send(outgoing)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError as exc:
+            self._drop("write failed: %s" % (exc.strerror or exc))
+            return False
+        del outgoing[:sent]
+        return True
+
+    def _update_interest(self) -> None:
+        protocol = self._protocol
+        outgoing = protocol.outgoing
+        high_water = self.server.write_high_water
+        if self._reading_paused:
+            if len(outgoing) <= high_water // 4:
+                self._reading_paused = False
+        elif len(outgoing) > high_water:
+            # Backpressure: stop reading a peer that is not reading our replies.
+            self._reading_paused = True
+        if not outgoing and protocol.state is _CLOSED and not self._write_shut:
+            self._shut_write()
+            if self._sock is None:
+                return
+        events = 0 if self._reading_paused else selectors.EVENT_READ
+        if outgoing:
+            events |= selectors.EVENT_WRITE
+        if events != self._events:
+            self._events = events
+            self._loop.selector.modify(self._sock, events, self)
+
+    def _shut_write(self) -> None:
+        """All is sent after the close: half-close, then wait for the peer's EOF."""
+        self._write_shut = True
+        self._cancel_timers(keep_close_timer=True)
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close_socket()
+            return
+        if self._close_timer is None:
+            self._start_close_timer()
+
+    # -- input ----------------------------------------------------------------
+
+    def _handle_io(self, mask: int) -> None:
+        if mask & selectors.EVENT_READ:
+            self._on_readable()
+        if mask & selectors.EVENT_WRITE and self._sock is not None:
+            if self._write(self._sock, self._protocol.outgoing):
+                self._update_interest()
+
+    def _on_readable(self) -> None:
+        try:
+            data = self._sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._drop("read failed: %s" % (exc.strerror or exc))
+            return
+        if not data:
+            self._drop("peer closed TCP")
+            return
+        protocol = self._protocol
+        if protocol.state is _CLOSED:
+            return  # waiting for the peer's EOF: ignore what it still sends
+        protocol.receive_data(data)
+        self._dispatch(protocol.events())
+        if protocol.outgoing or protocol.state is _CLOSED:
+            self._schedule_flush()
+
+    def _dispatch(self, events: Iterator[Tuple[Event, Any]]) -> None:
+        handler_message = self.server._on_message
+        for kind, value in events:
+            if kind is _EV_TEXT or kind is _EV_BINARY:
+                if handler_message is not None:
+                    try:
+                        handler_message(self, value)
+                    except Exception:
+                        self._handler_failed("on_message")
+            elif kind is Event.PONG:
+                self._on_pong(value)
+            elif kind is Event.REQUEST:
+                self.server._on_request(self)
+            elif kind is Event.CLOSE:
+                self._stop_keepalive()
+
+    def _handler_failed(self, name: str) -> None:
+        logger.exception("connection %d: error in %s", self.id, name)
+        if self._protocol.state is _OPEN:
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
+
+    # -- timers ---------------------------------------------------------------
+
+    def _start_close_timer(self) -> None:
+        timeout = self.server.close_timeout
+        if timeout is not None and self._close_timer is None:
+            self._close_timer = self._loop.call_later(timeout, self._on_close_timeout)
+
+    def _on_close_timeout(self) -> None:
+        self._close_timer = None
+        self._drop("closing handshake timed out")
+
+    def _on_open_timeout(self) -> None:
+        self._open_timer = None
+        self._drop("opening handshake timed out")
+
+    def _start_keepalive(self) -> None:
+        interval = self.server.ping_interval
+        if interval is not None:
+            self._ping_timer = self._loop.call_later(interval, self._keepalive_ping)
+
+    def _keepalive_ping(self) -> None:
+        self._ping_timer = None
+        if self._protocol.state is not _OPEN:
+            return
+        if self._ping_payload is None:
+            self._ping_payload = os.urandom(4)
+            self._protocol.ping(self._ping_payload)
+            self._schedule_flush()
+            timeout = self.server.ping_timeout
+            if timeout is not None:
+                self._pong_timer = self._loop.call_later(timeout, self._keepalive_timeout)
+        self._start_keepalive()
+
+    def _on_pong(self, payload: bytes) -> None:
+        if payload == self._ping_payload:
+            self._ping_payload = None
+            if self._pong_timer is not None:
+                self._pong_timer.cancel()
+                self._pong_timer = None
+
+    def _keepalive_timeout(self) -> None:
+        self._pong_timer = None
+        logger.warning("connection %d: keepalive ping timeout", self.id)
+        self.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+
+    def _stop_keepalive(self) -> None:
+        for name in ("_ping_timer", "_pong_timer"):
+            timer = getattr(self, name)
+            if timer is not None:
+                timer.cancel()
+                setattr(self, name, None)
+
+    def _cancel_timers(self, keep_close_timer: bool = False) -> None:
+        self._stop_keepalive()
+        if self._open_timer is not None:
+            self._open_timer.cancel()
+            self._open_timer = None
+        if self._close_timer is not None and not keep_close_timer:
+            self._close_timer.cancel()
+            self._close_timer = None
+
+    # -- the end --------------------------------------------------------------
+
+    def _drop(self, why: str) -> None:
+        """End the TCP connection now."""
+        if self._protocol.state is not _CLOSED:
+            logger.debug("connection %d: %s", self.id, why)
+        self._protocol.receive_eof()
+        self._close_socket()
+
+    def _close_socket(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        self._sock = None
+        self._cancel_timers()
+        try:
+            self._loop.selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+        sock.close()
+        self.server._forget(self)
+
+
+def _format_address(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = address[0]
+        return ("[%s]:%d" if ":" in host else "%s:%d") % (host, address[1])
+    return str(address)
+
+
+def _resolve_handler(handler: Any):
+    """Return (on_connect, on_message, on_close) of a handler object."""
+    if handler is None:
+        handler = Echo()
+    return (
+        getattr(handler, "on_connect", None),
+        getattr(handler, "on_message", None),
+        getattr(handler, "on_close", None),
+    )
+
+
+class Server:
+    """A WebSocket server: one listening socket, one thread, many connections.
+
+    ``handler`` is an object with any of the methods of :class:`Handler`
+    (default: :class:`Echo`).  The socket is bound when the server is
+    created, so ``port=0`` picks a free port, readable as :attr:`port`.
+    Timeouts are in seconds; ``None`` disables one.
+
+    >>> server = Server(Echo(), port=0)
+    >>> threading.Thread(target=server.serve_forever).start()   # doctest: +SKIP
+    >>> server.shutdown()                                       # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        handler: Any = None,
+        host: str = "127.0.0.1",
+        port: int = 8765,
+        *,
+        max_size: int = DEFAULT_MAX_SIZE,
+        max_fragments: Optional[int] = None,
+        open_timeout: Optional[float] = DEFAULT_OPEN_TIMEOUT,
+        close_timeout: Optional[float] = DEFAULT_CLOSE_TIMEOUT,
+        ping_interval: Optional[float] = DEFAULT_PING_INTERVAL,
+        ping_timeout: Optional[float] = DEFAULT_PING_TIMEOUT,
+        write_high_water: int = DEFAULT_WRITE_HIGH_WATER,
+        max_pending_output: int = DEFAULT_MAX_PENDING_OUTPUT,
+        backlog: int = 1024,
+    ):
+        self.handler = handler if handler is not None else Echo()
+        self._on_connect, self._on_message, self._on_close = _resolve_handler(self.handler)
+        self.max_size = max_size
+        self.max_fragments = max_fragments
+        self.open_timeout = open_timeout
+        self.close_timeout = close_timeout
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.write_high_water = write_high_water
+        self.max_pending_output = max_pending_output
+        self._loop = _EventLoop()
+        self._all: set = set()  # every connection with a socket
+        self._open: dict = {}  # the open ones, in the order they opened
+        self._next_id = 1
+        self._shutting_down = False
+        self._accept_paused = False
+        self._done = threading.Event()
+        try:
+            self._listener = _listen(host, port, backlog)
+        except BaseException:
+            self._loop.close()
+            raise
+        self._listener.setblocking(False)
+        self._loop.selector.register(self._listener, selectors.EVENT_READ, self)
+
+    # -- properties -----------------------------------------------------------
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        """The (host, port) the server listens on."""
+        return self._listener.getsockname()[:2]
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    @property
+    def connections(self) -> List[Connection]:
+        """The open connections, oldest first (a copy)."""
+        return list(self._open)
+
+    # -- running --------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Run the loop in this thread until :meth:`shutdown` completes."""
+        self._done.clear()
+        try:
+            self._loop.run()
+        finally:
+            self._done.set()
+
+    def shutdown(self, wait: bool = False) -> None:
+        """Stop gracefully; safe from any thread and from signal handlers.
+
+        Stops accepting, answers handshakes in progress with 503, closes every
+        open connection with 1001, and lets :meth:`serve_forever` return once
+        each closing handshake is done or ``close_timeout`` has passed.  With
+        ``wait=True`` (not from the loop's thread) it returns after that.
+        """
+        self._loop.call_soon_threadsafe(self._begin_shutdown)
+        if wait and not self._loop.in_loop_thread:
+            self._done.wait()
+
+    def close(self) -> None:
+        """Release every socket at once (for a server that is not running)."""
+        for connection in list(self._all):
+            connection._drop("server closed")
+        self._close_listener()
+        self._loop.close()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def call_soon_threadsafe(self, callback: Callable, *args: Any) -> None:
+        """Run ``callback(*args)`` on the server's thread, soon."""
+        self._loop.call_soon_threadsafe(callback, *args)
+
+    def call_later(self, delay: float, callback: Callable, *args: Any) -> Any:
+        """Run ``callback(*args)`` after ``delay`` seconds (from the server's
+        thread only); returns a timer with a ``cancel()`` method."""
+        return self._loop.call_later(delay, callback, *args)
+
+    def broadcast(self, message: Union[str, bytes], connections: Optional[Iterable[Connection]] = None) -> int:
+        """Send ``message`` to every open connection (or to ``connections``).
+
+        The frame is built once and shared.  Returns how many connections took
+        it; one that cannot keep up is closed with 1008 and does not count.
+        """
+        if not self._loop.in_loop_thread:
+            self._loop.call_soon_threadsafe(self.broadcast, message, connections)
+            return 0
+        frame = encode_message(message)
+        targets = list(self._open) if connections is None else list(connections)
+        delivered = 0
+        for connection in targets:
+            if connection._protocol.state is _OPEN:
+                try:
+                    connection._send_frame(frame)
+                    delivered += 1
+                except ConnectionClosed:
+                    pass
+        return delivered
+
+    # -- accepting ------------------------------------------------------------
+
+    def _handle_io(self, mask: int) -> None:
+        """The listening socket is readable: accept what is waiting."""
+        for _ in range(64):  # bounded, so a connection storm cannot starve the loop
+            try:
+                sock, address = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: pause accepting briefly instead of
+                    # spinning on a listener that stays readable.
+                    logger.error("cannot accept connections: %s; retrying in 0.5 s", exc.strerror)
+                    self._pause_accepting(0.5)
+                    return
+                logger.debug("accept failed: %s", exc)
+                continue
+            self._add_connection(sock, address)
+
+    def _pause_accepting(self, delay: float) -> None:
+        if self._accept_paused or self._listener is None:
+            return
+        self._accept_paused = True
+        self._loop.selector.unregister(self._listener)
+        self._loop.call_later(delay, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._accept_paused = False
+        if self._listener is not None:
+            self._loop.selector.register(self._listener, selectors.EVENT_READ, self)
+
+    def _add_connection(self, sock: socket.socket, address: Any) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection = Connection(self, sock, address, self._next_id)
+        self._next_id += 1
+        self._all.add(connection)
+        connection._events = selectors.EVENT_READ
+        self._loop.selector.register(sock, selectors.EVENT_READ, connection)
+        if self.open_timeout is not None:
+            connection._open_timer = self._loop.call_later(self.open_timeout, connection._on_open_timeout)
+
+    def _on_request(self, connection: Connection) -> None:
+        """A valid upgrade request arrived: accept it and open the connection."""
+        protocol = connection._protocol
+        if self._shutting_down:
+            protocol.reject(503, body=b"server shutting down\n")
+            return
+        protocol.accept()
+        if connection._open_timer is not None:
+            connection._open_timer.cancel()
+            connection._open_timer = None
+        connection._opened = True
+        self._open[connection] = None
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "connection %d open from %s path %s",
+                connection.id,
+                _format_address(connection.remote_address),
+                protocol.request.path,
+            )
+        connection._start_keepalive()
+        if self._on_connect is not None:
+            try:
+                self._on_connect(connection)
+            except Exception:
+                connection._handler_failed("on_connect")
+
+    def _forget(self, connection: Connection) -> None:
+        """The connection's socket is closed: report it and let it go."""
+        self._all.discard(connection)
+        if connection._opened:
+            self._open.pop(connection, None)
+            protocol = connection._protocol
+            code = protocol.close_code if protocol.close_code is not None else CloseCode.ABNORMAL
+            if logger.isEnabledFor(logging.INFO):
+                logger.info("connection %d closed %d %s", connection.id, code, protocol.close_reason)
+            if self._on_close is not None:
+                try:
+                    self._on_close(connection, code, protocol.close_reason)
+                except Exception:
+                    logger.exception("connection %d: error in on_close", connection.id)
+        elif connection._protocol.handshake_error is not None:
+            error = connection._protocol.handshake_error
+            logger.info(
+                "connection %d from %s refused: %d %s",
+                connection.id,
+                _format_address(connection.remote_address),
+                error.status,
+                error.reason,
+            )
+        if self._shutting_down and not self._all:
+            self._loop.stop()
+
+    # -- stopping -------------------------------------------------------------
+
+    def _begin_shutdown(self) -> None:
+        if self._shutting_down:
+            return
+        self._shutting_down = True
+        logger.info("shutting down: closing %d connection(s)", len(self._open))
+        self._close_listener()
+        for connection in list(self._all):
+            protocol = connection._protocol
+            if protocol.state is _CONNECTING:
+                protocol.reject(503, body=b"server shutting down\n")
+                connection._schedule_flush()
+            elif protocol.state is _OPEN:
+                connection.close(CloseCode.GOING_AWAY, "server shutting down")
+        if not self._all:
+            self._loop.stop()
+        else:
+            # Each close has its own close_timeout; this is the backstop.
+            bound = self.close_timeout if self.close_timeout is not None else DEFAULT_CLOSE_TIMEOUT
+            self._loop.call_later(bound + 0.5, self._finish_shutdown)
+
+    def _finish_shutdown(self) -> None:
+        for connection in list(self._all):
+            connection._drop("shutdown timed out")
+        self._loop.stop()
+
+    def _close_listener(self) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        self._listener = None
+        if not self._accept_paused:
+            try:
+                self._loop.selector.unregister(listener)
+            except (KeyError, ValueError):
+                pass
+        listener.close()
+
+
+def _listen(host: str, port: int, backlog: int) -> socket.socket:
+    """Bind a listening TCP socket; ``::`` listens on IPv4 too where it can."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = infos[0]
+    dualstack = family == socket.AF_INET6 and host in ("::", "") and socket.has_dualstack_ipv6()
+    return socket.create_server(
+        address[:2] if family == socket.AF_INET6 else address,
+        family=family,
+        backlog=backlog,
+        dualstack_ipv6=dualstack,
+    )
+
+
+def serve(handler: Any = None, host: str = "127.0.0.1", port: int = 8765, **options: Any) -> None:
+    """Run a :class:`Server` until SIGINT or SIGTERM, then shut down gracefully.
+
+    A second signal exits at once.  Keyword ``options`` go to :class:`Server`.
+    """
+    server = Server(handler, host, port, **options)
+    _install_signal_handlers(server)
+    logger.info("listening on %s", _format_address(server.address))
+    try:
+        server.serve_forever()
+    finally:
+        server.close()
+
+
+def _install_signal_handlers(server: Server) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signals_seen = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if signals_seen:
+            os._exit(128 + signum)  # second signal: the user means now
+        signals_seen.append(signum)
+        server.shutdown()
+
+    for name in ("SIGINT", "SIGTERM"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), on_signal)
+
+
+# =============================================================================
+# CLI
+# =============================================================================
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage dump
+        raise _UsageError(message + " (see --help)")
+
+
+def _size(text: str) -> int:
+    units = {"k": 2**10, "m": 2**20, "g": 2**30}
+    text = text.strip().lower().rstrip("ib")
+    try:
+        if text and text[-1] in units:
+            value = int(float(text[:-1]) * units[text[-1]])
+        else:
+            value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a size: %r (try 1048576 or 1M)" % text) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("size must be positive")
+    return value
+
+
+def _seconds(text: str) -> Optional[float]:
+    if text.lower() in ("none", "off", "0"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number of seconds: %r" % text) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("seconds must not be negative")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="wsloop",
+        description="A WebSocket server: echo (default), chat (--broadcast) or your own app (--app).",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; '::' or 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    apps = parser.add_mutually_exclusive_group()
+    apps.add_argument("--broadcast", action="store_true", help="send every message to every client")
+    apps.add_argument("--app", metavar="MODULE:ATTR", help="serve your handler (an object, class or on_message function)")
+    parser.add_argument("--max-size", type=_size, default=DEFAULT_MAX_SIZE, help="largest incoming message in bytes (default 1M)")
+    parser.add_argument("--max-fragments", type=int, default=None, help="most frames per message (default max(1024, max-size/64))")
+    parser.add_argument("--open-timeout", type=_seconds, default=DEFAULT_OPEN_TIMEOUT, help="seconds to finish the handshake (default 10; 'none' disables)")
+    parser.add_argument("--close-timeout", type=_seconds, default=DEFAULT_CLOSE_TIMEOUT, help="seconds to finish the closing handshake (default 10)")
+    parser.add_argument("--ping-interval", type=_seconds, default=DEFAULT_PING_INTERVAL, help="seconds between keepalive pings (default 20; 'none' disables)")
+    parser.add_argument("--ping-timeout", type=_seconds, default=DEFAULT_PING_TIMEOUT, help="seconds to wait for a pong (default 20)")
+    parser.add_argument("--max-pending-output", type=_size, default=DEFAULT_MAX_PENDING_OUTPUT, help="output backlog that closes a slow client with 1008 (default 4M)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default info")
+    parser.add_argument("--version", action="version", version="wsloop " + __version__)
+    return parser
+
+
+def _load_app(spec: str) -> Any:
+    module_name, colon, attribute = spec.partition(":")
+    if not colon or not module_name or not attribute:
+        raise _UsageError("--app must be MODULE:ATTRIBUTE, got %r" % spec)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except Exception as exc:
+        raise _UsageError("cannot load app %r: %s: %s" % (spec, type(exc).__name__, exc)) from None
+    if isinstance(target, type):
+        target = target()
+    elif callable(target) and not hasattr(target, "on_message"):
+        function = target
+
+        class _FunctionHandler(Handler):
+            def on_message(self, conn: Connection, message: Union[str, bytes]) -> None:
+                function(conn, message)
+
+        target = _FunctionHandler()
+    return target
+
+
+def _raise_fd_limit() -> None:
+    """Allow as many connections as the hard limit allows (the soft one is often 1024)."""
+    try:
+        import resource
+    except ImportError:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
+    try:
+        args = _build_parser().parse_args(argv)
+        if args.port < 0 or args.port > 65535:
+            raise _UsageError("--port must be 0-65535")
+        handler = Chat() if args.broadcast else (_load_app(args.app) if args.app else Echo())
+    except _UsageError as exc:
+        print("wsloop: error: %s" % exc, file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
+    _raise_fd_limit()
+    try:
+        serve(
+            handler,
+            args.host,
+            args.port,
+            max_size=args.max_size,
+            max_fragments=args.max_fragments,
+            open_timeout=args.open_timeout,
+            close_timeout=args.close_timeout,
+            ping_interval=args.ping_interval,
+            ping_timeout=args.ping_timeout,
+            max_pending_output=args.max_pending_output,
+        )
+    except OSError as exc:
+        print("wsloop: error: cannot listen on %s port %d: %s" % (args.host, args.port, exc.strerror or exc), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
