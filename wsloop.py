@@ -352,7 +352,8 @@ def _check_partial_head(buffer: bytearray) -> None:
     fails exactly when crossed (the way h11 does it).
     """
     first_end = buffer.find(b"\r\n")
-    first_line = buffer if first_end < 0 else buffer[:first_end]
+    # Until its CRLF arrives, the first line may end in half of it.
+    first_line = buffer.rstrip(b"\r") if first_end < 0 else buffer[:first_end]
     if first_line.translate(None, _REQUEST_LINE_CHARS):
         raise HandshakeError(400, "not an HTTP request")
     if len(first_line) > MAX_REQUEST_LINE:
@@ -696,12 +697,12 @@ class Protocol:
                 header_length = 6
                 if length == 126:
                     header_length = 8
-                    if end - position < 8:
+                    if end - position < 4:
                         break
                     length = _unpack_16(buffer, position + 2)[0]
                 elif length == 127:
                     header_length = 14
-                    if end - position < 14:
+                    if end - position < 10:
                         break
                     length = _unpack_64(buffer, position + 2)[0]
                 opcode = first & 0x0F
@@ -760,8 +761,9 @@ class Protocol:
             _check_upgrade_request(request)
         except HandshakeError as exc:
             self.handshake_error = exc
-            body = _PLAIN_HTTP_BODY if exc.status == 426 and self.request else exc.reason.encode()
-            self.reject(exc.status, exc.headers, body + b"\n")
+            plain_http = exc.status == 426 and self.request is not None and "Upgrade" not in self.request.headers
+            body = _PLAIN_HTTP_BODY if plain_http else exc.reason.encode() + b"\n"
+            self.reject(exc.status, exc.headers, body)
             return None
         return request
 
@@ -908,9 +910,6 @@ class Protocol:
             self._set_state(_CLOSED)
         self._buffer.clear()
         self._message_data = None
-        if self.close_code is None:
-            self.close_code = code
-            self.close_reason = reason
 
     # -- output ---------------------------------------------------------------
 
@@ -1123,8 +1122,10 @@ class Connection:
 
     Attributes: ``id`` (a number unique within the server), ``remote_address``,
     ``request`` (the HTTP request, with ``path``, ``query`` and ``headers``
-    also available here), ``state``, ``close_code`` and ``close_reason``
-    (once closed), and ``data``, free for the application's own use.
+    also available here), ``state``; once closed ``close_code`` and
+    ``close_reason`` (from the peer's close frame; 1006 if none came, as RFC
+    6455 7.1.5 defines) and ``close_sent`` (the code the server sent); and
+    ``data``, free for the application's own use.
     Every method may be called from any thread.
     """
 
@@ -1204,6 +1205,11 @@ class Connection:
         return self._protocol.close_reason
 
     @property
+    def close_sent(self) -> Optional[int]:
+        """The code of the close frame the server sent, if it sent one."""
+        return self._protocol.close_sent
+
+    @property
     def pending_output(self) -> int:
         """Bytes accepted for sending that the peer has not taken yet."""
         return len(self._protocol.outgoing)
@@ -1252,10 +1258,13 @@ class Connection:
         except ConnectionClosed:
             logger.debug("connection %d: message from another thread dropped: closed", self.id)
 
-    def _send_frame(self, frame: bytes) -> bool:
+    def _send_frame(self, frame: bytes) -> None:
         protocol = self._protocol
         if protocol.state is not _OPEN:
             raise ConnectionClosed("connection is %s" % protocol.state.value)
+        if len(protocol.outgoing) > self.server.max_pending_output:
+            # Over the limit only counts once the kernel has refused to take more.
+            self._flush()
         if len(protocol.outgoing) > self.server.max_pending_output:
             logger.warning(
                 "connection %d: closed: over %d bytes of output pending (peer too slow)",
@@ -1268,7 +1277,6 @@ class Connection:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.schedule_flush(self)
-        return True
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -1321,9 +1329,18 @@ class Connection:
             self._loop.selector.modify(self._sock, events, self)
 
     def _shut_write(self) -> None:
-        """All is sent after the close: half-close, then wait for the peer's EOF."""
+        """All is sent after the close: end TCP (RFC 6455 7.1.1, server first)."""
         self._write_shut = True
         self._cancel_timers(keep_close_timer=True)
+        self.server._report_closed(self)
+        protocol = self._protocol
+        if protocol.close_code is not None and protocol.close_code != CloseCode.ABNORMAL:
+            # Both close frames have crossed: the peer sends nothing more.
+            self._close_socket()
+            return
+        # We failed the connection or refused the request while the peer may
+        # still be sending: closing now could reset the connection and destroy
+        # our answer before it is read.  Half-close, and drain until its EOF.
         try:
             self._sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -1535,6 +1552,7 @@ class Server:
             self._loop.close()
             raise
         self._listener.setblocking(False)
+        self._address = self._listener.getsockname()[:2]
         self._loop.selector.register(self._listener, selectors.EVENT_READ, self)
 
     # -- properties -----------------------------------------------------------
@@ -1542,7 +1560,7 @@ class Server:
     @property
     def address(self) -> Tuple[str, int]:
         """The (host, port) the server listens on."""
-        return self._listener.getsockname()[:2]
+        return self._address
 
     @property
     def port(self) -> int:
@@ -1551,7 +1569,7 @@ class Server:
     @property
     def connections(self) -> List[Connection]:
         """The open connections, oldest first (a copy)."""
-        return list(self._open)
+        return [connection for connection in self._open if connection._protocol.state is _OPEN]
 
     # -- running --------------------------------------------------------------
 
@@ -1688,22 +1706,34 @@ class Server:
             except Exception:
                 connection._handler_failed("on_connect")
 
+    def _report_closed(self, connection: Connection) -> None:
+        """The connection will carry no more messages: tell the handler, once."""
+        if not connection._opened:
+            return
+        connection._opened = False
+        self._open.pop(connection, None)
+        protocol = connection._protocol
+        code = protocol.close_code if protocol.close_code is not None else CloseCode.ABNORMAL
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "connection %d closed: code %d%s%s",
+                connection.id,
+                code,
+                " (%s)" % protocol.close_reason if protocol.close_reason else "",
+                "" if protocol.close_sent is None else ", server sent %d" % protocol.close_sent,
+            )
+        if self._on_close is not None:
+            try:
+                self._on_close(connection, code, protocol.close_reason)
+            except Exception:
+                logger.exception("connection %d: error in on_close", connection.id)
+
     def _forget(self, connection: Connection) -> None:
-        """The connection's socket is closed: report it and let it go."""
+        """The connection's socket is closed: let it go."""
         self._all.discard(connection)
-        if connection._opened:
-            self._open.pop(connection, None)
-            protocol = connection._protocol
-            code = protocol.close_code if protocol.close_code is not None else CloseCode.ABNORMAL
-            if logger.isEnabledFor(logging.INFO):
-                logger.info("connection %d closed %d %s", connection.id, code, protocol.close_reason)
-            if self._on_close is not None:
-                try:
-                    self._on_close(connection, code, protocol.close_reason)
-                except Exception:
-                    logger.exception("connection %d: error in on_close", connection.id)
-        elif connection._protocol.handshake_error is not None:
-            error = connection._protocol.handshake_error
+        self._report_closed(connection)
+        error = connection._protocol.handshake_error
+        if error is not None and logger.isEnabledFor(logging.INFO):
             logger.info(
                 "connection %d from %s refused: %d %s",
                 connection.id,

@@ -1,0 +1,234 @@
+"""Test helpers: client-side frame building and a small blocking WebSocket client.
+
+The client is written here, independently of wsloop's codec, so that tests
+check the server against the RFC rather than against itself.
+"""
+
+import base64
+import os
+import socket
+import struct
+import threading
+from contextlib import contextmanager
+
+import wsloop
+
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 section 1.3's example key
+
+
+def request_bytes(path="/", headers=None, method="GET", version="HTTP/1.1", omit=()):
+    fields = {
+        "Host": "localhost",
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": KEY,
+        "Sec-WebSocket-Version": "13",
+    }
+    for name in omit:
+        fields.pop(name)
+    fields.update(headers or {})
+    lines = ["%s %s %s" % (method, path, version)]
+    lines += ["%s: %s" % item for item in fields.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def mask_bytes(data, mask):
+    return bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+
+
+def client_frame(opcode, payload=b"", fin=True, rsv=0, mask=b"\x11\x22\x33\x44", masked=True, length=None):
+    """A client-to-server frame, built byte by byte the slow, obvious way."""
+    if isinstance(payload, str):
+        payload = payload.encode("utf-8")
+    n = len(payload) if length is None else length
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    mask_bit = 0x80 if masked else 0
+    if n < 126:
+        header = bytes([first, mask_bit | n])
+    elif n < 65536:
+        header = bytes([first, mask_bit | 126]) + struct.pack("!H", n)
+    else:
+        header = bytes([first, mask_bit | 127]) + struct.pack("!Q", n)
+    if not masked:
+        return header + payload
+    return header + mask + mask_bytes(payload, mask)
+
+
+def close_payload(code, reason=b""):
+    return struct.pack("!H", code) + reason
+
+
+def parse_server_frame(data):
+    """Parse one unmasked server frame: ((fin, opcode, payload, rsv), size) or None."""
+    if len(data) < 2:
+        return None
+    first, second = data[0], data[1]
+    assert not second & 0x80, "server frames must not be masked"
+    n = second & 0x7F
+    head = 2
+    if n == 126:
+        if len(data) < 4:
+            return None
+        n = struct.unpack_from("!H", data, 2)[0]
+        head = 4
+    elif n == 127:
+        if len(data) < 10:
+            return None
+        n = struct.unpack_from("!Q", data, 2)[0]
+        head = 10
+    if len(data) < head + n:
+        return None
+    return (bool(first & 0x80), first & 0x0F, bytes(data[head : head + n]), first & 0x70), head + n
+
+
+def parse_server_frames(data):
+    """Every whole server frame in ``data``: list of (fin, opcode, payload, rsv)."""
+    frames = []
+    while True:
+        parsed = parse_server_frame(data)
+        if parsed is None:
+            return frames
+        frames.append(parsed[0])
+        data = data[parsed[1]:]
+
+
+class Client:
+    """A blocking WebSocket client on a real socket, for loopback tests."""
+
+    def __init__(self, port, path="/", headers=None, host="127.0.0.1", timeout=5.0, handshake=True):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = b""
+        self.response_head = None
+        if handshake:
+            self.sock.sendall(request_bytes(path, headers))
+            self.response_head = self.read_head()
+            assert self.response_head.startswith(b"HTTP/1.1 101 "), self.response_head
+
+    def read_head(self):
+        while b"\r\n\r\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("closed before response head: %r" % self.buffer)
+            self.buffer += chunk
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        return head
+
+    def read_http_response(self):
+        """Read a whole HTTP error response (the server closes after it)."""
+        head = self.read_head()
+        body = self.buffer
+        while True:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        status = int(head.split(b" ")[1])
+        return status, head.decode("latin-1"), body
+
+    def send_frame(self, opcode, payload=b"", **kw):
+        self.sock.sendall(client_frame(opcode, payload, **kw))
+
+    def send_text(self, text):
+        self.send_frame(0x1, text.encode("utf-8"))
+
+    def send_binary(self, data):
+        self.send_frame(0x2, data)
+
+    def recv_frame(self):
+        """Next frame as (fin, opcode, payload); raises EOFError on close."""
+        while True:
+            parsed = parse_server_frame(self.buffer)
+            if parsed is not None:
+                (fin, opcode, payload, _), size = parsed
+                self.buffer = self.buffer[size:]
+                return fin, opcode, payload
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise EOFError("connection closed")
+            self.buffer += chunk
+
+    def recv_message(self):
+        """Next text (str) or binary (bytes) message; skips pings (answering them)."""
+        parts, kind = [], None
+        while True:
+            fin, opcode, payload = self.recv_frame()
+            if opcode == 0x9:
+                self.send_frame(0xA, payload)
+                continue
+            if opcode == 0xA:
+                continue
+            if opcode == 0x8:
+                raise AssertionError("got close frame %r while waiting for a message" % (payload,))
+            if opcode in (1, 2):
+                kind = opcode
+            parts.append(payload)
+            if fin:
+                data = b"".join(parts)
+                return data.decode("utf-8") if kind == 1 else data
+
+    def expect_close(self):
+        """Read until a close frame; return (code, reason). Skips data and pings."""
+        while True:
+            fin, opcode, payload = self.recv_frame()
+            if opcode == 0x8:
+                if not payload:
+                    return 1005, ""
+                return struct.unpack("!H", payload[:2])[0], payload[2:].decode("utf-8")
+
+    def expect_eof(self):
+        """The server closes TCP: recv returns b"" (after any leftover bytes)."""
+        while True:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return True
+
+    def close(self, code=1000, reason=b""):
+        self.send_frame(0x8, close_payload(code, reason))
+
+    def shutdown(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+@contextmanager
+def running_server(handler=None, **options):
+    """A wsloop.Server on a free loopback port, served on a thread."""
+    options.setdefault("port", 0)
+    # Test clients often stop reading: do not let shutdown wait 10 s for them.
+    options.setdefault("close_timeout", 1.0)
+    server = wsloop.Server(handler, **options)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        thread.join(30)
+        assert not thread.is_alive(), "server did not stop"
+        server.close()
+
+
+class Recorder(wsloop.Handler):
+    """A handler that echoes and records what happens, with events to wait on."""
+
+    def __init__(self):
+        self.connected = []
+        self.messages = []
+        self.closed = []
+        self.connect_event = threading.Event()
+        self.close_event = threading.Event()
+
+    def on_connect(self, conn):
+        self.connected.append(conn)
+        self.connect_event.set()
+
+    def on_message(self, conn, message):
+        self.messages.append(message)
+        conn.send(message)
+
+    def on_close(self, conn, code, reason):
+        self.closed.append((conn, code, reason))
+        self.close_event.set()

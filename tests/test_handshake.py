@@ -1,0 +1,160 @@
+"""The opening handshake, fed as bytes to the socket-free protocol (RFC 6455 4.2)."""
+
+import pytest
+
+import wsloop
+from helpers import KEY, client_frame, request_bytes
+
+
+def feed(data, chunks=None):
+    """Feed a request to a new Protocol; return (protocol, events)."""
+    protocol = wsloop.Protocol()
+    events = []
+    pieces = [data] if chunks is None else [data[i : i + chunks] for i in range(0, len(data), chunks)]
+    for piece in pieces:
+        protocol.receive_data(piece)
+        events.extend(protocol.events())
+    return protocol, events
+
+
+def status_of(protocol):
+    head = bytes(protocol.outgoing).split(b"\r\n", 1)[0]
+    return int(head.split(b" ")[1])
+
+
+def test_accept_key_matches_rfc_example():
+    assert wsloop.accept_key(KEY) == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+def test_valid_request_yields_request_and_101_on_accept():
+    protocol, events = feed(request_bytes("/chat?room=1", {"X-Custom": "yes"}))
+    assert [kind for kind, _ in events] == [wsloop.Event.REQUEST]
+    request = events[0][1]
+    assert (request.method, request.path, request.query) == ("GET", "/chat", "room=1")
+    assert request.headers.get("x-custom") == "yes"
+    assert protocol.state is wsloop.State.CONNECTING
+    protocol.accept([("Set-Cookie", "a=b")])
+    response = protocol.data_to_send()
+    assert response.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    assert b"\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in response
+    assert b"\r\nSet-Cookie: a=b\r\n" in response
+    assert response.endswith(b"\r\n\r\n")
+    assert protocol.state is wsloop.State.OPEN
+
+
+def test_request_fed_one_byte_at_a_time():
+    protocol, events = feed(request_bytes(), chunks=1)
+    assert [kind for kind, _ in events] == [wsloop.Event.REQUEST]
+
+
+def test_frames_in_the_same_segment_as_the_request_are_kept():
+    protocol = wsloop.Protocol()
+    protocol.receive_data(request_bytes() + client_frame(1, "early") + client_frame(2, b"bird"))
+    events = protocol.events()
+    kind, _ = next(events)
+    assert kind is wsloop.Event.REQUEST
+    protocol.accept()
+    assert list(events) == [(wsloop.Event.TEXT, "early"), (wsloop.Event.BINARY, b"bird")]
+
+
+def test_connection_header_is_a_token_list_in_any_case():
+    _, events = feed(request_bytes(headers={"Connection": "keep-alive, UPGRADE", "Upgrade": "WebSocket"}))
+    assert events and events[0][0] is wsloop.Event.REQUEST
+
+
+@pytest.mark.parametrize(
+    "data, status",
+    [
+        (request_bytes(method="POST"), 405),
+        (request_bytes(version="HTTP/1.0"), 505),
+        (request_bytes(version="HTTP/x.y"), 400),
+        (request_bytes(version="HTTP/1.1 extra"), 400),
+        (request_bytes(omit=["Host"]), 400),
+        (request_bytes(headers={"Upgrade": "h2c"}), 400),
+        (request_bytes(omit=["Upgrade"]), 426),
+        (request_bytes(omit=["Connection"]), 400),
+        (request_bytes(headers={"Connection": "keep-alive"}), 400),
+        (request_bytes(headers={"Sec-WebSocket-Version": "8"}), 426),
+        (request_bytes(omit=["Sec-WebSocket-Version"]), 426),
+        (request_bytes(omit=["Sec-WebSocket-Key"]), 400),
+        (request_bytes(headers={"Sec-WebSocket-Key": "not base64 at all!!!!!!!"}), 400),
+        (request_bytes(headers={"Sec-WebSocket-Key": "AAAAAAAAAAAAAAAAAAAAAA=="}), 101),  # any 16 bytes do
+        (request_bytes(headers={"Sec-WebSocket-Key": "AAAAAAAAAAAAAAAAAAAA"}), 400),  # 15 bytes
+        (request_bytes(path="relative"), 400),
+        (b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", 400),  # space before the colon
+        (b"GET / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n", 400),  # obsolete line folding
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX: a\x01b\r\n\r\n", 400),  # control character
+        (b"GET /\r\n\r\n", 400),
+    ],
+)
+def test_bad_requests_get_the_right_status(data, status):
+    protocol, events = feed(data)
+    if status == 101:
+        assert events[0][0] is wsloop.Event.REQUEST
+        return
+    assert events == []
+    assert status_of(protocol) == status
+    assert protocol.state is wsloop.State.CLOSED
+    assert protocol.handshake_error.status == status
+
+
+def test_426_for_plain_http_explains_itself():
+    protocol, _ = feed(b"GET / HTTP/1.1\r\nHost: example\r\n\r\n")
+    response = bytes(protocol.outgoing)
+    assert response.startswith(b"HTTP/1.1 426 ")
+    assert b"\r\nUpgrade: websocket\r\n" in response
+    assert b"connect to it with a WebSocket client" in response
+
+
+def test_426_for_wrong_version_names_13():
+    protocol, _ = feed(request_bytes(headers={"Sec-WebSocket-Version": "8"}))
+    assert b"\r\nSec-WebSocket-Version: 13\r\n" in bytes(protocol.outgoing)
+
+
+def test_tls_client_hello_gets_400_without_waiting_for_more():
+    protocol, _ = feed(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    assert status_of(protocol) == 400
+
+
+def test_request_line_limit():
+    ok_line = "/" + "a" * (wsloop.MAX_REQUEST_LINE - len("GET / HTTP/1.1") - 0)
+    protocol, events = feed(request_bytes(path=ok_line))
+    assert len(b"GET %s HTTP/1.1" % ok_line.encode()) == wsloop.MAX_REQUEST_LINE
+    assert events and events[0][0] is wsloop.Event.REQUEST
+    protocol, _ = feed(request_bytes(path=ok_line + "a"))
+    assert status_of(protocol) == 414
+    # Also while the line is still arriving, before any CRLF:
+    protocol, _ = feed(b"GET /" + b"a" * wsloop.MAX_REQUEST_LINE)
+    assert status_of(protocol) == 414
+
+
+def test_header_line_limit():
+    filler = "x" * (wsloop.MAX_HEADER_LINE - len("X-Big: "))
+    _, events = feed(request_bytes(headers={"X-Big": filler}))
+    assert events and events[0][0] is wsloop.Event.REQUEST
+    protocol, _ = feed(request_bytes(headers={"X-Big": filler + "x"}))
+    assert status_of(protocol) == 431
+    protocol, _ = feed(request_bytes()[:-4] + b"\r\nX-Big: " + b"x" * wsloop.MAX_HEADER_LINE)
+    assert status_of(protocol) == 431
+
+
+def test_header_count_limit():
+    base = 5  # the handshake's own headers
+    fits = {"X-%d" % i: "v" for i in range(wsloop.MAX_HEADERS - base)}
+    _, events = feed(request_bytes(headers=fits))
+    assert events and events[0][0] is wsloop.Event.REQUEST
+    fits["X-one-more"] = "v"
+    protocol, _ = feed(request_bytes(headers=fits))
+    assert status_of(protocol) == 431
+    # Enforced before the head ends, too:
+    partial = request_bytes(headers=fits)[:-2]
+    protocol, _ = feed(partial, chunks=100)
+    assert status_of(protocol) == 431
+
+
+def test_whole_head_limit():
+    headers = {"X-%d" % i: "v" * 600 for i in range(110)}  # 110 lines of ~610 bytes > 64 KiB
+    protocol, _ = feed(request_bytes(headers=headers))
+    assert status_of(protocol) == 431
+    protocol, _ = feed(request_bytes(headers=headers)[: wsloop.MAX_REQUEST_HEAD + 10], chunks=4096)
+    assert status_of(protocol) == 431

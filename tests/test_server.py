@@ -1,0 +1,386 @@
+"""The server over real loopback sockets: echo, broadcast, closing, timeouts,
+backpressure, handler errors, shutdown, many connections."""
+
+import logging
+import resource
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+import wsloop
+from helpers import Client, Recorder, client_frame, close_payload, request_bytes, running_server
+
+TEXT, BINARY, CLOSE, PING, PONG = 1, 2, 8, 9, 10
+
+
+def wait_for(predicate, timeout=5.0):
+    """Wait for state the server thread changes (polled: no event exposes it)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in %.1f s" % timeout)
+        time.sleep(0.005)
+
+
+# -- echo ---------------------------------------------------------------------
+
+
+def test_echo_text_and_binary():
+    with running_server(wsloop.Echo()) as server:
+        client = Client(server.port)
+        client.send_text("hello ✓")
+        assert client.recv_message() == "hello ✓"
+        client.send_binary(b"\x00\x01\xfe\xff")
+        assert client.recv_message() == b"\x00\x01\xfe\xff"
+        client.close(1000)
+        assert client.expect_close() == (1000, "")
+        assert client.expect_eof()
+
+
+def test_echo_large_message_with_64_bit_length():
+    payload = bytes(range(256)) * 4000  # 1,024,000 bytes
+    with running_server(wsloop.Echo()) as server:
+        client = Client(server.port)
+        client.send_binary(payload)
+        assert client.recv_message() == payload
+
+
+def test_frames_dribbled_one_byte_per_segment():
+    with running_server(wsloop.Echo()) as server:
+        client = Client(server.port)
+        for byte in client_frame(TEXT, "slow but whole"):
+            client.sock.send(bytes([byte]))
+        assert client.recv_message() == "slow but whole"
+
+
+def test_handshake_and_first_frame_in_one_segment():
+    with running_server(wsloop.Echo()) as server:
+        client = Client(server.port, handshake=False)
+        client.sock.sendall(request_bytes() + client_frame(TEXT, "eager"))
+        assert client.read_head().startswith(b"HTTP/1.1 101")
+        assert client.recv_message() == "eager"
+
+
+def test_fragmented_message_with_ping_in_between():
+    with running_server(wsloop.Echo()) as server:
+        client = Client(server.port)
+        client.send_frame(TEXT, "one ", fin=False)
+        client.send_frame(PING, b"mid")
+        client.send_frame(0, "two", fin=True)
+        assert client.recv_frame() == (True, PONG, b"mid")
+        assert client.recv_message() == "one two"
+
+
+def test_connection_exposes_the_request():
+    seen = {}
+
+    class Inspect(wsloop.Handler):
+        def on_connect(self, conn):
+            seen.update(path=conn.path, query=conn.query, agent=conn.headers.get("user-agent"),
+                        address=conn.remote_address, state=conn.state)
+            conn.send("welcome")
+
+    with running_server(Inspect()) as server:
+        client = Client(server.port, path="/room/7?user=ann", headers={"User-Agent": "pytest"})
+        assert client.recv_message() == "welcome"
+        assert seen["path"] == "/room/7" and seen["query"] == "user=ann"
+        assert seen["agent"] == "pytest"
+        assert seen["address"] == client.sock.getsockname()
+        assert seen["state"] is wsloop.State.OPEN
+
+
+def test_http_errors_over_the_wire():
+    with running_server() as server:
+        client = Client(server.port, handshake=False)
+        client.sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, head, body = client.read_http_response()
+        assert status == 426 and b"WebSocket" in body
+        client = Client(server.port, handshake=False)
+        client.sock.sendall(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03")
+        assert client.read_http_response()[0] == 400
+        # The server is still fine.
+        client = Client(server.port)
+        client.send_text("still here")
+        assert client.recv_message() == "still here"
+
+
+# -- broadcast ----------------------------------------------------------------
+
+
+def test_broadcast_chat_reaches_everyone(monkeypatch):
+    with running_server(wsloop.Chat()) as server:
+        clients = [Client(server.port) for _ in range(3)]
+        wait_for(lambda: len(server.connections) == 3)
+        calls = []
+        real_encode = wsloop.encode_message
+        monkeypatch.setattr(wsloop, "encode_message", lambda m: calls.append(m) or real_encode(m))
+        clients[0].send_text("hi all")
+        for client in clients:
+            assert client.recv_message() == "hi all"
+        assert calls == ["hi all"]  # one frame built, shared by all
+
+
+def test_broadcast_to_chosen_connections_from_another_thread():
+    with running_server(Recorder()) as server:
+        a, b = Client(server.port), Client(server.port)
+        wait_for(lambda: len(server.connections) == 2)
+        first = server.connections[0]
+        server.broadcast(b"only you", connections=[first])
+        assert a.recv_message() == b"only you"
+        b.send_text("ping-check")
+        assert b.recv_message() == "ping-check"  # b got nothing before its echo
+
+
+# -- closing and close codes ---------------------------------------------------
+
+
+def test_protocol_error_closes_with_1002_then_tcp():
+    handler = Recorder()
+    with running_server(handler) as server:
+        client = Client(server.port)
+        client.send_frame(TEXT, "x", masked=False)
+        assert client.expect_close() == (1002, "client frame is not masked")
+        assert client.expect_eof()
+        assert handler.close_event.wait(5)
+        conn, code, _ = handler.closed[0]
+        assert (code, conn.close_sent) == (1006, 1002)  # no close frame came back
+
+
+def test_invalid_utf8_closes_with_1007():
+    with running_server() as server:
+        client = Client(server.port)
+        client.send_frame(TEXT, b"\xc3\x28")
+        assert client.expect_close()[0] == 1007
+
+
+def test_message_too_big_closes_with_1009():
+    with running_server(max_size=1000) as server:
+        client = Client(server.port)
+        client.send_binary(bytes(1000))
+        assert client.recv_message() == bytes(1000)
+        client.sock.sendall(client_frame(BINARY, bytes(5000))[:8])  # the header alone
+        assert client.expect_close()[0] == 1009
+
+
+def test_server_close_waits_for_the_peer_then_ends_tcp():
+    handler = Recorder()
+
+    class Closer(Recorder):
+        def on_message(self, conn, message):
+            conn.close(4001, "as asked")
+
+    handler = Closer()
+    with running_server(handler) as server:
+        client = Client(server.port)
+        client.send_text("close please")
+        assert client.expect_close() == (4001, "as asked")
+        client.close(4001)
+        assert client.expect_eof()
+        assert handler.close_event.wait(5)
+        assert handler.closed[0][1:] == (4001, "")
+
+
+def test_close_timeout_when_the_peer_never_answers():
+    class Closer(Recorder):
+        def on_connect(self, conn):
+            super().on_connect(conn)
+            conn.close()
+
+    handler = Closer()
+    with running_server(handler, close_timeout=0.3) as server:
+        client = Client(server.port)
+        assert client.expect_close() == (1000, "")
+        started = time.monotonic()
+        assert client.expect_eof()  # we never answer: the server gives up
+        assert time.monotonic() - started < 5
+        assert handler.close_event.wait(5)
+        conn, code, _ = handler.closed[0]
+        assert (code, conn.close_sent) == (1006, 1000)  # we sent 1000; no answer came
+
+
+def test_open_timeout_closes_a_silent_client():
+    with running_server(open_timeout=0.3) as server:
+        client = Client(server.port, handshake=False)
+        client.sock.sendall(b"GET / HTTP/1.1\r\n")  # and then nothing
+        assert client.expect_eof()
+        other = Client(server.port)
+        other.send_text("fine")
+        assert other.recv_message() == "fine"
+
+
+# -- keepalive ----------------------------------------------------------------
+
+
+def test_keepalive_pings_and_survives_when_answered():
+    with running_server(ping_interval=0.1, ping_timeout=0.5) as server:
+        client = Client(server.port)
+        for _ in range(3):
+            fin, opcode, payload = client.recv_frame()
+            assert opcode == PING and len(payload) == 4
+            client.send_frame(PONG, payload)
+        client.send_text("alive")
+        assert client.recv_message() == "alive"
+
+
+def test_keepalive_timeout_closes_with_1011(caplog):
+    with caplog.at_level(logging.WARNING, logger="wsloop"):
+        with running_server(ping_interval=0.1, ping_timeout=0.2) as server:
+            client = Client(server.port)
+            assert client.recv_frame()[1] == PING  # and we never pong
+            assert client.expect_close() == (1011, "keepalive ping timeout")
+            client.close(1011)
+            assert client.expect_eof()
+    assert "keepalive ping timeout" in caplog.text
+
+
+# -- backpressure and slow consumers -------------------------------------------
+
+
+def test_echo_flood_from_a_non_reading_client_is_bounded_and_lossless():
+    with running_server(write_high_water=64 * 1024) as server:
+        client = Client(server.port)
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        client.sock.settimeout(0.5)
+        message = bytes(1000)
+        frame = client_frame(BINARY, message)
+        sent = 0
+        try:
+            while sent < 200000:  # far more than the socket buffers hold
+                client.sock.sendall(frame)
+                sent += 1
+        except socket.timeout:
+            pass  # the server stopped reading us: that is the point
+        assert sent < 200000, "server kept reading a client that does not read"
+        conn = server.connections[0]
+        assert conn.pending_output <= 64 * 1024 + wsloop.RECV_SIZE + 2000
+        client.sock.settimeout(10)
+        # Every message accepted is echoed, in order, once we read.
+        # (A partially sent frame may remain: finish it first.)
+        for _ in range(sent):
+            assert client.recv_message() == message
+
+
+def test_slow_receiver_of_broadcasts_is_closed_with_1008_others_keep_going(caplog):
+    count, chunk = 400, bytes(60000)  # 24 MB: more than the socket buffers hold
+    with running_server(wsloop.Chat(), max_pending_output=256 * 1024) as server:
+        slow = Client(server.port)
+        slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        reader = Client(server.port)
+        wait_for(lambda: len(server.connections) == 2)
+        with caplog.at_level(logging.WARNING, logger="wsloop"):
+            # Paced by the reader: its backlog stays at one message, while the
+            # slow client's grows until it crosses the limit.
+            for _ in range(count):
+                server.broadcast(chunk)  # from this thread: queued to the loop
+                assert reader.recv_message() == chunk
+            assert slow.expect_close() == (1008, "too slow to keep up")
+        assert "peer too slow" in caplog.text
+        assert len(server.connections) == 1  # the reader is still open
+        reader.send_text("still open")
+        assert reader.recv_message() == "still open"
+
+
+# -- handler errors -------------------------------------------------------------
+
+
+def test_handler_error_closes_only_that_connection(caplog):
+    class Fragile(wsloop.Handler):
+        def on_message(self, conn, message):
+            if message == "boom":
+                raise RuntimeError("handler bug")
+            conn.send(message)
+
+    with caplog.at_level(logging.ERROR, logger="wsloop"):
+        with running_server(Fragile()) as server:
+            bad, good = Client(server.port), Client(server.port)
+            bad.send_text("boom")
+            assert bad.expect_close() == (1011, "internal error")
+            good.send_text("unaffected")
+            assert good.recv_message() == "unaffected"
+    assert caplog.text.count("RuntimeError: handler bug") == 1
+
+
+def test_send_from_another_thread():
+    handler = Recorder()
+    with running_server(handler) as server:
+        client = Client(server.port)
+        assert handler.connect_event.wait(5)
+        conn = handler.connected[0]
+        threads = [threading.Thread(target=conn.send, args=("t%d" % i,)) for i in range(5)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(client.recv_message() for _ in range(5)) == ["t%d" % i for i in range(5)]
+
+
+# -- shutdown -------------------------------------------------------------------
+
+
+def test_shutdown_closes_with_1001_and_answers_pending_handshakes_with_503():
+    handler = Recorder()
+    server = wsloop.Server(handler, port=0)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        clients = [Client(server.port) for _ in range(3)]
+        half = Client(server.port, handshake=False)
+        half.sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        wait_for(lambda: len(server.connections) == 3)
+        server.shutdown()
+        for client in clients:
+            assert client.expect_close() == (1001, "server shutting down")
+            client.close(1001)
+            assert client.expect_eof()
+        assert half.read_http_response()[0] == 503
+        half.shutdown()  # as an HTTP client does after "Connection: close"
+        thread.join(5)
+        assert not thread.is_alive()
+        assert sorted(code for _, code, _ in handler.closed) == [1001, 1001, 1001]
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", server.port), timeout=1).recv(1)
+    finally:
+        server.shutdown()
+        thread.join(5)
+        server.close()
+
+
+def test_shutdown_is_bounded_when_clients_do_not_answer():
+    server = wsloop.Server(port=0, close_timeout=0.3)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    client = Client(server.port)
+    wait_for(lambda: len(server.connections) == 1)
+    started = time.monotonic()
+    server.shutdown(wait=True)
+    assert time.monotonic() - started < 3
+    assert client.expect_close()[0] == 1001
+    assert client.expect_eof()
+    thread.join(5)
+    server.close()
+
+
+# -- many connections -------------------------------------------------------------
+
+
+def test_more_than_1024_connections():
+    count = 1100
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = 2 * count + 200  # both ends live in this process
+    if soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard), hard))
+    with running_server(ping_interval=None) as server:
+        clients = []
+        try:
+            for _ in range(count):
+                clients.append(Client(server.port))
+            wait_for(lambda: len(server.connections) == count, timeout=20)
+            for client in (clients[0], clients[-1]):
+                client.send_text("still served")
+                assert client.recv_message() == "still served"
+        finally:
+            for client in clients:
+                client.shutdown()
