@@ -1802,13 +1802,17 @@ def serve(handler: Any = None, host: str = "127.0.0.1", port: int = 8765, **opti
 
     A second signal exits at once.  Keyword ``options`` go to :class:`Server`.
     """
-    server = Server(handler, host, port, **options)
+    _run_until_signalled(Server(handler, host, port, **options))
+
+
+def _run_until_signalled(server: Server) -> None:
     _install_signal_handlers(server)
     logger.info("listening on %s", _format_address(server.address))
     try:
         server.serve_forever()
     finally:
         server.close()
+    logger.info("stopped")
 
 
 def _install_signal_handlers(server: Server) -> None:
@@ -1933,8 +1937,10 @@ def _raise_fd_limit() -> None:
 def _main(argv: Optional[List[str]] = None) -> int:
     try:
         args = _build_parser().parse_args(argv)
-        if args.port < 0 or args.port > 65535:
+        if not 0 <= args.port <= 65535:
             raise _UsageError("--port must be 0-65535")
+        if args.max_fragments is not None and args.max_fragments < 1:
+            raise _UsageError("--max-fragments must be at least 1")
         handler = Chat() if args.broadcast else (_load_app(args.app) if args.app else Echo())
     except _UsageError as exc:
         print("wsloop: error: %s" % exc, file=sys.stderr)
@@ -1945,7 +1951,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     )
     _raise_fd_limit()
     try:
-        serve(
+        server = Server(
             handler,
             args.host,
             args.port,
@@ -1958,8 +1964,13 @@ def _main(argv: Optional[List[str]] = None) -> int:
             max_pending_output=args.max_pending_output,
         )
     except OSError as exc:
-        print("wsloop: error: cannot listen on %s port %d: %s" % (args.host, args.port, exc.strerror or exc), file=sys.stderr)
+        print(
+            "wsloop: error: cannot listen on %s port %d: %s"
+            % (args.host, args.port, os.strerror(exc.errno) if exc.errno else exc),
+            file=sys.stderr,
+        )
         return 2
+    _run_until_signalled(server)
     return 0
 
 

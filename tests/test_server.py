@@ -16,15 +16,6 @@ from helpers import Client, Recorder, client_frame, close_payload, request_bytes
 TEXT, BINARY, CLOSE, PING, PONG = 1, 2, 8, 9, 10
 
 
-def wait_for(predicate, timeout=5.0):
-    """Wait for state the server thread changes (polled: no event exposes it)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in %.1f s" % timeout)
-        time.sleep(0.005)
-
-
 # -- echo ---------------------------------------------------------------------
 
 
@@ -113,7 +104,7 @@ def test_http_errors_over_the_wire():
 def test_broadcast_chat_reaches_everyone(monkeypatch):
     with running_server(wsloop.Chat()) as server:
         clients = [Client(server.port) for _ in range(3)]
-        wait_for(lambda: len(server.connections) == 3)
+        assert len(server.connections) == 3  # the 101 is sent after the server registers it
         calls = []
         real_encode = wsloop.encode_message
         monkeypatch.setattr(wsloop, "encode_message", lambda m: calls.append(m) or real_encode(m))
@@ -126,7 +117,7 @@ def test_broadcast_chat_reaches_everyone(monkeypatch):
 def test_broadcast_to_chosen_connections_from_another_thread():
     with running_server(Recorder()) as server:
         a, b = Client(server.port), Client(server.port)
-        wait_for(lambda: len(server.connections) == 2)
+        assert len(server.connections) == 2  # the 101 is sent after the server registers it
         first = server.connections[0]
         server.broadcast(b"only you", connections=[first])
         assert a.recv_message() == b"only you"
@@ -269,7 +260,7 @@ def test_slow_receiver_of_broadcasts_is_closed_with_1008_others_keep_going(caplo
         slow = Client(server.port)
         slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
         reader = Client(server.port)
-        wait_for(lambda: len(server.connections) == 2)
+        assert len(server.connections) == 2  # the 101 is sent after the server registers it
         with caplog.at_level(logging.WARNING, logger="wsloop"):
             # Paced by the reader: its backlog stays at one message, while the
             # slow client's grows until it crosses the limit.
@@ -329,7 +320,7 @@ def test_shutdown_closes_with_1001_and_answers_pending_handshakes_with_503():
         clients = [Client(server.port) for _ in range(3)]
         half = Client(server.port, handshake=False)
         half.sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
-        wait_for(lambda: len(server.connections) == 3)
+        assert len(server.connections) == 3  # the 101 is sent after the server registers it
         server.shutdown()
         for client in clients:
             assert client.expect_close() == (1001, "server shutting down")
@@ -353,7 +344,7 @@ def test_shutdown_is_bounded_when_clients_do_not_answer():
     thread = threading.Thread(target=server.serve_forever)
     thread.start()
     client = Client(server.port)
-    wait_for(lambda: len(server.connections) == 1)
+    assert len(server.connections) == 1  # the 101 is sent after the server registers it
     started = time.monotonic()
     server.shutdown(wait=True)
     assert time.monotonic() - started < 3
@@ -377,7 +368,7 @@ def test_more_than_1024_connections():
         try:
             for _ in range(count):
                 clients.append(Client(server.port))
-            wait_for(lambda: len(server.connections) == count, timeout=20)
+            assert len(server.connections) == count  # the 101 is sent after the server registers it
             for client in (clients[0], clients[-1]):
                 client.send_text("still served")
                 assert client.recv_message() == "still served"

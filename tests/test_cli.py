@@ -1,0 +1,175 @@
+"""The command line, run for real in a subprocess."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from helpers import Client
+
+COMMAND = [sys.executable, "-m", "wsloop"]
+
+
+def run_cli(*args, **kw):
+    return subprocess.run(COMMAND + list(args), capture_output=True, text=True, timeout=30, **kw)
+
+
+class CliServer:
+    """``python -m wsloop`` on a free port; its stderr read line by line."""
+
+    def __init__(self, *args, cwd=None):
+        self.process = subprocess.Popen(
+            COMMAND + ["--port", "0", *args],
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+        )
+        self.lines = []
+        line = self.wait_for("listening on")
+        self.port = int(re.search(r":(\d+)$", line.strip()).group(1))
+
+    def wait_for(self, text):
+        """Read log lines until one contains ``text`` (the process is bounded by its own timeouts)."""
+        for line in self.process.stderr:
+            self.lines.append(line)
+            if text in line:
+                return line
+        raise AssertionError("%r never logged; got:\n%s" % (text, "".join(self.lines)))
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+        self.process.stderr.close()
+
+
+@pytest.fixture
+def cli_server():
+    servers = []
+
+    def start(*args, **kw):
+        servers.append(CliServer(*args, **kw))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_help_and_version():
+    result = run_cli("--help")
+    assert result.returncode == 0 and "--broadcast" in result.stdout and "--max-size" in result.stdout
+    result = run_cli("--version")
+    assert result.returncode == 0 and re.match(r"wsloop \d+\.\d+\.\d+", result.stdout)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--port", "http"], "--port"),
+        (["--port", "70000"], "--port must be 0-65535"),
+        (["--max-size", "lots"], "not a size"),
+        (["--broadcast", "--app", "x:y"], "not allowed with"),
+        (["--app", "no_such_module_here:handler"], "cannot load app"),
+        (["--app", "nocolon"], "MODULE:ATTRIBUTE"),
+        (["--host", "no.such.host.invalid"], "cannot listen on"),
+    ],
+)
+def test_user_errors_get_one_line_and_status_2(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("wsloop: error: ") and message in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_port_in_use_is_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("--port", str(port))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "wsloop: error: cannot listen on 127.0.0.1 port %d: Address already in use" % port
+    ]
+
+
+def test_echo_logs_open_and_close(cli_server):
+    server = cli_server()
+    client = Client(server.port, path="/hello")
+    assert "connection 1 open from 127.0.0.1:" in server.wait_for("open from")
+    client.send_text("echo me")
+    assert client.recv_message() == "echo me"
+    client.close(1000)
+    assert client.expect_close() == (1000, "")
+    assert "connection 1 closed: code 1000" in server.wait_for("closed")
+
+
+def test_broadcast_flag(cli_server):
+    server = cli_server("--broadcast")
+    a, b = Client(server.port), Client(server.port)
+    server.wait_for("connection 2 open")
+    a.send_text("to everyone")
+    assert a.recv_message() == "to everyone"
+    assert b.recv_message() == "to everyone"
+
+
+def test_app_flag_with_a_function_and_a_class(cli_server, tmp_path):
+    (tmp_path / "myapp.py").write_text(textwrap.dedent('''
+        def shout(conn, message):
+            conn.send(message.upper())
+
+        class Greeter:
+            def on_connect(self, conn):
+                conn.send("hi " + conn.path)
+    '''))
+    server = cli_server("--app", "myapp:shout", cwd=str(tmp_path))
+    client = Client(server.port)
+    client.send_text("quiet")
+    assert client.recv_message() == "QUIET"
+    server = cli_server("--app", "myapp:Greeter", cwd=str(tmp_path))
+    assert Client(server.port, path="/you").recv_message() == "hi /you"
+
+
+def test_max_size_flag(cli_server):
+    server = cli_server("--max-size", "1K")
+    client = Client(server.port)
+    client.send_binary(bytes(1024))
+    assert client.recv_message() == bytes(1024)
+    client.send_binary(bytes(1025))
+    assert client.expect_close()[0] == 1009
+
+
+def test_sigint_closes_clients_with_1001_and_exits_0(cli_server):
+    server = cli_server()
+    client = Client(server.port)
+    server.wait_for("open from")
+    server.process.send_signal(signal.SIGINT)
+    assert client.expect_close() == (1001, "server shutting down")
+    client.close(1001)
+    assert server.process.wait(10) == 0
+    assert any("stopped" in line for line in server.process.stderr)
+
+
+def test_second_signal_exits_at_once(cli_server):
+    server = cli_server("--close-timeout", "60")
+    client = Client(server.port)
+    server.wait_for("open from")
+    server.process.send_signal(signal.SIGTERM)
+    assert client.expect_close()[0] == 1001  # and we never answer
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(5) == 128 + signal.SIGTERM
+
+
+def test_console_script_is_installed():
+    script = os.path.join(os.path.dirname(sys.executable), "wsloop")
+    result = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and result.stdout.startswith("wsloop ")
