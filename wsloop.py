@@ -36,6 +36,8 @@ Limits and their defaults (all configurable on :class:`Server` and the CLI)
 - ``write_high_water`` 256 KiB: stop reading a peer whose output backs up.
 - ``max_pending_output`` 4 MiB: close (1008) a peer that cannot keep up
   with what the server pushes to it.
+- ``compression``: permessage-deflate (RFC 7692) on, 12-bit windows
+  (see :class:`Deflate`); inflated messages obey ``max_size`` too.
 - Request head: lines of 8 KiB at most, 128 headers, 64 KiB in all.
 
 The file is layered top to bottom, each section using only those above it:
@@ -63,6 +65,7 @@ import struct
 import sys
 import threading
 import time
+import zlib
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple, Union
 
 __version__ = "0.1.0"
@@ -70,6 +73,7 @@ __all__ = [
     "CloseCode",
     "Connection",
     "ConnectionClosed",
+    "Deflate",
     "Echo",
     "Chat",
     "Handler",
@@ -240,7 +244,7 @@ def _unmask(data: bytes, mask: bytes) -> bytes:
     length = len(data)
     if not length:
         return b""
-    key = mask * (length >> 2) + mask[: length & 3]
+    key = bytes(mask) * (length >> 2) + mask[: length & 3]
     return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
         length, "little"
     )
@@ -457,6 +461,255 @@ def _check_upgrade_request(request: Request) -> str:
 
 
 # =============================================================================
+# permessage-deflate (RFC 7692): negotiation and the per-connection codec
+# =============================================================================
+
+
+class Deflate:
+    """Settings for permessage-deflate, the compression browsers offer.
+
+    - ``window_bits`` (9-15, default 12): the server's compression window;
+      a client's ``server_max_window_bits`` may lower it.
+    - ``client_window_bits`` (8-15, default 12): asked of clients that
+      support ``client_max_window_bits``; others use 15.  Inflating costs
+      ``2**bits`` bytes per connection.
+    - ``no_context_takeover`` (default False): compress each message on its
+      own: no compressor is kept between messages (less memory, and one
+      compressed frame can be shared by a broadcast), at some ratio.
+    - ``client_no_context_takeover`` (default False): ask clients the same,
+      so no decompressor is kept between their messages.
+    - ``mem_level`` (1-9, default 5): zlib's memLevel for compressing.
+    - ``threshold`` (default 128): messages shorter than this go uncompressed.
+
+    A kept compressor costs about ``2**(window_bits + 2) + 2**(mem_level + 9)``
+    bytes (32 KiB with the defaults) and a kept decompressor ``2**bits`` plus
+    about 7 KiB; both are made only once a connection first needs them.
+    """
+
+    __slots__ = ("window_bits", "client_window_bits", "no_context_takeover",
+                 "client_no_context_takeover", "mem_level", "threshold")
+
+    def __init__(
+        self,
+        window_bits: int = 12,
+        client_window_bits: int = 12,
+        no_context_takeover: bool = False,
+        client_no_context_takeover: bool = False,
+        mem_level: int = 5,
+        threshold: int = 128,
+    ):
+        if not 9 <= window_bits <= 15:
+            raise ValueError("window_bits must be 9-15 (zlib cannot compress with 8)")
+        if not 8 <= client_window_bits <= 15:
+            raise ValueError("client_window_bits must be 8-15")
+        if not 1 <= mem_level <= 9:
+            raise ValueError("mem_level must be 1-9")
+        self.window_bits = window_bits
+        self.client_window_bits = client_window_bits
+        self.no_context_takeover = no_context_takeover
+        self.client_no_context_takeover = client_no_context_takeover
+        self.mem_level = mem_level
+        self.threshold = threshold
+
+    def __repr__(self) -> str:
+        return "Deflate(%s)" % ", ".join("%s=%r" % (name, getattr(self, name)) for name in self.__slots__)
+
+
+def _split_outside_quotes(text: str, separator: str) -> List[str]:
+    """Split on ``separator`` except inside quoted strings (RFC 9110 5.6.4)."""
+    parts, start, quoted, escaped = [], 0, False, False
+    for index, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == separator and not quoted:
+            parts.append(text[start:index])
+            start = index + 1
+    if quoted:
+        raise HandshakeError(400, "unterminated quoted string in Sec-WebSocket-Extensions")
+    parts.append(text[start:])
+    return parts
+
+
+def _is_token_text(text: str) -> bool:
+    try:
+        return _is_token(text.encode("ascii"))
+    except UnicodeEncodeError:
+        return False
+
+
+def _parse_extensions(values: List[str]) -> List[Tuple[str, List[Tuple[str, Optional[str]]]]]:
+    """Parse Sec-WebSocket-Extensions (RFC 6455 9.1) into (name, params) offers.
+
+    Raises :class:`HandshakeError` 400 when the syntax is broken.
+    """
+    offers = []
+    for value in values:
+        for item in _split_outside_quotes(value, ","):
+            if not item.strip():
+                continue  # empty list elements are allowed (RFC 9110 5.6.1)
+            name, *raw_params = _split_outside_quotes(item, ";")
+            name = name.strip()
+            if not _is_token_text(name):
+                raise HandshakeError(400, "malformed Sec-WebSocket-Extensions")
+            params: List[Tuple[str, Optional[str]]] = []
+            for raw in raw_params:
+                key, equals, text = raw.partition("=")
+                key, text = key.strip(), text.strip()
+                if not _is_token_text(key):
+                    raise HandshakeError(400, "malformed Sec-WebSocket-Extensions")
+                if not equals:
+                    params.append((key.lower(), None))
+                    continue
+                if len(text) >= 2 and text[0] == text[-1] == '"':
+                    text = text[1:-1].replace("\\", "")
+                # A quoted value must still be a token once unquoted (RFC 6455 9.1).
+                if not _is_token_text(text):
+                    raise HandshakeError(400, "malformed Sec-WebSocket-Extensions")
+                params.append((key.lower(), text))
+            offers.append((name.lower(), params))
+    return offers
+
+
+def _window_bits(text: Optional[str], low: int) -> Optional[int]:
+    if text is None or not text.isdigit() or text[0] == "0":
+        return None
+    value = int(text)
+    return value if low <= value <= 15 else None
+
+
+def _negotiate_deflate(offers, settings: "Deflate") -> Optional[Tuple[str, "_PerMessageDeflate"]]:
+    """Pick the first acceptable permessage-deflate offer (RFC 7692 section 7).
+
+    Returns ``(response header value, codec)``, or None to decline them all.
+    An offer with an unknown, repeated or out-of-range parameter is declined,
+    and the next one is tried.
+    """
+    for name, params in offers:
+        if name != "permessage-deflate":
+            continue
+        seen = set()
+        valid = True
+        server_no_context = client_no_context = False
+        server_bits: Optional[int] = None
+        client_bits_offered = False
+        client_bits: Optional[int] = None
+        for key, value in params:
+            if key in seen:
+                valid = False
+                break
+            seen.add(key)
+            if key == "server_no_context_takeover" and value is None:
+                server_no_context = True
+            elif key == "client_no_context_takeover" and value is None:
+                client_no_context = True
+            elif key == "server_max_window_bits":
+                server_bits = _window_bits(value, 8)
+                valid = server_bits is not None
+            elif key == "client_max_window_bits":
+                client_bits_offered = True
+                if value is not None:
+                    client_bits = _window_bits(value, 8)
+                    valid = client_bits is not None
+            else:
+                valid = False
+            if not valid:
+                break
+        if not valid:
+            continue
+        response = ["permessage-deflate"]
+        if server_no_context or settings.no_context_takeover:
+            server_no_context = True
+            response.append("server_no_context_takeover")
+        if client_no_context or settings.client_no_context_takeover:
+            client_no_context = True
+            response.append("client_no_context_takeover")
+        compress_bits = settings.window_bits
+        if server_bits is not None:
+            compress_bits = min(server_bits, compress_bits)
+            response.append("server_max_window_bits=%d" % compress_bits)
+        inflate_bits = 15
+        if client_bits_offered:
+            inflate_bits = min(client_bits or 15, settings.client_window_bits)
+            response.append("client_max_window_bits=%d" % inflate_bits)
+        codec = _PerMessageDeflate(
+            compress_bits, inflate_bits, server_no_context, client_no_context, settings
+        )
+        return "; ".join(response), codec
+    return None
+
+
+_DEFLATE_TAIL = b"\x00\x00\xff\xff"
+
+
+class _PerMessageDeflate:
+    """One connection's compressor and decompressor (RFC 7692 section 7.2).
+
+    Both are made on first use, so idle connections hold no zlib state.
+    """
+
+    __slots__ = ("compress_bits", "inflate_bits", "server_no_context", "client_no_context",
+                 "mem_level", "threshold", "_compressor", "_decompressor")
+
+    def __init__(self, compress_bits: int, inflate_bits: int, server_no_context: bool,
+                 client_no_context: bool, settings: Deflate):
+        self.compress_bits = compress_bits
+        self.inflate_bits = inflate_bits
+        self.server_no_context = server_no_context
+        self.client_no_context = client_no_context
+        self.mem_level = settings.mem_level
+        # zlib cannot compress with a 256-byte window: a client that asks
+        # for one gets every message uncompressed, which RFC 7692 allows.
+        self.threshold = settings.threshold if compress_bits >= 9 else None
+        self._compressor = None
+        self._decompressor = None
+
+    @property
+    def shared_key(self) -> Optional[Tuple[int, int]]:
+        """Connections with equal keys can share one compressed frame (no context kept)."""
+        if self.server_no_context:
+            return (self.compress_bits, self.mem_level)
+        return None
+
+    def compress(self, payload: bytes) -> Optional[bytes]:
+        """The payload deflated for one message, or None to send it plain."""
+        if self.threshold is None or len(payload) < self.threshold:
+            return None
+        compressor = self._compressor
+        if compressor is None:
+            compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED,
+                                          -self.compress_bits, self.mem_level)
+            if not self.server_no_context:
+                self._compressor = compressor
+        data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        # RFC 7692 7.2.1: remove the 4 bytes the sync flush ends with.
+        return data[:-4] if data.endswith(_DEFLATE_TAIL) else data
+
+    def decompress(self, data: bytes, message_done: bool, limit: int) -> bytes:
+        """Inflate the next piece of a message, never past ``limit`` bytes."""
+        decompressor = self._decompressor
+        if decompressor is None:
+            # At least 9 bits: zlib-based clients cannot compress with 8 and
+            # use 9 instead; a larger window inflates any smaller one.
+            decompressor = self._decompressor = zlib.decompressobj(-max(self.inflate_bits, 9))
+        if message_done:
+            data = bytes(data) + _DEFLATE_TAIL  # RFC 7692 7.2.2
+        try:
+            # limit + 1: one byte over says "too big" without inflating more.
+            output = decompressor.decompress(data, limit + 1)
+        except zlib.error:
+            raise ProtocolError("invalid compressed data", CloseCode.INVALID_DATA) from None
+        if len(output) > limit:
+            raise ProtocolError("message over the size limit once inflated", CloseCode.MESSAGE_TOO_BIG)
+        if message_done and self.client_no_context:
+            self._decompressor = None
+        return output
+
+
+# =============================================================================
 # Frame codec (RFC 6455 section 5)
 # =============================================================================
 
@@ -466,6 +719,7 @@ _unpack_16 = struct.Struct("!H").unpack_from
 _unpack_64 = struct.Struct("!Q").unpack_from
 
 _FIN = 0x80
+_RSV1 = 0x40  # "compressed", once permessage-deflate is negotiated
 _RSV_BITS = 0x70
 _MASK_BIT = 0x80
 _CONTROL_OPCODES = frozenset([Opcode.CLOSE, Opcode.PING, Opcode.PONG])
@@ -492,15 +746,38 @@ def _encode_close(code: Optional[int], reason: str = "") -> bytes:
     return encode_frame(Opcode.CLOSE, struct.pack("!H", code) + reason.encode("utf-8"))
 
 
+def _encode_compressed(message: Union[str, bytes], extension: "_PerMessageDeflate") -> bytes:
+    """Serialize a message for a connection with permessage-deflate."""
+    if isinstance(message, str):
+        opcode, payload = Opcode.TEXT, message.encode("utf-8")
+    elif isinstance(message, (bytes, bytearray, memoryview)):
+        opcode, payload = Opcode.BINARY, bytes(message)
+    else:
+        raise TypeError("message must be str or bytes, not %s" % type(message).__name__)
+    compressed = extension.compress(payload)
+    if compressed is None:
+        return _frame_header(_FIN | opcode, len(payload)) + payload
+    # RFC 7692 6.1: RSV1 marks the first (here: only) frame of a compressed message.
+    return _frame_header(_FIN | _RSV1 | opcode, len(compressed)) + compressed
+
+
 def encode_message(message: Union[str, bytes]) -> bytes:
     """Serialize a whole message as one unmasked frame (text for ``str``)."""
-    if isinstance(message, str):
+    if type(message) is str:
         payload = message.encode("utf-8")
-        return _frame_header(_FIN | Opcode.TEXT, len(payload)) + payload
-    if isinstance(message, (bytes, bytearray, memoryview)):
-        payload = bytes(message)
-        return _frame_header(_FIN | Opcode.BINARY, len(payload)) + payload
-    raise TypeError("message must be str or bytes, not %s" % type(message).__name__)
+        first = 0x81
+    elif isinstance(message, (bytes, bytearray, memoryview)):
+        payload = message if type(message) is bytes else bytes(message)
+        first = 0x82
+    elif isinstance(message, str):
+        payload = message.encode("utf-8")
+        first = 0x81
+    else:
+        raise TypeError("message must be str or bytes, not %s" % type(message).__name__)
+    length = len(payload)
+    if length < 126:
+        return bytes((first, length)) + payload
+    return _frame_header(first, length) + payload
 
 
 def _parse_close_payload(payload: bytes) -> Tuple[int, str]:
@@ -561,6 +838,7 @@ _TRANSITIONS = {
 }
 
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
+_get_ident = threading.get_ident
 
 # Hot-path aliases: enum attribute lookups are slow on older Pythons.
 _OPEN = State.OPEN
@@ -591,6 +869,9 @@ class Protocol:
         "close_sent",
         "max_size",
         "max_fragments",
+        "extension",
+        "_compression",
+        "_negotiated",
         "_buffer",
         "_frame_remaining",
         "_frame_mask",
@@ -601,10 +882,17 @@ class Protocol:
         "_message_data",
         "_message_size",
         "_message_fragments",
+        "_message_compressed",
+        "_message_inflated",
         "_utf8",
     )
 
-    def __init__(self, max_size: int = DEFAULT_MAX_SIZE, max_fragments: Optional[int] = None):
+    def __init__(
+        self,
+        max_size: int = DEFAULT_MAX_SIZE,
+        max_fragments: Optional[int] = None,
+        compression: Optional[Deflate] = None,
+    ):
         self.state = State.CONNECTING
         self.outgoing = bytearray()
         self.request: Optional[Request] = None
@@ -619,6 +907,11 @@ class Protocol:
         self.max_fragments = (
             max_fragments if max_fragments is not None else _default_max_fragments(max_size)
         )
+        # permessage-deflate: the settings offered, what the request
+        # negotiated, and the codec in use once accepted.
+        self._compression = compression
+        self._negotiated: Optional[Tuple[str, _PerMessageDeflate]] = None
+        self.extension: Optional[_PerMessageDeflate] = None
         self._buffer = bytearray()
         # The frame whose payload is being consumed.
         self._in_payload = False
@@ -631,6 +924,8 @@ class Protocol:
         self._message_data: Optional[bytearray] = None
         self._message_size = 0
         self._message_fragments = 0
+        self._message_compressed = False
+        self._message_inflated = 0
         self._utf8 = None
 
     def __repr__(self) -> str:
@@ -705,6 +1000,29 @@ class Protocol:
                     if end - position < 10:
                         break
                     length = _unpack_64(buffer, position + 2)[0]
+                if (
+                    (first == 0x81 or first == 0x82)
+                    and second & _MASK_BIT
+                    and not self._message_opcode
+                    and end - position >= header_length + length
+                    and length <= self.max_size
+                    and self.state is _OPEN
+                ):
+                    # Fast path, the common case: a whole unfragmented,
+                    # uncompressed text or binary message.  The conditions
+                    # above are every check _check_header would make.
+                    payload_start = position + header_length
+                    position = payload_start + length
+                    payload = _unmask(buffer[payload_start:position], buffer[payload_start - 4 : payload_start])
+                    if first == 0x82:
+                        yield (_EV_BINARY, payload)
+                        continue
+                    try:
+                        text = payload.decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise ProtocolError("invalid UTF-8 in text message", CloseCode.INVALID_DATA) from None
+                    yield (_EV_TEXT, text)
+                    continue
                 opcode = first & 0x0F
                 self._check_header(first, second, opcode, length)
                 if end - position < header_length:
@@ -720,7 +1038,7 @@ class Protocol:
                     yield self._receive_control(opcode, payload)
                     continue
                 position += header_length
-                self._start_data_frame(opcode, first & _FIN, length)
+                self._start_data_frame(opcode, first, length)
                 self._frame_mask = mask
                 self._frame_offset = 0
                 self._frame_remaining = length
@@ -759,6 +1077,9 @@ class Protocol:
             del self._buffer[:head_length]
             self.request = request
             _check_upgrade_request(request)
+            if self._compression is not None:
+                offers = _parse_extensions(request.headers.get_all("Sec-WebSocket-Extensions"))
+                self._negotiated = _negotiate_deflate(offers, self._compression)
         except HandshakeError as exc:
             self.handshake_error = exc
             plain_http = exc.status == 426 and self.request is not None and "Upgrade" not in self.request.headers
@@ -782,6 +1103,9 @@ class Protocol:
             "Connection: Upgrade",
             "Sec-WebSocket-Accept: " + accept_key(request.headers.get("Sec-WebSocket-Key") or ""),
         ]
+        if self._negotiated is not None:
+            response, self.extension = self._negotiated
+            lines.append("Sec-WebSocket-Extensions: " + response)
         lines.extend("%s: %s" % item for item in headers)
         self.outgoing += ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         self._set_state(_OPEN)
@@ -801,7 +1125,12 @@ class Protocol:
     def _check_header(self, first: int, second: int, opcode: int, length: int) -> None:
         """Reject a bad frame from its header alone, before reading its payload."""
         if first & _RSV_BITS:
-            raise ProtocolError("reserved bits set without an extension")
+            # RFC 7692 6.1: RSV1 only on the first frame of a data message,
+            # and only once permessage-deflate was negotiated.
+            if first & _RSV_BITS != _RSV1 or self.extension is None:
+                raise ProtocolError("reserved bits set without an extension")
+            if opcode == _OP_CONTINUATION or opcode >= 8:
+                raise ProtocolError("RSV1 on a control or continuation frame")
         if not second & _MASK_BIT:
             # RFC 6455 5.1: the server MUST close on an unmasked client frame.
             raise ProtocolError("client frame is not masked")
@@ -822,22 +1151,29 @@ class Protocol:
                 raise ProtocolError("continuation frame with nothing to continue")
         elif self._message_opcode:
             raise ProtocolError("new data frame inside a fragmented message")
-        if self._message_size + length > self.max_size:
+        limit = self.max_size
+        if first & _RSV1 or (opcode == _OP_CONTINUATION and self._message_compressed):
+            # Deflate may grow incompressible data a little; the inflated
+            # size is held to max_size itself as it is produced.
+            limit += (limit >> 6) + 1024
+        if self._message_size + length > limit:
             raise ProtocolError(
                 "message over %d bytes" % self.max_size, CloseCode.MESSAGE_TOO_BIG
             )
 
-    def _start_data_frame(self, opcode: int, fin: int, length: int) -> None:
+    def _start_data_frame(self, opcode: int, first: int, length: int) -> None:
         if opcode != _OP_CONTINUATION:
             self._message_opcode = opcode
             self._message_fragments = 0
+            self._message_compressed = bool(first & _RSV1)
+            self._message_inflated = 0
         self._message_fragments += 1
         if self._message_fragments > self.max_fragments:
             raise ProtocolError(
                 "message in over %d fragments" % self.max_fragments, CloseCode.MESSAGE_TOO_BIG
             )
         self._message_size += length
-        self._frame_fin = bool(fin)
+        self._frame_fin = bool(first & _FIN)
 
     def _receive_payload(self, chunk: bytearray, frame_done: bool) -> Optional[Tuple[Event, Any]]:
         """Take the next piece of a data frame's payload."""
@@ -848,6 +1184,9 @@ class Protocol:
         self._frame_offset = offset + len(chunk)
         data = _unmask(chunk, mask)
         message_done = frame_done and self._frame_fin
+        if self._message_compressed:
+            data = self.extension.decompress(data, message_done, self.max_size - self._message_inflated)
+            self._message_inflated += len(data)
         if message_done and self._message_data is None:
             # The whole message is in this one piece: the fast, common case.
             return self._deliver(data)
@@ -913,11 +1252,17 @@ class Protocol:
 
     # -- output ---------------------------------------------------------------
 
+    def encode(self, message: Union[str, bytes]) -> bytes:
+        """Serialize a message for this connection (compressed if negotiated)."""
+        if self.extension is None:
+            return encode_message(message)
+        return _encode_compressed(message, self.extension)
+
     def send(self, message: Union[str, bytes]) -> None:
         """Queue a text (``str``) or binary (``bytes``) message."""
         if self.state is not _OPEN:
             raise ConnectionClosed("connection is %s" % self.state.value)
-        self.send_encoded(encode_message(message))
+        self.outgoing += self.encode(message)
 
     def send_encoded(self, frame: bytes) -> None:
         """Queue frames already serialized by :func:`encode_message`."""
@@ -983,6 +1328,10 @@ class _EventLoop:
         self._timers: List[_Timer] = []
         self._ready: collections.deque = collections.deque()
         self._flush_queue: list = []
+        # One receive buffer for every connection: the loop reads one socket
+        # at a time, and the protocol copies out what it keeps.
+        self.receive_buffer = bytearray(RECV_SIZE)
+        self.receive_view = memoryview(self.receive_buffer)
         self._stopping = False
         self._thread_id: Optional[int] = None
         self._wake_reader, self._wake_writer = socket.socketpair()
@@ -1155,7 +1504,7 @@ class Connection:
         self.remote_address = address
         self.data: Any = None
         self._sock: Optional[socket.socket] = sock
-        self._protocol = Protocol(server.max_size, server.max_fragments)
+        self._protocol = Protocol(server.max_size, server.max_fragments, server.compression)
         self._loop = server._loop
         self._events = 0
         self._reading_paused = False
@@ -1224,10 +1573,15 @@ class Connection:
         closing is logged).  A peer that lets more than the server's
         ``max_pending_output`` back up is closed with 1008.
         """
-        if not self._loop.in_loop_thread:
-            self._loop.call_soon_threadsafe(self._send_from_thread, message)
+        loop = self._loop
+        if loop._thread_id != _get_ident():
+            loop.call_soon_threadsafe(self._send_from_thread, message)
             return
-        self._send_frame(encode_message(message))
+        protocol = self._protocol
+        if protocol.extension is None:
+            self._send_frame(encode_message(message))
+        else:
+            self._send_frame(_encode_compressed(message, protocol.extension))
 
     def ping(self, payload: bytes = b"") -> None:
         """Send a ping; the peer's pong reaches no handler (keepalive uses them)."""
@@ -1254,7 +1608,7 @@ class Connection:
 
     def _send_from_thread(self, message: Union[str, bytes]) -> None:
         try:
-            self._send_frame(encode_message(message))
+            self._send_frame(self._protocol.encode(message))
         except ConnectionClosed:
             logger.debug("connection %d: message from another thread dropped: closed", self.id)
 
@@ -1276,7 +1630,7 @@ class Connection:
         protocol.outgoing += frame
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.schedule_flush(self)
+            self._loop._flush_queue.append(self)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -1289,11 +1643,14 @@ class Connection:
         sock = self._sock
         if sock is None:
             return
-        outgoing = self._protocol.outgoing
+        protocol = self._protocol
+        outgoing = protocol.outgoing
         if outgoing and not self._events & selectors.EVENT_WRITE:
             # Not known to be blocked: try now rather than wait for a wake-up.
             if not self._write(sock, outgoing):
                 return
+            if not outgoing and self._events == selectors.EVENT_READ and protocol.state is not _CLOSED:
+                return  # all written, nothing to change: the common case
         self._update_interest()
 
     def _write(self, sock: socket.socket, outgoing: bytearray) -> bool:
@@ -1359,20 +1716,21 @@ class Connection:
                 self._update_interest()
 
     def _on_readable(self) -> None:
+        loop = self._loop
         try:
-            data = self._sock.recv(RECV_SIZE)
+            count = self._sock.recv_into(loop.receive_buffer)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._drop("read failed: %s" % (exc.strerror or exc))
             return
-        if not data:
+        if not count:
             self._drop("peer closed TCP")
             return
         protocol = self._protocol
         if protocol.state is _CLOSED:
             return  # waiting for the peer's EOF: ignore what it still sends
-        protocol.receive_data(data)
+        protocol.receive_data(loop.receive_view[:count])
         self._dispatch(protocol.events())
         if protocol.outgoing or protocol.state is _CLOSED:
             self._schedule_flush()
@@ -1506,7 +1864,9 @@ class Server:
     ``handler`` is an object with any of the methods of :class:`Handler`
     (default: :class:`Echo`).  The socket is bound when the server is
     created, so ``port=0`` picks a free port, readable as :attr:`port`.
-    Timeouts are in seconds; ``None`` disables one.
+    Timeouts are in seconds; ``None`` disables one.  ``compression`` is
+    ``True`` (permessage-deflate with :class:`Deflate`'s defaults), a
+    :class:`Deflate`, or ``False``.
 
     >>> server = Server(Echo(), port=0)
     >>> threading.Thread(target=server.serve_forever).start()   # doctest: +SKIP
@@ -1527,6 +1887,7 @@ class Server:
         ping_timeout: Optional[float] = DEFAULT_PING_TIMEOUT,
         write_high_water: int = DEFAULT_WRITE_HIGH_WATER,
         max_pending_output: int = DEFAULT_MAX_PENDING_OUTPUT,
+        compression: Union[bool, Deflate, None] = True,
         backlog: int = 1024,
     ):
         self.handler = handler if handler is not None else Echo()
@@ -1539,6 +1900,9 @@ class Server:
         self.ping_timeout = ping_timeout
         self.write_high_water = write_high_water
         self.max_pending_output = max_pending_output
+        if compression is True:
+            compression = Deflate()
+        self.compression: Optional[Deflate] = compression or None
         self._loop = _EventLoop()
         self._all: set = set()  # every connection with a socket
         self._open: dict = {}  # the open ones, in the order they opened
@@ -1618,22 +1982,40 @@ class Server:
     def broadcast(self, message: Union[str, bytes], connections: Optional[Iterable[Connection]] = None) -> int:
         """Send ``message`` to every open connection (or to ``connections``).
 
-        The frame is built once and shared.  Returns how many connections took
-        it; one that cannot keep up is closed with 1008 and does not count.
+        The frame is built once and shared by every connection without
+        compression, and compressed once per group of connections that keep no
+        compression context (``server_no_context_takeover``); a connection that
+        keeps one compresses its own.  Returns how many connections took it
+        (0 when called from another thread: it is then queued); one that
+        cannot keep up is closed with 1008 and does not count.
         """
         if not self._loop.in_loop_thread:
             self._loop.call_soon_threadsafe(self.broadcast, message, connections)
             return 0
-        frame = encode_message(message)
+        plain = encode_message(message)
+        shared = {}  # compressed frames that connections without context can share
         targets = list(self._open) if connections is None else list(connections)
         delivered = 0
         for connection in targets:
-            if connection._protocol.state is _OPEN:
-                try:
-                    connection._send_frame(frame)
-                    delivered += 1
-                except ConnectionClosed:
-                    pass
+            protocol = connection._protocol
+            if protocol.state is not _OPEN:
+                continue
+            extension = protocol.extension
+            if extension is None:
+                frame = plain
+            else:
+                key = extension.shared_key
+                if key is None:
+                    frame = _encode_compressed(message, extension)  # its own context
+                else:
+                    frame = shared.get(key)
+                    if frame is None:
+                        frame = shared[key] = _encode_compressed(message, extension)
+            try:
+                connection._send_frame(frame)
+                delivered += 1
+            except ConnectionClosed:
+                pass
         return delivered
 
     # -- accepting ------------------------------------------------------------
@@ -1889,6 +2271,10 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ping-interval", type=_seconds, default=DEFAULT_PING_INTERVAL, help="seconds between keepalive pings (default 20; 'none' disables)")
     parser.add_argument("--ping-timeout", type=_seconds, default=DEFAULT_PING_TIMEOUT, help="seconds to wait for a pong (default 20)")
     parser.add_argument("--max-pending-output", type=_size, default=DEFAULT_MAX_PENDING_OUTPUT, help="output backlog that closes a slow client with 1008 (default 4M)")
+    parser.add_argument("--no-compression", action="store_true", help="decline permessage-deflate")
+    parser.add_argument("--compression-window-bits", type=int, default=12, metavar="BITS", help="server compression window, 9-15 (default 12)")
+    parser.add_argument("--compression-no-context-takeover", action="store_true", help="compress each message on its own (less memory per connection)")
+    parser.add_argument("--compression-threshold", type=int, default=128, metavar="BYTES", help="send shorter messages uncompressed (default 128)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default info")
     parser.add_argument("--version", action="version", version="wsloop " + __version__)
     return parser
@@ -1942,6 +2328,15 @@ def _main(argv: Optional[List[str]] = None) -> int:
         if args.max_fragments is not None and args.max_fragments < 1:
             raise _UsageError("--max-fragments must be at least 1")
         handler = Chat() if args.broadcast else (_load_app(args.app) if args.app else Echo())
+        if not 9 <= args.compression_window_bits <= 15:
+            raise _UsageError("--compression-window-bits must be 9-15")
+        compression: Union[bool, Deflate] = False
+        if not args.no_compression:
+            compression = Deflate(
+                window_bits=args.compression_window_bits,
+                no_context_takeover=args.compression_no_context_takeover,
+                threshold=args.compression_threshold,
+            )
     except _UsageError as exc:
         print("wsloop: error: %s" % exc, file=sys.stderr)
         return 2
@@ -1962,6 +2357,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
             ping_interval=args.ping_interval,
             ping_timeout=args.ping_timeout,
             max_pending_output=args.max_pending_output,
+            compression=compression,
         )
     except OSError as exc:
         print(

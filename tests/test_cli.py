@@ -79,6 +79,7 @@ def test_help_and_version():
         (["--app", "no_such_module_here:handler"], "cannot load app"),
         (["--app", "nocolon"], "MODULE:ATTRIBUTE"),
         (["--host", "no.such.host.invalid"], "cannot listen on"),
+        (["--compression-window-bits", "8"], "--compression-window-bits must be 9-15"),
     ],
 )
 def test_user_errors_get_one_line_and_status_2(args, message):
@@ -137,6 +138,12 @@ def test_app_flag_with_a_function_and_a_class(cli_server, tmp_path):
     assert client.recv_message() == "QUIET"
     server = cli_server("--app", "myapp:Greeter", cwd=str(tmp_path))
     assert Client(server.port, path="/you").recv_message() == "hi /you"
+
+
+def test_no_compression_flag(cli_server):
+    offer = {"Sec-WebSocket-Extensions": "permessage-deflate"}
+    assert b"permessage-deflate" in Client(cli_server().port, headers=offer).response_head
+    assert b"permessage-deflate" not in Client(cli_server("--no-compression").port, headers=offer).response_head
 
 
 def test_max_size_flag(cli_server):

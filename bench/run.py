@@ -1,0 +1,153 @@
+"""Benchmark wsloop against websockets, side by side in one run.
+
+    python -m pip install -r bench/requirements.txt
+    python bench/run.py                 # every scenario, 3 rounds
+    python bench/run.py small large --rounds 5 --seconds 5
+
+Each server runs as its own process pinned to CPU 0 (with taskset, where it
+exists) and the load client (picows on uvloop) to CPU 1.  The servers take
+turns, round by round (A, B, A, B, ...), so both see the same machine noise.
+Per scenario it prints the median and the min-max of each server, the ratio
+wsloop / websockets, and how much CPU the client used (it must have spare).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PYTHON = sys.executable
+TASKSET = shutil.which("taskset")
+
+SERVERS = {
+    "wsloop": lambda port, mode: [
+        PYTHON, os.path.join(ROOT, "wsloop.py"), "--port", str(port), "--max-size", "64M",
+        "--ping-interval", "none", "--no-compression", "--log-level", "warning",
+        "--max-pending-output", "1G",
+    ] + (["--broadcast"] if mode == "broadcast" else []),
+    "websockets": lambda port, mode: [PYTHON, os.path.join(HERE, "websockets_server.py"), str(port), mode],
+}
+
+# name: (client scenario, server mode, client arguments, figure, unit)
+SCENARIOS = {
+    "small": ("echo", "echo", ["--size", "64", "--connections", "100", "--inflight", "1"], "messages_per_s", "msg/s"),
+    "small4": ("echo", "echo", ["--size", "64", "--connections", "100", "--inflight", "4"], "messages_per_s", "msg/s"),
+    "medium": ("echo", "echo", ["--size", "8192", "--connections", "100", "--binary"], "messages_per_s", "msg/s"),
+    "large": ("echo", "echo", ["--size", "262144", "--connections", "4", "--binary"], "mb_per_s", "MB/s"),
+    "broadcast": ("broadcast", "broadcast", ["--size", "64", "--connections", "1000"], "deliveries_per_s", "deliveries/s"),
+    "idle": ("idle", "echo", ["--connections", "10000"], "rss_kib_per_connection", "KiB/conn"),
+}
+DESCRIPTIONS = {
+    "small": "64 B text echo, 100 connections, 1 in flight",
+    "small4": "64 B text echo, 100 connections, 4 in flight",
+    "medium": "8 KiB binary echo, 100 connections",
+    "large": "256 KiB binary echo, 4 connections",
+    "broadcast": "64 B, 1 sender, 1,000 receivers",
+    "idle": "10,000 idle connections: RSS per connection",
+}
+
+
+def pinned(cpu, command):
+    return ([TASKSET, "-c", str(cpu)] if TASKSET else []) + command
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def rss_kib(pid):
+    with open("/proc/%d/status" % pid) as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def start_server(name, mode):
+    port = free_port()
+    process = subprocess.Popen(pinned(0, SERVERS[name](port, mode)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while True:  # until it listens
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process, port
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("%s did not start" % name)
+            time.sleep(0.05)
+
+
+def run_once(name, scenario, seconds):
+    client_kind, mode, client_args, figure, _ = SCENARIOS[scenario]
+    process, port = start_server(name, mode)
+    try:
+        command = pinned(1, [PYTHON, os.path.join(HERE, "client.py"), client_kind, "ws://127.0.0.1:%d/" % port,
+                             "--seconds", str(seconds)] + client_args)
+        if client_kind != "idle":
+            output = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+            return json.loads(output.strip().splitlines()[-1])
+        baseline = rss_kib(process.pid)
+        client = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        opened = json.loads(client.stdout.readline())
+        used = rss_kib(process.pid) - baseline
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        result = json.loads(client.stdout.readline())
+        client.wait(60)
+        result["rss_kib_per_connection"] = used / opened["opened"]
+        result["client_cpu"] = float("nan")
+        return result
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenarios", nargs="*", default=list(SCENARIOS), choices=list(SCENARIOS) + [[]])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    args = parser.parse_args()
+    print("python %s, %d CPUs, taskset %s" % (sys.version.split()[0], os.cpu_count(), "yes" if TASKSET else "no"))
+    rows = []
+    for scenario in args.scenarios:
+        figure, unit = SCENARIOS[scenario][3], SCENARIOS[scenario][4]
+        results = {name: [] for name in SERVERS}
+        cpu = {name: [] for name in SERVERS}
+        for _ in range(args.rounds):
+            for name in SERVERS:
+                result = run_once(name, scenario, args.seconds)
+                results[name].append(result[figure])
+                cpu[name].append(result.get("client_cpu", float("nan")))
+        medians = {name: statistics.median(values) for name, values in results.items()}
+        ratio = medians["wsloop"] / medians["websockets"]
+        print("\n%s: %s (%s)" % (scenario, DESCRIPTIONS[scenario], unit))
+        for name in SERVERS:
+            values = results[name]
+            print("  %-10s median %12.1f  min-max %.1f-%.1f  client CPU %s" % (
+                name, medians[name], min(values), max(values),
+                "%.0f%%" % (100 * max(cpu[name])) if cpu[name][0] == cpu[name][0] else "n/a"))
+        lower_is_better = scenario == "idle"
+        print("  ratio wsloop/websockets: %.2fx%s" % (ratio, " (lower is better)" if lower_is_better else ""))
+        rows.append((scenario, medians["websockets"], medians["wsloop"], ratio, unit))
+    print("\n| scenario | websockets | wsloop | wsloop / websockets |")
+    print("|---|---|---|---|")
+    for scenario, theirs, ours, ratio, unit in rows:
+        print("| %s | %.1f %s | %.1f %s | %.2fx |" % (DESCRIPTIONS[scenario], theirs, unit, ours, unit, ratio))
+
+
+if __name__ == "__main__":
+    main()
