@@ -320,18 +320,39 @@ class Headers:
 
 
 class Request:
-    """An HTTP request head: ``method``, ``target``, ``path``, ``query``, ``headers``."""
+    """An HTTP request head: ``method``, ``target``, ``path``, ``query``, ``headers``.
 
-    __slots__ = ("method", "target", "path", "query", "version", "headers")
+    A connection keeps its request for its whole life, so the header block
+    is kept as the bytes that arrived (one object, not dozens of strings)
+    and parsed again on access once the handshake is over.
+    """
 
-    def __init__(self, method: str, target: str, version: Tuple[int, int], headers: Headers):
+    __slots__ = ("method", "target", "version", "_header_block", "_headers")
+
+    def __init__(self, method: str, target: str, version: Tuple[int, int], header_block: bytes):
         self.method = method
         self.target = target
         self.version = version
-        self.headers = headers
-        path, _, query = target.partition("?")
-        self.path = path
-        self.query = query
+        self._header_block = header_block  # validated lines, CRLF-separated
+        self._headers: Optional[Headers] = None  # cached while handshaking
+
+    @property
+    def path(self) -> str:
+        return self.target.partition("?")[0]
+
+    @property
+    def query(self) -> str:
+        return self.target.partition("?")[2]
+
+    @property
+    def headers(self) -> Headers:
+        headers = self._headers
+        if headers is None:
+            headers = Headers(_split_header_block(self._header_block))
+        return headers
+
+    def _cache_headers(self, keep: bool) -> None:
+        self._headers = Headers(_split_header_block(self._header_block)) if keep else None
 
     def __repr__(self) -> str:
         return "Request(%s %s)" % (self.method, self.target)
@@ -398,7 +419,6 @@ def _parse_request_head(buffer: bytearray) -> Optional[Tuple[Request, int]]:
     version = _parse_http_version(version_text)
     if len(lines) - 1 > MAX_HEADERS:
         raise HandshakeError(431, "too many headers")
-    fields = []
     for line in lines[1:]:
         if len(line) > MAX_HEADER_LINE:
             raise HandshakeError(431, "header line too long")
@@ -406,11 +426,20 @@ def _parse_request_head(buffer: bytearray) -> Optional[Tuple[Request, int]]:
         # No space before the colon, no obsolete line folding (RFC 9112 5.1-5.2).
         if not colon or not _is_token(name):
             raise HandshakeError(400, "malformed header line")
-        value = value.strip(b" \t")
         if value.translate(None, _FIELD_VALUE_DELETE):
             raise HandshakeError(400, "control character in header value")
-        fields.append((name.decode("ascii"), value.decode("latin-1")))
-    return Request(method, target, version, Headers(fields)), head_length
+    request = Request(method, target, version, b"\r\n".join(lines[1:]))
+    request._cache_headers(True)
+    return request, head_length
+
+
+def _split_header_block(block: bytes) -> List[Tuple[str, str]]:
+    """(name, value) pairs of a header block that _parse_request_head validated."""
+    fields = []
+    for line in block.split(b"\r\n") if block else ():
+        name, _, value = line.partition(b":")
+        fields.append((name.decode("ascii"), value.strip(b" \t").decode("latin-1")))
+    return fields
 
 
 def _parse_http_version(text: str) -> Tuple[int, int]:
@@ -839,6 +868,8 @@ _TRANSITIONS = {
 
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 _get_ident = threading.get_ident
+_EVENT_READ = selectors.EVENT_READ
+_EVENT_WRITE = selectors.EVENT_WRITE
 
 # Hot-path aliases: enum attribute lookups are slow on older Pythons.
 _OPEN = State.OPEN
@@ -1108,6 +1139,7 @@ class Protocol:
             lines.append("Sec-WebSocket-Extensions: " + response)
         lines.extend("%s: %s" % item for item in headers)
         self.outgoing += ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        request._cache_headers(False)
         self._set_state(_OPEN)
 
     def reject(
@@ -1645,11 +1677,17 @@ class Connection:
             return
         protocol = self._protocol
         outgoing = protocol.outgoing
-        if outgoing and not self._events & selectors.EVENT_WRITE:
+        if outgoing and not self._events & _EVENT_WRITE:
             # Not known to be blocked: try now rather than wait for a wake-up.
-            if not self._write(sock, outgoing):
+            try:
+                sent = sock.send(outgoing)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._drop("write failed: %s" % (exc.strerror or exc))
                 return
-            if not outgoing and self._events == selectors.EVENT_READ and protocol.state is not _CLOSED:
+            del outgoing[:sent]
+            if not outgoing and self._events == _EVENT_READ and protocol.state is not _CLOSED:
                 return  # all written, nothing to change: the common case
         self._update_interest()
 

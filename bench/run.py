@@ -117,10 +117,14 @@ def run_once(name, scenario, seconds):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("scenarios", nargs="*", default=list(SCENARIOS), choices=list(SCENARIOS) + [[]])
+    parser.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="some of: " + ", ".join(SCENARIOS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
     args = parser.parse_args()
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error("unknown scenario(s): %s" % ", ".join(sorted(unknown)))
+    args.scenarios = args.scenarios or list(SCENARIOS)
     print("python %s, %d CPUs, taskset %s" % (sys.version.split()[0], os.cpu_count(), "yes" if TASKSET else "no"))
     rows = []
     for scenario in args.scenarios:
