@@ -751,8 +751,6 @@ _FIN = 0x80
 _RSV1 = 0x40  # "compressed", once permessage-deflate is negotiated
 _RSV_BITS = 0x70
 _MASK_BIT = 0x80
-_CONTROL_OPCODES = frozenset([Opcode.CLOSE, Opcode.PING, Opcode.PONG])
-_DATA_OPCODES = frozenset([Opcode.CONTINUATION, Opcode.TEXT, Opcode.BINARY])
 
 
 def _frame_header(first_byte: int, length: int) -> bytes:
@@ -1296,12 +1294,6 @@ class Protocol:
             raise ConnectionClosed("connection is %s" % self.state.value)
         self.outgoing += self.encode(message)
 
-    def send_encoded(self, frame: bytes) -> None:
-        """Queue frames already serialized by :func:`encode_message`."""
-        if self.state is not _OPEN:
-            raise ConnectionClosed("connection is %s" % self.state.value)
-        self.outgoing += frame
-
     def ping(self, payload: bytes = b"") -> None:
         """Queue a ping (at most 125 bytes of payload)."""
         if len(payload) > 125:
@@ -1660,9 +1652,7 @@ class Connection:
             self.close(CloseCode.POLICY_VIOLATION, "too slow to keep up")
             raise ConnectionClosed("peer too slow: output limit reached")
         protocol.outgoing += frame
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop._flush_queue.append(self)
+        self._schedule_flush()
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -1679,14 +1669,8 @@ class Connection:
         outgoing = protocol.outgoing
         if outgoing and not self._events & _EVENT_WRITE:
             # Not known to be blocked: try now rather than wait for a wake-up.
-            try:
-                sent = sock.send(outgoing)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                self._drop("write failed: %s" % (exc.strerror or exc))
+            if not self._write(sock, outgoing):
                 return
-            del outgoing[:sent]
             if not outgoing and self._events == _EVENT_READ and protocol.state is not _CLOSED:
                 return  # all written, nothing to change: the common case
         self._update_interest()
@@ -1887,8 +1871,6 @@ def _format_address(address: Any) -> str:
 
 def _resolve_handler(handler: Any):
     """Return (on_connect, on_message, on_close) of a handler object."""
-    if handler is None:
-        handler = Echo()
     return (
         getattr(handler, "on_connect", None),
         getattr(handler, "on_message", None),

@@ -1,5 +1,8 @@
-"""The load generator: picows (Cython) on uvloop, one process (broadcast
-receivers are raw sockets counted at the end, cheaper still).
+"""The load generator, one process: raw sockets that count fixed-size
+frames by bytes for echo and broadcast (far cheaper per message than a
+WebSocket library, so the server is what gets measured), and picows
+(Cython) on uvloop to open the 10,000 idle connections (`--picows` uses it
+for echo too).
 
     python bench/client.py echo URL --size 64 --connections 100 --inflight 1 --seconds 3 [--binary]
     python bench/client.py broadcast URL --size 64 --connections 1000 --seconds 3
@@ -15,6 +18,7 @@ import json
 import resource
 import selectors
 import socket
+import struct
 import sys
 import time
 
@@ -79,6 +83,61 @@ def raw_connect(url):
     assert head.startswith(b"HTTP/1.1 101") and head.endswith(b"\r\n\r\n"), head
     sock.setblocking(False)
     return sock
+
+
+def client_frame(opcode, size):
+    """A masked client frame with a zero mask (so the payload is sent as is)."""
+    if size < 126:
+        header = bytes([0x80 | opcode, 0x80 | size])
+    elif size < 65536:
+        header = bytes([0x80 | opcode, 0x80 | 126]) + struct.pack("!H", size)
+    else:
+        header = bytes([0x80 | opcode, 0x80 | 127]) + struct.pack("!Q", size)
+    return header + b"\0\0\0\0" + b"x" * size
+
+
+def server_frame_size(size):
+    return (2 if size < 126 else 4 if size < 65536 else 10) + size
+
+
+def run_echo_raw(args):
+    """Echo load on raw sockets: every reply is one server frame of a known
+    size, so counting bytes counts messages, and each wake-up answers all the
+    replies it completed with one send.  Far cheaper per message than any
+    WebSocket client library, so the server is what gets measured."""
+    sockets = [raw_connect(args.url) for _ in range(args.connections)]
+    frame = client_frame(2 if args.binary else 1, args.size)
+    reply_size = server_frame_size(args.size)
+    selector = selectors.DefaultSelector()
+    partial = {}
+    for sock in sockets:
+        selector.register(sock, selectors.EVENT_READ)
+        partial[sock] = 0
+        sock.setblocking(True)
+        sock.sendall(frame * args.inflight)
+        sock.setblocking(False)
+    buffer = bytearray(4 << 20)
+    received = 0
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    deadline = t0 + args.seconds
+    while True:
+        now = time.perf_counter()
+        if now >= deadline:
+            break
+        for key, _ in selector.select(deadline - now):
+            sock = key.fileobj
+            count = sock.recv_into(buffer)
+            done, partial[sock] = divmod(partial[sock] + count, reply_size)
+            if done:
+                received += done
+                sock.setblocking(True)
+                sock.sendall(frame * done)  # keep the same number in flight
+                sock.setblocking(False)
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    for sock in sockets:
+        sock.close()
+    return {"messages_per_s": received / elapsed, "mb_per_s": received * args.size / elapsed / 1e6,
+            "client_cpu": cpu / elapsed}
 
 
 def run_broadcast_raw(args):
@@ -148,11 +207,15 @@ def main():
     parser.add_argument("--inflight", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--binary", action="store_true")
+    parser.add_argument("--picows", action="store_true", help="echo with picows instead of raw sockets")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if args.scenario == "broadcast":
         print(json.dumps(run_broadcast_raw(args)), flush=True)
+        return
+    if args.scenario == "echo" and not args.picows:
+        print(json.dumps(run_echo_raw(args)), flush=True)
         return
     runner = {"echo": run_echo, "idle": run_idle}[args.scenario]
     uvloop.install()
