@@ -61,6 +61,7 @@ import os
 import selectors
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -83,6 +84,7 @@ __all__ = [
     "Protocol",
     "ProtocolError",
     "Request",
+    "Response",
     "Server",
     "State",
     "WebSocketError",
@@ -140,7 +142,8 @@ class State(enum.Enum):
 class Event(enum.IntEnum):
     """Kinds of events :meth:`Protocol.events` yields as ``(kind, value)``."""
 
-    REQUEST = 0  # value: Request, answer it with accept() or reject()
+    REQUEST = 0  # value: Request, a valid upgrade: answer with accept() or respond()
+    HTTP_REQUEST = 3  # value: Request, a plain HTTP GET: answer with respond()
     TEXT = 1  # value: str
     BINARY = 2  # value: bytes
     PING = 9  # value: bytes (the pong is already queued)
@@ -358,6 +361,21 @@ class Request:
         return "Request(%s %s)" % (self.method, self.target)
 
 
+class Response:
+    """An HTTP response a handler gives: to refuse a handshake (e.g. 401 or
+    403), or, with status 101, to accept it with ``headers`` added."""
+
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int, body: Union[bytes, str] = b"", headers: Iterable[Tuple[str, str]] = ()):
+        self.status = status
+        self.body = body.encode("utf-8") if isinstance(body, str) else bytes(body)
+        self.headers = list(headers)
+
+    def __repr__(self) -> str:
+        return "Response(%d)" % self.status
+
+
 # RFC 9110 section 5.6.2: the characters of a token (method, header name).
 _TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 # Visible ASCII and space: all a request line may hold.  Anything else in the
@@ -454,11 +472,12 @@ def _parse_http_version(text: str) -> Tuple[int, int]:
 _PLAIN_HTTP_BODY = b"This is a WebSocket server: connect to it with a WebSocket client.\n"
 
 
-def _check_upgrade_request(request: Request) -> str:
-    """Validate a WebSocket opening handshake; return its Sec-WebSocket-Key.
+def _check_upgrade_request(request: Request) -> bool:
+    """Validate a WebSocket opening handshake (RFC 6455 section 4.2.1).
 
-    Raises :class:`HandshakeError` carrying the status RFC 6455 section 4.2.1
-    calls for.
+    Returns False for a valid plain HTTP GET (no Upgrade header), which the
+    application may answer; raises :class:`HandshakeError` carrying the
+    status to answer with for anything else that is not a valid upgrade.
     """
     if request.method != "GET":
         raise HandshakeError(405, "method not allowed", [("Allow", "GET")])
@@ -471,9 +490,7 @@ def _check_upgrade_request(request: Request) -> str:
         raise HandshakeError(400, "exactly one Host header required")
     upgrade = headers.get("Upgrade")
     if upgrade is None:
-        raise HandshakeError(
-            426, "plain HTTP request", [("Upgrade", "websocket"), ("Connection", "Upgrade")]
-        )
+        return False
     if "websocket" not in _header_tokens(upgrade):
         raise HandshakeError(400, "Upgrade header must name websocket")
     if "upgrade" not in _header_tokens(headers.get("Connection")):
@@ -486,7 +503,12 @@ def _check_upgrade_request(request: Request) -> str:
             raise ValueError
     except ValueError:
         raise HandshakeError(400, "Sec-WebSocket-Key must be 16 bytes in base64") from None
-    return key
+    return True
+
+
+def _plain_http_refusal() -> Tuple[int, List[Tuple[str, str]], bytes]:
+    """The answer to a plain HTTP request nothing else serves: 426 (RFC 9110 15.5.22)."""
+    return 426, [("Upgrade", "websocket"), ("Connection", "Upgrade")], _PLAIN_HTTP_BODY
 
 
 # =============================================================================
@@ -838,11 +860,11 @@ def _parse_close_payload(payload: bytes) -> Tuple[int, str]:
 #
 #   CONNECTING --accept()--> OPEN --close()--> CLOSING --peer's close--> CLOSED
 #        |                    |                   |
-#        +--reject()/error----+--peer's close-----+--protocol error----> CLOSED
+#        +--respond()/error---+--peer's close-----+--protocol error----> CLOSED
 #
 # In CONNECTING the bytes go to the HTTP request parser; once a request head
 # is complete a REQUEST event is returned and the application answers with
-# accept() or reject().  Bytes that came after the head stay buffered and are
+# accept() or respond().  Bytes that came after the head stay buffered and are
 # parsed as frames after accept().
 #
 # In OPEN and CLOSING the bytes go to the frame parser.  Data frame payloads
@@ -892,6 +914,8 @@ class Protocol:
         "state",
         "outgoing",
         "request",
+        "is_upgrade",
+        "subprotocol",
         "handshake_error",
         "close_code",
         "close_reason",
@@ -925,6 +949,8 @@ class Protocol:
         self.state = State.CONNECTING
         self.outgoing = bytearray()
         self.request: Optional[Request] = None
+        self.is_upgrade = False
+        self.subprotocol: Optional[str] = None
         self.handshake_error: Optional[HandshakeError] = None
         # The peer's close frame (NO_STATUS if it had no code); ABNORMAL when
         # the connection ended without one.
@@ -986,7 +1012,7 @@ class Protocol:
             if self.request is None:
                 request = self._receive_request()
                 if request is not None:
-                    yield (Event.REQUEST, request)
+                    yield (Event.REQUEST if self.is_upgrade else Event.HTTP_REQUEST, request)
             if self.state is _CONNECTING:
                 return  # not accepted (yet): keep the bytes for later
         buffer = self._buffer
@@ -1105,27 +1131,26 @@ class Protocol:
             request, head_length = parsed
             del self._buffer[:head_length]
             self.request = request
-            _check_upgrade_request(request)
-            if self._compression is not None:
+            self.is_upgrade = _check_upgrade_request(request)
+            if self.is_upgrade and self._compression is not None:
                 offers = _parse_extensions(request.headers.get_all("Sec-WebSocket-Extensions"))
                 self._negotiated = _negotiate_deflate(offers, self._compression)
         except HandshakeError as exc:
             self.handshake_error = exc
-            plain_http = exc.status == 426 and self.request is not None and "Upgrade" not in self.request.headers
-            body = _PLAIN_HTTP_BODY if plain_http else exc.reason.encode() + b"\n"
-            self.reject(exc.status, exc.headers, body)
+            self.respond(exc.status, exc.headers, exc.reason.encode() + b"\n")
             return None
         return request
 
-    def accept(self, headers: Iterable[Tuple[str, str]] = ()) -> None:
-        """Answer the request with 101 and open the connection.
+    def accept(self, headers: Iterable[Tuple[str, str]] = (), subprotocol: Optional[str] = None) -> None:
+        """Answer the upgrade request with 101 and open the connection.
 
-        ``headers`` are added to the response.  Frames that arrived along
-        with the request come out of :meth:`events` next.
+        ``headers`` are added to the response, and ``subprotocol`` (one the
+        client offered) as Sec-WebSocket-Protocol.  Frames that arrived
+        along with the request come out of :meth:`events` next.
         """
         request = self.request
-        if request is None or self.state is not _CONNECTING:
-            raise RuntimeError("no request to accept")
+        if request is None or not self.is_upgrade or self.state is not _CONNECTING:
+            raise RuntimeError("no upgrade request to accept")
         lines = [
             "HTTP/1.1 101 Switching Protocols",
             "Upgrade: websocket",
@@ -1135,17 +1160,21 @@ class Protocol:
         if self._negotiated is not None:
             response, self.extension = self._negotiated
             lines.append("Sec-WebSocket-Extensions: " + response)
+        if subprotocol is not None:
+            self.subprotocol = subprotocol
+            lines.append("Sec-WebSocket-Protocol: " + subprotocol)
         lines.extend("%s: %s" % item for item in headers)
         self.outgoing += ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         request._cache_headers(False)
         self._set_state(_OPEN)
 
-    def reject(
+    def respond(
         self, status: int, headers: Iterable[Tuple[str, str]] = (), body: bytes = b""
     ) -> None:
-        """Answer the request (or what there is of it) with an HTTP error."""
+        """Answer the request (or what there is of it) with an HTTP response
+        (an error, or a plain page) and close the connection."""
         if self.state is not _CONNECTING:
-            raise RuntimeError("cannot reject in state %s" % self.state.name)
+            raise RuntimeError("cannot respond in state %s" % self.state.name)
         self.outgoing += _http_response(status, headers, body)
         self._buffer.clear()
         self._set_state(_CLOSED)
@@ -1466,6 +1495,14 @@ class Handler:
     to another thread (which may call ``conn.send()`` safely).
     """
 
+    def on_handshake(self, conn: "Connection") -> Optional["Response"]:
+        """A valid upgrade request arrived (``conn.request``, ``conn.path``,
+        ``conn.headers``, ``conn.remote_address``, ``conn.subprotocol`` are
+        set): return None to accept it, a :class:`Response` to refuse it
+        (e.g. ``Response(401, "token required")``), or ``Response(101,
+        headers=[...])`` to accept it with headers added (e.g. Set-Cookie)."""
+        return None
+
     def on_connect(self, conn: "Connection") -> None:
         """A client completed the opening handshake."""
 
@@ -1515,6 +1552,9 @@ class Connection:
         "_flush_scheduled",
         "_write_shut",
         "_opened",
+        "_tls",
+        "_tls_handshaking",
+        "_write_wants_read",
         "_open_timer",
         "_close_timer",
         "_ping_timer",
@@ -1535,6 +1575,9 @@ class Connection:
         self._flush_scheduled = False
         self._write_shut = False
         self._opened = False
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        self._tls_handshaking = self._tls
+        self._write_wants_read = False
         self._open_timer: Optional[_Timer] = None
         self._close_timer: Optional[_Timer] = None
         self._ping_timer: Optional[_Timer] = None
@@ -1568,6 +1611,11 @@ class Connection:
     def headers(self) -> Headers:
         request = self._protocol.request
         return request.headers if request else Headers()
+
+    @property
+    def subprotocol(self) -> Optional[str]:
+        """The subprotocol agreed at the handshake, if any."""
+        return self._protocol.subprotocol
 
     @property
     def close_code(self) -> Optional[int]:
@@ -1678,7 +1726,11 @@ class Connection:
     def _write(self, sock: socket.socket, outgoing: bytearray) -> bool:
         try:
             sent = sock.send(outgoing)
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
+            return True
+        except ssl.SSLWantReadError:
+            # TLS must read before it can write: retry after the next read.
+            self._write_wants_read = True
             return True
         except OSError as exc:
             self._drop("write failed: %s" % (exc.strerror or exc))
@@ -1701,8 +1753,10 @@ class Connection:
             if self._sock is None:
                 return
         events = 0 if self._reading_paused else selectors.EVENT_READ
-        if outgoing:
+        if outgoing and not self._write_wants_read:
             events |= selectors.EVENT_WRITE
+        if not events:
+            events = selectors.EVENT_READ  # TLS waiting to read before writing
         if events != self._events:
             self._events = events
             self._loop.selector.modify(self._sock, events, self)
@@ -1731,24 +1785,71 @@ class Connection:
     # -- input ----------------------------------------------------------------
 
     def _handle_io(self, mask: int) -> None:
+        if self._tls_handshaking:
+            self._continue_tls_handshake()
+            return
         if mask & selectors.EVENT_READ:
             self._on_readable()
         if mask & selectors.EVENT_WRITE and self._sock is not None:
             if self._write(self._sock, self._protocol.outgoing):
                 self._update_interest()
 
-    def _on_readable(self) -> None:
-        loop = self._loop
+    def _continue_tls_handshake(self) -> None:
+        """Drive the TLS handshake one step: it never blocks the loop."""
         try:
-            count = self._sock.recv_into(loop.receive_buffer)
-        except (BlockingIOError, InterruptedError):
+            self._sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._set_events(selectors.EVENT_READ)
             return
+        except ssl.SSLWantWriteError:
+            self._set_events(selectors.EVENT_WRITE)
+            return
+        except (ssl.SSLError, OSError) as exc:
+            # Plain HTTP on the TLS port lands here too: one line, no traceback.
+            logger.info(
+                "connection %d from %s: TLS handshake failed: %s",
+                self.id,
+                _format_address(self.remote_address),
+                getattr(exc, "reason", None) or exc,
+            )
+            self._drop("TLS handshake failed")
+            return
+        self._tls_handshaking = False
+        self._set_events(selectors.EVENT_READ)
+        self._on_readable()  # the client's request may be buffered already
+
+    def _set_events(self, events: int) -> None:
+        if events != self._events:
+            self._events = events
+            self._loop.selector.modify(self._sock, events, self)
+
+    def _receive(self, view: memoryview) -> int:
+        """Read into ``view``; 0 at EOF, -1 when nothing is ready."""
+        sock = self._sock
+        try:
+            count = sock.recv_into(view)
+            if self._tls:
+                # What TLS already decrypted does not wake the selector: take it now.
+                while count and count < len(view) and sock.pending():
+                    count += sock.recv_into(view[count:])
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return -1
         except OSError as exc:
             self._drop("read failed: %s" % (exc.strerror or exc))
+            return -1
+        return count
+
+    def _on_readable(self) -> None:
+        loop = self._loop
+        count = self._receive(loop.receive_view)
+        if count < 0:
             return
         if not count:
             self._drop("peer closed TCP")
             return
+        if self._write_wants_read:
+            self._write_wants_read = False
+            self._schedule_flush()
         protocol = self._protocol
         if protocol.state is _CLOSED:
             return  # waiting for the peer's EOF: ignore what it still sends
@@ -1770,6 +1871,8 @@ class Connection:
                 self._on_pong(value)
             elif kind is Event.REQUEST:
                 self.server._on_request(self)
+            elif kind is Event.HTTP_REQUEST:
+                self.server._on_http_request(self)
             elif kind is Event.CLOSE:
                 self._stop_keepalive()
 
@@ -1888,6 +1991,17 @@ class Server:
     ``True`` (permessage-deflate with :class:`Deflate`'s defaults), a
     :class:`Deflate`, or ``False``.
 
+    At the handshake: ``ssl_context`` serves wss:// (the TLS handshake runs
+    in the loop, never blocking it); ``origins`` lists the Origin values
+    allowed (``None`` in it admits requests without Origin; others get 403);
+    ``subprotocols`` are those the server speaks: the first the client
+    offers that is among them is chosen, unless
+    ``select_subprotocol(conn, offered)`` decides; ``response_headers`` go on
+    every 101; a handler's ``on_handshake(conn)`` may refuse with a
+    :class:`Response`.  Plain HTTP GETs: ``health_path`` (e.g. "/healthz")
+    answers 200, or 503 while shutting down; ``pages`` maps paths to
+    ``(content_type, body)``; anything else gets 426.
+
     >>> server = Server(Echo(), port=0)
     >>> threading.Thread(target=server.serve_forever).start()   # doctest: +SKIP
     >>> server.shutdown()                                       # doctest: +SKIP
@@ -1908,10 +2022,25 @@ class Server:
         write_high_water: int = DEFAULT_WRITE_HIGH_WATER,
         max_pending_output: int = DEFAULT_MAX_PENDING_OUTPUT,
         compression: Union[bool, Deflate, None] = True,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        origins: Optional[Iterable[Optional[str]]] = None,
+        subprotocols: Iterable[str] = (),
+        select_subprotocol: Optional[Callable[["Connection", List[str]], Optional[str]]] = None,
+        response_headers: Iterable[Tuple[str, str]] = (),
+        health_path: Optional[str] = None,
+        pages: Optional[dict] = None,
         backlog: int = 1024,
     ):
         self.handler = handler if handler is not None else Echo()
         self._on_connect, self._on_message, self._on_close = _resolve_handler(self.handler)
+        self._on_handshake = getattr(self.handler, "on_handshake", None)
+        self.ssl_context = ssl_context
+        self.origins = None if origins is None else frozenset(origins)
+        self.subprotocols = list(subprotocols)
+        self.select_subprotocol = select_subprotocol
+        self.response_headers = list(response_headers)
+        self.health_path = health_path
+        self.pages = dict(pages or {})
         self.max_size = max_size
         self.max_fragments = max_fragments
         self.open_timeout = open_timeout
@@ -2074,21 +2203,51 @@ class Server:
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None:
+            # The TLS handshake is driven by the loop (want-read/want-write),
+            # never here: a silent or slow client cannot hold up accept().
+            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         connection = Connection(self, sock, address, self._next_id)
         self._next_id += 1
         self._all.add(connection)
         connection._events = selectors.EVENT_READ
         self._loop.selector.register(sock, selectors.EVENT_READ, connection)
         if self.open_timeout is not None:
+            # It covers the TLS handshake too.
             connection._open_timer = self._loop.call_later(self.open_timeout, connection._on_open_timeout)
+        if connection._tls:
+            connection._continue_tls_handshake()
 
     def _on_request(self, connection: Connection) -> None:
-        """A valid upgrade request arrived: accept it and open the connection."""
+        """A valid upgrade request arrived: decide, then accept and open."""
         protocol = connection._protocol
         if self._shutting_down:
-            protocol.reject(503, body=b"server shutting down\n")
+            protocol.respond(503, body=b"server shutting down\n")
             return
-        protocol.accept()
+        request = protocol.request
+        if self.origins is not None and request.headers.get("Origin") not in self.origins:
+            # The defence against cross-site WebSocket hijacking: browsers
+            # always send Origin, and a page elsewhere cannot forge it.
+            protocol.handshake_error = HandshakeError(403, "origin not allowed")
+            protocol.respond(403, body=b"origin not allowed\n")
+            return
+        subprotocol = self._choose_subprotocol(connection, request)
+        if subprotocol is False:
+            return
+        headers = self.response_headers
+        if self._on_handshake is not None:
+            try:
+                response = self._on_handshake(connection)
+            except Exception:
+                logger.exception("connection %d: error in on_handshake", connection.id)
+                response = Response(500, "internal error\n")
+            if response is not None:
+                if response.status != 101:
+                    protocol.handshake_error = HandshakeError(response.status, "refused by on_handshake")
+                    protocol.respond(response.status, response.headers, response.body)
+                    return
+                headers = headers + response.headers
+        protocol.accept(headers, subprotocol)
         if connection._open_timer is not None:
             connection._open_timer.cancel()
             connection._open_timer = None
@@ -2107,6 +2266,41 @@ class Server:
                 self._on_connect(connection)
             except Exception:
                 connection._handler_failed("on_connect")
+
+    def _choose_subprotocol(self, connection: Connection, request: Request):
+        """The subprotocol to answer with: a name, None, or False after a 500."""
+        offered = [token.strip() for token in ",".join(request.headers.get_all("Sec-WebSocket-Protocol")).split(",")]
+        offered = [token for token in offered if token]
+        if not offered:
+            return None
+        if self.select_subprotocol is not None:
+            try:
+                chosen = self.select_subprotocol(connection, offered)
+            except Exception:
+                logger.exception("connection %d: error in select_subprotocol", connection.id)
+                connection._protocol.respond(500, body=b"internal error\n")
+                return False
+            # RFC 6455 4.2.2: only a subprotocol the client offered may be named.
+            return chosen if chosen in offered else None
+        for name in offered:  # the client lists them in its order of preference
+            if name in self.subprotocols:
+                return name
+        return None
+
+    def _on_http_request(self, connection: Connection) -> None:
+        """A plain HTTP GET: the health check, a page, or 426."""
+        protocol = connection._protocol
+        path = protocol.request.path
+        if self.health_path is not None and path == self.health_path:
+            if self._shutting_down:
+                protocol.respond(503, body=b"shutting down\n")
+            else:
+                protocol.respond(200, body=b"ok\n")
+        elif path in self.pages:
+            content_type, body = self.pages[path]
+            protocol.respond(200, [("Content-Type", content_type), ("Cache-Control", "no-store")], body)
+        else:
+            protocol.respond(*_plain_http_refusal())
 
     def _report_closed(self, connection: Connection) -> None:
         """The connection will carry no more messages: tell the handler, once."""
@@ -2157,7 +2351,7 @@ class Server:
         for connection in list(self._all):
             protocol = connection._protocol
             if protocol.state is _CONNECTING:
-                protocol.reject(503, body=b"server shutting down\n")
+                protocol.respond(503, body=b"server shutting down\n")
                 connection._schedule_flush()
             elif protocol.state is _OPEN:
                 connection.close(CloseCode.GOING_AWAY, "server shutting down")
@@ -2238,6 +2432,52 @@ def _install_signal_handlers(server: Server) -> None:
 # =============================================================================
 
 
+_DEMO_PAGE = """<!doctype html>
+<html lang="en">
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>wsloop {{MODE}}</title>
+<style>
+  body { font: 16px/1.4 system-ui, sans-serif; max-width: 40rem; margin: 2rem auto; padding: 0 1rem; }
+  #log { border: 1px solid #ccc; min-height: 10rem; padding: .5rem; white-space: pre-wrap; }
+  #log div.in::before { content: "< "; color: #080; }
+  #log div.out::before { content: "> "; color: #00c; }
+  form { display: flex; gap: .5rem; margin-top: .5rem; }
+  #message { flex: 1; }
+</style>
+<h1>wsloop {{MODE}}</h1>
+<p>Status: <span id="status">connecting</span></p>
+<div id="log"></div>
+<form id="form"><input id="message" autocomplete="off" placeholder="Type a message" autofocus>
+<button id="send">Send</button></form>
+<script>
+  const log = document.getElementById("log");
+  const status = document.getElementById("status");
+  const input = document.getElementById("message");
+  const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/";
+  const ws = new WebSocket(url);
+  function show(text, kind) {
+    const line = document.createElement("div");
+    line.className = kind;
+    line.textContent = text;
+    log.appendChild(line);
+  }
+  ws.onopen = () => { status.textContent = "connected"; };
+  ws.onclose = (event) => { status.textContent = "closed (" + event.code + ")"; };
+  ws.onmessage = (event) => show(event.data, "in");
+  document.getElementById("form").onsubmit = (event) => {
+    event.preventDefault();
+    if (ws.readyState === WebSocket.OPEN && input.value) {
+      ws.send(input.value);
+      show(input.value, "out");
+      input.value = "";
+    }
+  };
+</script>
+</html>
+"""
+
+
 class _UsageError(Exception):
     pass
 
@@ -2291,6 +2531,11 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ping-interval", type=_seconds, default=DEFAULT_PING_INTERVAL, help="seconds between keepalive pings (default 20; 'none' disables)")
     parser.add_argument("--ping-timeout", type=_seconds, default=DEFAULT_PING_TIMEOUT, help="seconds to wait for a pong (default 20)")
     parser.add_argument("--max-pending-output", type=_size, default=DEFAULT_MAX_PENDING_OUTPUT, help="output backlog that closes a slow client with 1008 (default 4M)")
+    parser.add_argument("--certfile", help="serve wss:// with this certificate chain (PEM)")
+    parser.add_argument("--keyfile", help="the certificate's private key (PEM), if not in --certfile")
+    parser.add_argument("--origin", action="append", metavar="ORIGIN", help="allow browsers from this Origin only (repeatable; others get 403)")
+    parser.add_argument("--allow-no-origin", action="store_true", help="with --origin: also accept requests without an Origin header")
+    parser.add_argument("--health-path", default="/healthz", help="plain HTTP health check path (default /healthz; 'none' disables)")
     parser.add_argument("--no-compression", action="store_true", help="decline permessage-deflate")
     parser.add_argument("--compression-window-bits", type=int, default=12, metavar="BITS", help="server compression window, 9-15 (default 12)")
     parser.add_argument("--compression-no-context-takeover", action="store_true", help="compress each message on its own (less memory per connection)")
@@ -2348,6 +2593,10 @@ def _main(argv: Optional[List[str]] = None) -> int:
         if args.max_fragments is not None and args.max_fragments < 1:
             raise _UsageError("--max-fragments must be at least 1")
         handler = Chat() if args.broadcast else (_load_app(args.app) if args.app else Echo())
+        if args.keyfile and not args.certfile:
+            raise _UsageError("--keyfile needs --certfile")
+        if args.allow_no_origin and not args.origin:
+            raise _UsageError("--allow-no-origin goes with --origin")
         if not 9 <= args.compression_window_bits <= 15:
             raise _UsageError("--compression-window-bits must be 9-15")
         compression: Union[bool, Deflate] = False
@@ -2364,6 +2613,22 @@ def _main(argv: Optional[List[str]] = None) -> int:
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(message)s",
     )
+    ssl_context = None
+    if args.certfile:
+        ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ssl_context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ssl_context.load_cert_chain(args.certfile, args.keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            why = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+            print("wsloop: error: cannot load certificate %s: %s" % (args.certfile, why), file=sys.stderr)
+            return 2
+    origins = None
+    if args.origin:
+        origins = list(args.origin) + ([None] if args.allow_no_origin else [])
+    pages = {}
+    if not args.app:
+        pages["/"] = ("text/html; charset=utf-8", _DEMO_PAGE.replace("{{MODE}}", "chat" if args.broadcast else "echo").encode())
     _raise_fd_limit()
     try:
         server = Server(
@@ -2378,6 +2643,10 @@ def _main(argv: Optional[List[str]] = None) -> int:
             ping_timeout=args.ping_timeout,
             max_pending_output=args.max_pending_output,
             compression=compression,
+            ssl_context=ssl_context,
+            origins=origins,
+            health_path=None if args.health_path.lower() == "none" else args.health_path,
+            pages=pages,
         )
     except OSError as exc:
         print(

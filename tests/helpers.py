@@ -95,9 +95,11 @@ def parse_server_frames(data):
 class Client:
     """A blocking WebSocket client on a real socket, for loopback tests."""
 
-    def __init__(self, port, path="/", headers=None, host="127.0.0.1", timeout=5.0, handshake=True):
+    def __init__(self, port, path="/", headers=None, host="127.0.0.1", timeout=5.0, handshake=True, ssl_context=None):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ssl_context is not None:
+            self.sock = ssl_context.wrap_socket(self.sock, server_hostname=host)
         self.buffer = b""
         self.response_head = None
         if handshake:
@@ -112,7 +114,7 @@ class Client:
                 raise EOFError("closed before response head: %r" % self.buffer)
             self.buffer += chunk
         head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
-        return head
+        return head + b"\r\n"  # every header line ends with CRLF
 
     def read_http_response(self):
         """Read a whole HTTP error response (the server closes after it)."""

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from helpers import Client
+from helpers import Client, request_bytes
 
 COMMAND = [sys.executable, "-m", "wsloop"]
 
@@ -180,3 +180,50 @@ def test_console_script_is_installed():
     script = os.path.join(os.path.dirname(sys.executable), "wsloop")
     result = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and result.stdout.startswith("wsloop ")
+
+
+def test_missing_certificate_is_one_line(tmp_path):
+    result = run_cli("--certfile", str(tmp_path / "nope.pem"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wsloop: error: cannot load certificate")
+
+
+def test_unreadable_certificate_is_one_line(tmp_path):
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    result = run_cli("--certfile", str(bad))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_wss_health_and_origin_flags(cli_server, tmp_path):
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    server = cli_server("--certfile", str(tmp_path / "cert.pem"), "--keyfile", str(tmp_path / "key.pem"),
+                        "--origin", "https://ok.example")
+    client = Client(server.port, ssl_context=client_context, headers={"Origin": "https://ok.example"})
+    client.send_text("secure")
+    assert client.recv_message() == "secure"
+    refused = Client(server.port, ssl_context=client_context, handshake=False)
+    refused.sock.sendall(request_bytes(headers={"Origin": "https://evil.example"}))
+    assert refused.read_http_response()[0] == 403
+    health = Client(server.port, ssl_context=client_context, handshake=False)
+    health.sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert health.read_http_response()[0::2] == (200, b"ok\n")
+
+
+def test_demo_page_is_served_at_the_root(cli_server):
+    server = cli_server()
+    page = Client(server.port, handshake=False)
+    page.sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, head, body = page.read_http_response()
+    assert status == 200 and "text/html" in head and b"new WebSocket(" in body

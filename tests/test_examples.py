@@ -26,6 +26,10 @@ def test_readme_shows_the_greeter_example_verbatim():
     assert "```python\n" + read("examples", "greeter.py") + "```" in read("README.md")
 
 
+def test_readme_shows_the_token_auth_example_verbatim():
+    assert "```python\n" + read("examples", "token_auth.py") + "```" in read("README.md")
+
+
 def test_greeter_example_runs(tmp_path):
     port = free_port()
     source = read("examples", "greeter.py").replace("port=8765", "port=%d" % port)

@@ -33,11 +33,13 @@ def test_valid_request_yields_request_and_101_on_accept():
     assert (request.method, request.path, request.query) == ("GET", "/chat", "room=1")
     assert request.headers.get("x-custom") == "yes"
     assert protocol.state is wsloop.State.CONNECTING
-    protocol.accept([("Set-Cookie", "a=b")])
+    protocol.accept([("Set-Cookie", "a=b")], subprotocol="chat")
     response = protocol.data_to_send()
     assert response.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
     assert b"\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in response
     assert b"\r\nSet-Cookie: a=b\r\n" in response
+    assert b"\r\nSec-WebSocket-Protocol: chat\r\n" in response
+    assert protocol.subprotocol == "chat"
     assert response.endswith(b"\r\n\r\n")
     assert protocol.state is wsloop.State.OPEN
 
@@ -71,7 +73,6 @@ def test_connection_header_is_a_token_list_in_any_case():
         (request_bytes(version="HTTP/1.1 extra"), 400),
         (request_bytes(omit=["Host"]), 400),
         (request_bytes(headers={"Upgrade": "h2c"}), 400),
-        (request_bytes(omit=["Upgrade"]), 426),
         (request_bytes(omit=["Connection"]), 400),
         (request_bytes(headers={"Connection": "keep-alive"}), 400),
         (request_bytes(headers={"Sec-WebSocket-Version": "8"}), 426),
@@ -98,12 +99,17 @@ def test_bad_requests_get_the_right_status(data, status):
     assert protocol.handshake_error.status == status
 
 
-def test_426_for_plain_http_explains_itself():
-    protocol, _ = feed(b"GET / HTTP/1.1\r\nHost: example\r\n\r\n")
-    response = bytes(protocol.outgoing)
-    assert response.startswith(b"HTTP/1.1 426 ")
-    assert b"\r\nUpgrade: websocket\r\n" in response
-    assert b"connect to it with a WebSocket client" in response
+def test_plain_http_get_is_an_event_the_application_answers():
+    protocol, events = feed(b"GET /page?x=1 HTTP/1.1\r\nHost: example\r\n\r\n")
+    assert [kind for kind, _ in events] == [wsloop.Event.HTTP_REQUEST]
+    assert events[0][1].path == "/page"
+    with pytest.raises(RuntimeError):
+        protocol.accept()  # not an upgrade: nothing to accept
+    protocol.respond(200, [("Content-Type", "text/html")], b"<p>hi</p>")
+    response = protocol.data_to_send()
+    assert response.startswith(b"HTTP/1.1 200 OK\r\n") and response.endswith(b"\r\n\r\n<p>hi</p>")
+    assert b"\r\nContent-Length: 9\r\n" in response
+    assert protocol.state is wsloop.State.CLOSED
 
 
 def test_426_for_wrong_version_names_13():
