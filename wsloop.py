@@ -434,6 +434,7 @@ def _parse_request_head(buffer: bytearray) -> Optional[Tuple[Request, int]]:
     if len(parts) != 3 or not _is_token(parts[0]) or not parts[1]:
         raise HandshakeError(400, "malformed request line")
     method, target, version_text = (part.decode("ascii") for part in parts)
+    method = sys.intern(method)  # one "GET" for all connections
     version = _parse_http_version(version_text)
     if len(lines) - 1 > MAX_HEADERS:
         raise HandshakeError(431, "too many headers")
@@ -460,7 +461,12 @@ def _split_header_block(block: bytes) -> List[Tuple[str, str]]:
     return fields
 
 
+_HTTP_11 = (1, 1)
+
+
 def _parse_http_version(text: str) -> Tuple[int, int]:
+    if text == "HTTP/1.1":
+        return _HTTP_11  # shared: every connection keeps its request
     if len(text) != 8 or not text.startswith("HTTP/") or text[6] != ".":
         raise HandshakeError(400, "malformed HTTP version")
     major, minor = text[5], text[7]
@@ -1757,9 +1763,7 @@ class Connection:
             events |= selectors.EVENT_WRITE
         if not events:
             events = selectors.EVENT_READ  # TLS waiting to read before writing
-        if events != self._events:
-            self._events = events
-            self._loop.selector.modify(self._sock, events, self)
+        self._set_events(events)
 
     def _shut_write(self) -> None:
         """All is sent after the close: end TCP (RFC 6455 7.1.1, server first)."""
@@ -1780,7 +1784,11 @@ class Connection:
             self._close_socket()
             return
         if self._close_timer is None:
-            self._start_close_timer()
+            # Bounded even with close_timeout=None: this peer owes us nothing.
+            timeout = self.server.close_timeout
+            self._close_timer = self._loop.call_later(
+                timeout if timeout is not None else DEFAULT_CLOSE_TIMEOUT, self._on_close_timeout
+            )
 
     # -- input ----------------------------------------------------------------
 
