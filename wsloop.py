@@ -1,4 +1,4 @@
-"""wsloop: a single-file, dependency-free WebSocket server (RFC 6455).
+"""wsloop: a single-file, dependency-free WebSocket server (RFC 6455, RFC 7692).
 
 One thread multiplexes every socket with :mod:`selectors`.  Each connection is
 a small state machine fed by incremental byte buffers, so frames may arrive
@@ -40,9 +40,14 @@ Limits and their defaults (all configurable on :class:`Server` and the CLI)
   (see :class:`Deflate`); inflated messages obey ``max_size`` too.
 - Request head: lines of 8 KiB at most, 128 headers, 64 KiB in all.
 
+Also: wss:// with an ``ssl.SSLContext`` (the TLS handshake runs in the loop),
+a handshake hook (``Handler.on_handshake``), an Origin allow-list,
+subprotocols, and plain HTTP answers on the same port (a health check, pages).
+
 The file is layered top to bottom, each section using only those above it:
-constants, exceptions, helpers, the HTTP handshake, the frame codec, the
-socket-free protocol, the selectors loop, the public API and the CLI.
+constants, exceptions, helpers, the HTTP handshake, permessage-deflate, the
+frame codec, the socket-free protocol, the selectors loop, the public API and
+the CLI.
 """
 
 from __future__ import annotations
@@ -869,9 +874,11 @@ def _parse_close_payload(payload: bytes) -> Tuple[int, str]:
 #        +--respond()/error---+--peer's close-----+--protocol error----> CLOSED
 #
 # In CONNECTING the bytes go to the HTTP request parser; once a request head
-# is complete a REQUEST event is returned and the application answers with
-# accept() or respond().  Bytes that came after the head stay buffered and are
-# parsed as frames after accept().
+# is complete, a REQUEST event (a valid upgrade: answer with accept() or
+# respond()) or an HTTP_REQUEST event (a plain GET: answer with respond()) is
+# yielded; anything else is answered with its error status right away.
+# Bytes that came after the head stay buffered and are parsed as frames
+# after accept().
 #
 # In OPEN and CLOSING the bytes go to the frame parser.  Data frame payloads
 # are consumed as they arrive (unmasked, UTF-8-checked, appended to the

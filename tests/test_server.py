@@ -375,3 +375,11 @@ def test_more_than_1024_connections():
         finally:
             for client in clients:
                 client.shutdown()
+
+
+def test_dual_stack_host_serves_ipv6_and_ipv4():
+    with running_server(host="::") as server:
+        for host in ("::1", "127.0.0.1"):
+            client = Client(server.port, host=host)
+            client.send_text("via " + host)
+            assert client.recv_message() == "via " + host
