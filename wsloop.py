@@ -1366,20 +1366,24 @@ class Protocol:
 class _Timer:
     """A callback due at ``when`` on the loop's clock; cancel() is O(1)."""
 
-    __slots__ = ("when", "callback", "args")
+    __slots__ = ("when", "callback", "args", "loop")
 
-    def __init__(self, when: float, callback: Callable, args: tuple):
+    def __init__(self, when: float, callback: Callable, args: tuple, loop: "_EventLoop"):
         self.when = when
         self.callback: Optional[Callable] = callback
         self.args = args
+        self.loop: Optional[_EventLoop] = loop
 
     def __lt__(self, other: "_Timer") -> bool:
         return self.when < other.when
 
     def cancel(self) -> None:
-        # Left in the heap and skipped when due: cheaper than removing it.
-        self.callback = None
-        self.args = ()
+        # Left in the heap and skipped when due: cheaper than removing it;
+        # the loop compacts the heap when most of it is cancelled.
+        if self.callback is not None:
+            self.callback = None
+            self.args = ()
+            self.loop._cancelled_timers += 1
 
 
 class _EventLoop:
@@ -1392,6 +1396,7 @@ class _EventLoop:
     def __init__(self) -> None:
         self.selector = selectors.DefaultSelector()
         self._timers: List[_Timer] = []
+        self._cancelled_timers = 0
         self._ready: collections.deque = collections.deque()
         self._flush_queue: list = []
         # One receive buffer for every connection: the loop reads one socket
@@ -1410,8 +1415,16 @@ class _EventLoop:
         return self._thread_id == threading.get_ident()
 
     def call_later(self, delay: float, callback: Callable, *args: Any) -> _Timer:
-        timer = _Timer(time.monotonic() + delay, callback, args)
-        heapq.heappush(self._timers, timer)
+        timer = _Timer(time.monotonic() + delay, callback, args, self)
+        timers = self._timers
+        if self._cancelled_timers > 64 and self._cancelled_timers * 2 > len(timers):
+            # Most of the heap is dead weight (every handshake cancels its
+            # open timeout): drop the cancelled timers rather than keep them
+            # until their deadlines.
+            timers[:] = [entry for entry in timers if entry.callback is not None]
+            heapq.heapify(timers)
+            self._cancelled_timers = 0
+        heapq.heappush(timers, timer)
         return timer
 
     def call_soon_threadsafe(self, callback: Callable, *args: Any) -> None:
@@ -1471,7 +1484,9 @@ class _EventLoop:
         while timers and timers[0].when <= now:
             timer = heapq.heappop(timers)
             callback = timer.callback
-            if callback is not None:
+            if callback is None:
+                self._cancelled_timers -= 1
+            else:
                 timer.callback = None
                 self._run_callback(callback, timer.args)
 

@@ -383,3 +383,15 @@ def test_dual_stack_host_serves_ipv6_and_ipv4():
             client = Client(server.port, host=host)
             client.send_text("via " + host)
             assert client.recv_message() == "via " + host
+
+
+def test_cancelled_timers_do_not_pile_up_in_the_heap():
+    loop = wsloop._EventLoop()
+    try:
+        for _ in range(1000):
+            loop.call_later(60, print).cancel()  # as every completed handshake does
+        assert len(loop._timers) <= 2 * 64 + 2
+        live = loop.call_later(60, print)
+        assert live in loop._timers and live.callback is print
+    finally:
+        loop.close()
