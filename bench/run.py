@@ -26,13 +26,25 @@ ROOT = os.path.dirname(HERE)
 PYTHON = sys.executable
 TASKSET = shutil.which("taskset")
 
-SERVERS = {
-    "wsloop": lambda port, mode: [
+def wsloop_command(port, mode):
+    return [
         PYTHON, os.path.join(ROOT, "wsloop.py"), "--port", str(port), "--max-size", "64M",
         "--ping-interval", "none", "--no-compression", "--log-level", "warning",
         "--max-pending-output", "1G",
-    ] + (["--broadcast"] if mode == "broadcast" else []),
-    "websockets": lambda port, mode: [PYTHON, os.path.join(HERE, "websockets_server.py"), str(port), mode],
+    ] + (["--broadcast"] if mode == "broadcast" else [])
+
+
+def speedups_built():
+    """Whether `python wsloop.py` finds the optional C helper (built in place with
+    `python setup.py build_ext --inplace`)."""
+    check = "import sys, wsloop; sys.exit(0 if wsloop.ACCELERATED else 1)"
+    return subprocess.run([PYTHON, "-c", check], cwd=ROOT, env=dict(os.environ, WSLOOP_NO_SPEEDUPS="")).returncode == 0
+
+
+# name: (command, extra environment); "wsloop" is always the pure-Python path.
+SERVERS = {
+    "wsloop": (wsloop_command, {"WSLOOP_NO_SPEEDUPS": "1"}),
+    "websockets": (lambda port, mode: [PYTHON, os.path.join(HERE, "websockets_server.py"), str(port), mode], {}),
 }
 
 # name: (client scenario, server mode, client arguments, figure, unit)
@@ -74,7 +86,11 @@ def rss_kib(pid):
 
 def start_server(name, mode):
     port = free_port()
-    process = subprocess.Popen(pinned(0, SERVERS[name](port, mode)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command, extra_env = SERVERS[name]
+    env = dict(os.environ, WSLOOP_NO_SPEEDUPS="")
+    env.update(extra_env)
+    process = subprocess.Popen(pinned(0, command(port, mode)), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 20
     while True:  # until it listens
         try:
@@ -125,6 +141,10 @@ def main():
     if unknown:
         parser.error("unknown scenario(s): %s" % ", ".join(sorted(unknown)))
     args.scenarios = args.scenarios or list(SCENARIOS)
+    if speedups_built():
+        SERVERS["wsloop+C"] = (wsloop_command, {})
+    variants = [name for name in SERVERS if name.startswith("wsloop")]
+    print("wsloop variants: %s (pure Python%s)" % (", ".join(variants), "; +C: the optional unmask helper" if len(variants) > 1 else "; build the C helper with `python setup.py build_ext --inplace` to add wsloop+C"))
     print("python %s, %d CPUs, taskset %s" % (sys.version.split()[0], os.cpu_count(), "yes" if TASKSET else "no"))
     rows = []
     for scenario in args.scenarios:
@@ -137,20 +157,23 @@ def main():
                 results[name].append(result[figure])
                 cpu[name].append(result.get("client_cpu", float("nan")))
         medians = {name: statistics.median(values) for name, values in results.items()}
-        ratio = medians["wsloop"] / medians["websockets"]
         print("\n%s: %s (%s)" % (scenario, DESCRIPTIONS[scenario], unit))
         for name in SERVERS:
             values = results[name]
             print("  %-10s median %12.1f  min-max %.1f-%.1f  client CPU %s" % (
                 name, medians[name], min(values), max(values),
                 "%.0f%%" % (100 * max(cpu[name])) if cpu[name][0] == cpu[name][0] else "n/a"))
-        lower_is_better = scenario == "idle"
-        print("  ratio wsloop/websockets: %.2fx%s" % (ratio, " (lower is better)" if lower_is_better else ""))
-        rows.append((scenario, medians["websockets"], medians["wsloop"], ratio, unit))
-    print("\n| scenario | websockets | wsloop | wsloop / websockets |")
-    print("|---|---|---|---|")
-    for scenario, theirs, ours, ratio, unit in rows:
-        print("| %s | %.1f %s | %.1f %s | %.2fx |" % (DESCRIPTIONS[scenario], theirs, unit, ours, unit, ratio))
+        note = " (lower is better)" if scenario == "idle" else ""
+        for name in variants:
+            print("  ratio %s/websockets: %.2fx%s" % (name, medians[name] / medians["websockets"], note))
+        rows.append((scenario, unit, medians))
+    print("\n| scenario | websockets | %s | %s |" % (" | ".join(variants), " | ".join("%s / websockets" % name for name in variants)))
+    print("|---|---|%s" % ("---|" * 2 * len(variants)))
+    for scenario, unit, medians in rows:
+        print("| %s | %.1f %s | %s | %s |" % (
+            DESCRIPTIONS[scenario], medians["websockets"], unit,
+            " | ".join("%.1f %s" % (medians[name], unit) for name in variants),
+            " | ".join("%.2fx" % (medians[name] / medians["websockets"]) for name in variants)))
 
 
 if __name__ == "__main__":

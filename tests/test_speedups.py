@@ -1,0 +1,26 @@
+"""The optional C unmask and the pure-Python one give the same bytes."""
+
+import os
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+import wsloop
+
+
+@given(data=st.binary(max_size=5000), mask=st.binary(min_size=4, max_size=4))
+def test_active_unmask_matches_the_pure_python_one_and_the_definition(data, mask):
+    expected = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+    assert wsloop._unmask_python(data, mask) == expected
+    assert wsloop._unmask(data, mask) == expected
+    assert wsloop._unmask(bytearray(data), bytearray(mask)) == expected  # as the parser calls it
+
+
+def test_the_accelerator_is_what_the_environment_says():
+    # tox sets the expectation: built (pip compiles it) in the usual envs,
+    # refused with WSLOOP_NO_SPEEDUPS=1 in the "pure" env.
+    expected = os.environ.get("WSLOOP_EXPECT_SPEEDUPS")
+    assert expected in ("0", "1"), "run through tox, which states whether the C helper is expected"
+    assert wsloop.ACCELERATED is (expected == "1")
+    if wsloop.ACCELERATED:
+        assert wsloop._unmask is not wsloop._unmask_python
