@@ -957,6 +957,7 @@ class Protocol:
         "_compression",
         "_negotiated",
         "_buffer",
+        "_unbuffered",
         "_frame_remaining",
         "_frame_mask",
         "_frame_offset",
@@ -999,6 +1000,7 @@ class Protocol:
         self._negotiated: Optional[Tuple[str, _PerMessageDeflate]] = None
         self.extension: Optional[_PerMessageDeflate] = None
         self._buffer = bytearray()
+        self._unbuffered = None  # bytes received but not copied (see receive_data)
         # The frame whose payload is being consumed.
         self._in_payload = False
         self._frame_remaining = 0
@@ -1027,9 +1029,22 @@ class Protocol:
     # -- input ----------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
-        """Take bytes from the peer; :meth:`events` then returns what they complete."""
-        if self.state is not _CLOSED:
+        """Take bytes from the peer; :meth:`events` then returns what they complete.
+
+        ``data`` is not copied when nothing is buffered: :meth:`events` parses
+        it where it lies and keeps a copy of what is left over.  So a caller
+        that reuses its buffer must run :meth:`events` before it does.
+        """
+        if self.state is _CLOSED:
+            return
+        if self._unbuffered is not None:
+            # Two receives before events(): keep the first one's bytes.
+            self._buffer += self._unbuffered
+            self._unbuffered = None
+        if self._buffer or self.state is _CONNECTING:
             self._buffer += data
+        else:
+            self._unbuffered = data
 
     def events(self) -> Iterator[Tuple[Event, Any]]:
         """Yield the events in the bytes received so far, one at a time.
@@ -1046,7 +1061,12 @@ class Protocol:
                     yield (Event.REQUEST if self.is_upgrade else Event.HTTP_REQUEST, request)
             if self.state is _CONNECTING:
                 return  # not accepted (yet): keep the bytes for later
-        buffer = self._buffer
+        buffer = self._unbuffered
+        in_place = buffer is not None
+        if in_place:
+            self._unbuffered = None
+        else:
+            buffer = self._buffer
         end = len(buffer)
         position = 0
         try:
@@ -1134,7 +1154,10 @@ class Protocol:
             self._fail(exc.code, exc.reason)
         finally:
             if self.state is _CLOSED:
-                buffer.clear()
+                self._buffer.clear()
+            elif in_place:
+                if position < end:
+                    self._buffer += buffer[position:end]  # the caller may reuse its buffer
             elif position:
                 del buffer[:position]
 
@@ -2047,7 +2070,7 @@ class Server:
     ``select_subprotocol(conn, offered)`` decides; ``response_headers`` go on
     every 101; a handler's ``on_handshake(conn)`` may refuse with a
     :class:`Response`.  Plain HTTP GETs: ``health_path`` (e.g. "/healthz")
-    answers 200, or 503 while shutting down; ``pages`` maps paths to
+    answers 200 (once shutdown begins, requests in progress get 503); ``pages`` maps paths to
     ``(content_type, body)``; anything else gets 426.
 
     >>> server = Server(Echo(), port=0)
@@ -2340,10 +2363,9 @@ class Server:
         protocol = connection._protocol
         path = protocol.request.path
         if self.health_path is not None and path == self.health_path:
-            if self._shutting_down:
-                protocol.respond(503, body=b"shutting down\n")
-            else:
-                protocol.respond(200, body=b"ok\n")
+            # Once shutdown begins every request in progress is answered 503
+            # (see _begin_shutdown) and no new connection is accepted.
+            protocol.respond(200, body=b"ok\n")
         elif path in self.pages:
             content_type, body = self.pages[path]
             protocol.respond(200, [("Content-Type", content_type), ("Cache-Control", "no-store")], body)

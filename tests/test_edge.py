@@ -216,11 +216,18 @@ def test_health_check_says_503_during_shutdown():
     thread = threading.Thread(target=server.serve_forever)
     thread.start()
     try:
-        assert http_get(server.port, "/healthz")[0] == 200
-        waiting = Client(server.port, handshake=False)  # connected before the shutdown
+        waiting = Client(server.port, handshake=False)
+        waiting.sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # and the rest later
+        # The backlog is FIFO: once a later client is answered, "waiting" was accepted.
+        assert http_get(server.port, "/healthz")[0::2] == (200, b"ok\n")
         server.shutdown()
-        waiting.sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        began = threading.Event()
+        server.call_soon_threadsafe(began.set)  # runs after the shutdown began
+        assert began.wait(5)
+        waiting.sock.sendall(b"Host: x\r\n\r\n")
         assert waiting.read_http_response()[0] == 503
+        with pytest.raises(OSError):  # and the port no longer accepts
+            socket.create_connection(("127.0.0.1", server.port), timeout=1).recv(1)
     finally:
         server.shutdown()
         thread.join(10)

@@ -317,9 +317,10 @@ def test_shutdown_closes_with_1001_and_answers_pending_handshakes_with_503():
     thread = threading.Thread(target=server.serve_forever)
     thread.start()
     try:
-        clients = [Client(server.port) for _ in range(3)]
         half = Client(server.port, handshake=False)
         half.sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        # The backlog is FIFO: once these complete their handshakes, "half" was accepted.
+        clients = [Client(server.port) for _ in range(3)]
         assert len(server.connections) == 3  # the 101 is sent after the server registers it
         server.shutdown()
         for client in clients:
