@@ -255,8 +255,11 @@ def test_rsv1_without_negotiation_is_1002():
 # -- over sockets ----------------------------------------------------------------
 
 
-def test_echo_and_broadcast_over_the_wire_share_frames_where_they_can():
+def test_echo_and_broadcast_over_the_wire_share_frames_where_they_can(monkeypatch):
     offer_shared = "permessage-deflate; server_no_context_takeover"
+    compressions = []
+    real = wsloop._encode_compressed
+    monkeypatch.setattr(wsloop, "_encode_compressed", lambda m, e: compressions.append(m) or real(m, e))
     with running_server(wsloop.Chat()) as server:
         a = Client(server.port, headers={"Sec-WebSocket-Extensions": offer_shared})
         b = Client(server.port, headers={"Sec-WebSocket-Extensions": offer_shared})
@@ -268,8 +271,15 @@ def test_echo_and_broadcast_over_the_wire_share_frames_where_they_can():
             fin, opcode, payload = client.recv_frame()
             assert zlib.decompressobj(wbits=-12).decompress(payload + b"\x00\x00\xff\xff") == message.encode()
         assert c.recv_message() == message
-        conn_a, conn_b, _ = server.connections
-        assert conn_a._protocol.extension.shared_key == conn_b._protocol.extension.shared_key
+        # Two receivers without context, one compressed frame; the third took the plain one.
+        assert compressions == [message]
+        kept = Client(server.port, headers={"Sec-WebSocket-Extensions": "permessage-deflate"})
+        kept2 = Client(server.port, headers={"Sec-WebSocket-Extensions": "permessage-deflate"})
+        del compressions[:]
+        server.broadcast(message)  # queued from this thread; read the copies to know it ran
+        for client in (a, b, kept, kept2):
+            client.recv_frame()
+        assert compressions == [message] * 3  # one shared + one each for those that keep a context
 
 
 def test_compression_bomb_is_closed_with_1009_and_memory_stays_flat():

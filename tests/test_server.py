@@ -396,3 +396,15 @@ def test_cancelled_timers_do_not_pile_up_in_the_heap():
         assert live in loop._timers and live.callback is print
     finally:
         loop.close()
+
+
+def test_drain_after_a_failure_is_bounded_even_without_a_close_timeout(monkeypatch):
+    # With close_timeout=None the drain falls back to the default bound; shortened here.
+    monkeypatch.setattr(wsloop, "DEFAULT_CLOSE_TIMEOUT", 0.3)
+    with running_server(close_timeout=None) as server:
+        client = Client(server.port)
+        client.send_frame(TEXT, "x", masked=False)
+        assert client.expect_close()[0] == 1002
+        started = time.monotonic()
+        assert client.expect_eof()  # we keep our side open; the server gives up
+        assert time.monotonic() - started < 5
