@@ -65,6 +65,7 @@ import errno
 import hashlib
 import heapq
 import importlib
+import inspect
 import logging
 import os
 import selectors
@@ -75,8 +76,9 @@ import struct
 import sys
 import threading
 import time
+import urllib.parse
 import zlib
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 __version__ = "0.1.0"
 __all__ = [
@@ -90,6 +92,7 @@ __all__ = [
     "HandshakeError",
     "Headers",
     "Opcode",
+    "PreparedMessage",
     "Protocol",
     "ProtocolError",
     "Request",
@@ -293,18 +296,26 @@ _HTTP_REASONS = {
 }
 
 
-def _http_response(status: int, headers: Iterable[Tuple[str, str]] = (), body: bytes = b"") -> bytes:
-    """Serialize an HTTP/1.1 response that ends the connection."""
+def _http_response(
+    status: int, headers: Iterable[Tuple[str, str]] = (), body: bytes = b"", head_only: bool = False
+) -> bytes:
+    """Serialize an HTTP/1.1 response that ends the connection (``head_only``:
+    the headers of that response, for a HEAD request)."""
     lines = ["HTTP/1.1 %d %s" % (status, _HTTP_REASONS.get(status, "Unknown"))]
     names = set()
+    connection_tokens = []
     for name, value in headers:
+        if name.lower() == "connection":
+            connection_tokens.append(value)  # merged below: one Connection field
+            continue
         names.add(name.lower())
         lines.append("%s: %s" % (name, value))
     if "content-type" not in names and body:
         lines.append("Content-Type: text/plain; charset=utf-8")
     lines.append("Content-Length: %d" % len(body))
-    lines.append("Connection: close")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    lines.append("Connection: %s" % ", ".join(connection_tokens + ["close"]))
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + body
 
 
 # =============================================================================
@@ -371,6 +382,12 @@ class Request:
         return self.target.partition("?")[2]
 
     @property
+    def query_params(self) -> Dict[str, List[str]]:
+        """Each query parameter's name mapped to the list of its values,
+        percent-decoded (``?a=1&a=2&b`` gives ``{"a": ["1", "2"], "b": [""]}``)."""
+        return urllib.parse.parse_qs(self.query, keep_blank_values=True)
+
+    @property
     def headers(self) -> Headers:
         headers = self._headers
         if headers is None:
@@ -388,12 +405,13 @@ class Response:
     """An HTTP response a handler gives: to refuse a handshake (e.g. 401 or
     403), or, with status 101, to accept it with ``headers`` added."""
 
-    __slots__ = ("status", "headers", "body")
+    __slots__ = ("status", "headers", "body", "_reason")
 
     def __init__(self, status: int, body: Union[bytes, str] = b"", headers: Iterable[Tuple[str, str]] = ()):
         self.status = status
         self.body = body.encode("utf-8") if isinstance(body, str) else bytes(body)
         self.headers = list(headers)
+        self._reason: Optional[str] = None  # for the server's log, not sent
 
     def __repr__(self) -> str:
         return "Response(%d)" % self.status
@@ -470,9 +488,33 @@ def _parse_request_head(buffer: bytearray) -> Optional[Tuple[Request, int]]:
             raise HandshakeError(400, "malformed header line")
         if value.translate(None, _FIELD_VALUE_DELETE):
             raise HandshakeError(400, "control character in header value")
+    if not target.startswith("/"):
+        target = _origin_form(target)
     request = Request(method, target, version, b"\r\n".join(lines[1:]))
     request._cache_headers(True)
     return request, head_length
+
+
+_ABSOLUTE_SCHEMES = ("http://", "https://", "ws://", "wss://")
+
+
+def _origin_form(target: str) -> str:
+    """The path and query of an absolute-form target (RFC 9112 3.2.2: a
+    server MUST accept ``GET ws://host/path``); other targets unchanged."""
+    lowered = target[:8].lower()
+    for scheme in _ABSOLUTE_SCHEMES:
+        if lowered.startswith(scheme):
+            rest = target[len(scheme):]
+            authority_end = len(rest)
+            for separator in "/?#":
+                index = rest.find(separator)
+                if 0 <= index < authority_end:
+                    authority_end = index
+            if not authority_end:
+                raise HandshakeError(400, "absolute request target without a host")
+            path = rest[authority_end:].partition("#")[0]
+            return path if path.startswith("/") else "/" + path
+    return target
 
 
 def _split_header_block(block: bytes) -> List[Tuple[str, str]]:
@@ -508,18 +550,29 @@ def _check_upgrade_request(request: Request) -> bool:
     application may answer; raises :class:`HandshakeError` carrying the
     status to answer with for anything else that is not a valid upgrade.
     """
-    if request.method != "GET":
-        raise HandshakeError(405, "method not allowed", [("Allow", "GET")])
+    if request.method != "GET" and request.method != "HEAD":
+        raise HandshakeError(405, "method not allowed", [("Allow", "GET, HEAD")])
     if request.version < (1, 1):
         raise HandshakeError(505, "HTTP/1.1 or later required")
     if not request.target.startswith("/"):
-        raise HandshakeError(400, "request target must be a path")
+        raise HandshakeError(400, "request target must be a path or an absolute URI")
     headers = request.headers
     if len(headers.get_all("Host")) != 1:
         raise HandshakeError(400, "exactly one Host header required")
+    # RFC 9112 6.3 frames a request by these headers: a body would be read
+    # by us as frames but by an intermediary as part of the request.  A GET
+    # (upgrade or not) has no business carrying one, so refuse rather than
+    # guess where the request ends.
+    if "Transfer-Encoding" in headers:
+        raise HandshakeError(400, "a request with a body (Transfer-Encoding) is not allowed")
+    for value in headers.get_all("Content-Length"):
+        if any(item.strip() != "0" for item in value.split(",")):
+            raise HandshakeError(400, "a request with a body (Content-Length) is not allowed")
     upgrade = headers.get("Upgrade")
     if upgrade is None:
         return False
+    if request.method != "GET":
+        raise HandshakeError(405, "an upgrade must be a GET", [("Allow", "GET")])
     if "websocket" not in _header_tokens(upgrade):
         raise HandshakeError(400, "Upgrade header must name websocket")
     if "upgrade" not in _header_tokens(headers.get("Connection")):
@@ -535,9 +588,62 @@ def _check_upgrade_request(request: Request) -> bool:
     return True
 
 
-def _plain_http_refusal() -> Tuple[int, List[Tuple[str, str]], bytes]:
-    """The answer to a plain HTTP request nothing else serves: 426 (RFC 9110 15.5.22)."""
-    return 426, [("Upgrade", "websocket"), ("Connection", "Upgrade")], _PLAIN_HTTP_BODY
+def _refusal(status: int, reason: str, headers: Iterable[Tuple[str, str]] = ()) -> Response:
+    response = Response(status, reason + "\n", headers)
+    response._reason = reason
+    return response
+
+
+def _answer_request(request: Request, is_upgrade: bool, options: Any, shutting_down: bool) -> Optional[Response]:
+    """The server's policy for a whole, valid request, before any handler runs.
+
+    Returns the :class:`Response` to answer with (and then close), or None
+    for an upgrade that may go on (subprotocol, ``on_handshake``, 101).
+    ``options`` carries ``origins``, ``health_path``, ``pages`` and
+    ``ssl_context``; socket-free, so tested with bytes.
+    """
+    if shutting_down:
+        return _refusal(503, "server shutting down", [("Retry-After", "5")])
+    origins = options.origins
+    if is_upgrade:
+        origin = request.headers.get("Origin")
+        if origins is not None and origin not in origins:
+            # The defence against cross-site WebSocket hijacking: browsers
+            # always send Origin, and a page elsewhere cannot forge it.
+            return _refusal(403, "origin %s not allowed" % (origin or "(none)"))
+        return None
+    path = request.path
+    if options.health_path is not None and path == options.health_path:
+        return Response(200, "ok\n", [("Cache-Control", "no-store")])
+    page = options.pages.get(path)
+    if page is not None:
+        own_origin = ("https://" if options.ssl_context else "http://") + (request.headers.get("Host") or "")
+        if origins is not None and own_origin not in origins:
+            return _refusal(
+                403,
+                "this page's origin %s is not among the allowed origins (--origin), "
+                "so its WebSocket would be refused" % own_origin,
+            )
+        content_type, body = page
+        return Response(200, body, [("Content-Type", content_type), ("Cache-Control", "no-store")])
+    # RFC 9110 15.5.22: 426 names the protocol to upgrade to.
+    response = Response(426, _PLAIN_HTTP_BODY, [("Upgrade", "websocket"), ("Connection", "Upgrade")])
+    response._reason = "not a WebSocket request"
+    return response
+
+
+def _offered_subprotocols(request: Request) -> List[str]:
+    """The subprotocols the client offers, in its order of preference."""
+    values = ",".join(request.headers.get_all("Sec-WebSocket-Protocol"))
+    return [token.strip() for token in values.split(",") if token.strip()]
+
+
+def _default_subprotocol(offered: List[str], supported: List[str]) -> Optional[str]:
+    """The first subprotocol the client offers that the server speaks."""
+    for name in offered:
+        if name in supported:
+            return name
+    return None
 
 
 # =============================================================================
@@ -732,20 +838,30 @@ class _PerMessageDeflate:
     """
 
     __slots__ = ("compress_bits", "inflate_bits", "server_no_context", "client_no_context",
-                 "mem_level", "threshold", "_compressor", "_decompressor")
+                 "mem_level", "threshold", "_compressor", "_decompressor", "_window",
+                 "_stream_ended")
 
     def __init__(self, compress_bits: int, inflate_bits: int, server_no_context: bool,
                  client_no_context: bool, settings: Deflate):
         self.compress_bits = compress_bits
-        self.inflate_bits = inflate_bits
+        # At least 9 bits: zlib-based clients cannot compress with 8 and
+        # use 9 instead; a larger window inflates any smaller one.
+        self.inflate_bits = max(inflate_bits, 9)
         self.server_no_context = server_no_context
         self.client_no_context = client_no_context
         self.mem_level = settings.mem_level
         # zlib cannot compress with a 256-byte window: a client that asks
         # for one gets every message uncompressed, which RFC 7692 allows.
         self.threshold = settings.threshold if compress_bits >= 9 else None
-        self._compressor = None
-        self._decompressor = None
+        self._compressor: Any = None
+        self._decompressor: Any = None
+        # With context takeover, the last window of inflated data: a peer
+        # may end a message's DEFLATE stream with a final block (RFC 7692
+        # 7.2.3.4), after which zlib takes no more input, yet the next
+        # message may refer back into that window (7.2.2).  The new inflater
+        # is primed with it.  None when every message stands alone.
+        self._window: Optional[bytes] = None if client_no_context else b""
+        self._stream_ended = False  # a final block came in this message
 
     @property
     def shared_key(self) -> Optional[Tuple[int, int]]:
@@ -768,13 +884,23 @@ class _PerMessageDeflate:
         # RFC 7692 7.2.1: remove the 4 bytes the sync flush ends with.
         return data[:-4] if data.endswith(_DEFLATE_TAIL) else data
 
+    def _new_decompressor(self) -> Any:
+        if self._window:
+            return zlib.decompressobj(-self.inflate_bits, zdict=self._window)
+        return zlib.decompressobj(-self.inflate_bits)
+
     def decompress(self, data: bytes, message_done: bool, limit: int) -> bytes:
         """Inflate the next piece of a message, never past ``limit`` bytes."""
+        if self._stream_ended:
+            # The stream ended earlier in this message: nothing may follow.
+            if data:
+                raise ProtocolError("data after the end of a compressed stream", CloseCode.INVALID_DATA)
+            if message_done:
+                self._end_message()
+            return b""
         decompressor = self._decompressor
-        if decompressor is None:
-            # At least 9 bits: zlib-based clients cannot compress with 8 and
-            # use 9 instead; a larger window inflates any smaller one.
-            decompressor = self._decompressor = zlib.decompressobj(-max(self.inflate_bits, 9))
+        if decompressor is None or decompressor.eof:
+            decompressor = self._decompressor = self._new_decompressor()
         if message_done:
             data = bytes(data) + _DEFLATE_TAIL  # RFC 7692 7.2.2
         try:
@@ -784,9 +910,25 @@ class _PerMessageDeflate:
             raise ProtocolError("invalid compressed data", CloseCode.INVALID_DATA) from None
         if len(output) > limit:
             raise ProtocolError("message over the size limit once inflated", CloseCode.MESSAGE_TOO_BIG)
-        if message_done and self.client_no_context:
-            self._decompressor = None
+        if decompressor.eof:
+            # A final block: only the tail we appended may follow it.
+            unused = decompressor.unused_data
+            if unused and not (message_done and unused == _DEFLATE_TAIL):
+                raise ProtocolError("data after the end of a compressed stream", CloseCode.INVALID_DATA)
+            self._stream_ended = not message_done
+        window = self._window
+        if window is not None and output:
+            size = 1 << self.inflate_bits
+            tail = output[-size:]
+            self._window = tail if len(tail) == size else (window + tail)[-size:]
+        if message_done:
+            self._end_message()
         return output
+
+    def _end_message(self) -> None:
+        self._stream_ended = False
+        if self.client_no_context:
+            self._decompressor = None
 
 
 # =============================================================================
@@ -906,9 +1048,21 @@ def _parse_close_payload(payload: bytes) -> Tuple[int, str]:
 #
 # Any violation raises ProtocolError inside the parser; events() is the
 # one place that turns it into a close frame with the error's code, after
-# which the protocol is CLOSED and ignores further input.  When `state` is
-# CLOSED and `outgoing` is empty, the I/O layer closes the TCP connection
-# (the server closes first, RFC 6455 section 7.1.1).
+# which the protocol is CLOSED and ignores further input.
+#
+# Every state change goes through _set_state(), receive_eof() included, and
+# entering CLOSED decides how TCP must end once `outgoing` is written
+# (`end_of_output`): CLOSE when both close frames have crossed or the peer
+# is gone (the server closes first, RFC 6455 section 7.1.1); SHUT_WR when we
+# failed the connection or refused the request while the peer may still be
+# sending: closing at once could reset the connection and destroy our answer
+# before it is read, so the I/O layer half-closes and reads until EOF.  The
+# I/O layer only carries this out.
+
+# What the I/O layer does with TCP once the protocol is CLOSED and its
+# output is written (Protocol.end_of_output).
+CLOSE = "close"
+SHUT_WR = "shut_wr"
 
 _TRANSITIONS = {
     State.CONNECTING: (State.OPEN, State.CLOSED),
@@ -951,6 +1105,9 @@ class Protocol:
         "close_code",
         "close_reason",
         "close_sent",
+        "close_sent_reason",
+        "opened",
+        "end_of_output",
         "max_size",
         "max_fragments",
         "extension",
@@ -988,8 +1145,11 @@ class Protocol:
         # the connection ended without one.
         self.close_code: Optional[int] = None
         self.close_reason = ""
-        # The code of the close frame we sent, if any.
+        # The close frame we sent, if any.
         self.close_sent: Optional[int] = None
+        self.close_sent_reason = ""
+        self.opened = False  # the handshake was accepted
+        self.end_of_output: Optional[str] = None  # CLOSE or SHUT_WR once CLOSED
         self.max_size = max_size
         self.max_fragments = (
             max_fragments if max_fragments is not None else _default_max_fragments(max_size)
@@ -1022,9 +1182,16 @@ class Protocol:
     # -- state ----------------------------------------------------------------
 
     def _set_state(self, state: State) -> None:
+        """The one place the state changes (see the theory of operation)."""
         if state not in _TRANSITIONS[self.state]:
             raise RuntimeError("cannot go from %s to %s" % (self.state.name, state.name))
         self.state = state
+        if state is _CLOSED:
+            self._buffer.clear()
+            self._unbuffered = None
+            self._message_data = None
+            peer_done = self.close_code is not None  # its close frame came, or EOF
+            self.end_of_output = CLOSE if peer_done else SHUT_WR
 
     # -- input ----------------------------------------------------------------
 
@@ -1163,11 +1330,12 @@ class Protocol:
 
     def receive_eof(self) -> None:
         """The peer closed its side of TCP (or the connection dropped)."""
-        if self.state is not _CLOSED:
-            self.state = _CLOSED
-            self.outgoing.clear()
         if self.close_code is None:
             self.close_code = CloseCode.ABNORMAL
+        if self.state is not _CLOSED:
+            self.outgoing.clear()  # nobody is left to read it
+            self._set_state(_CLOSED)
+        self.end_of_output = CLOSE
 
     def data_to_send(self) -> bytes:
         """Return and forget everything queued for the peer."""
@@ -1220,6 +1388,7 @@ class Protocol:
         lines.extend("%s: %s" % item for item in headers)
         self.outgoing += ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         request._cache_headers(False)
+        self.opened = True
         self._set_state(_OPEN)
 
     def respond(
@@ -1229,8 +1398,9 @@ class Protocol:
         (an error, or a plain page) and close the connection."""
         if self.state is not _CONNECTING:
             raise RuntimeError("cannot respond in state %s" % self.state.name)
-        self.outgoing += _http_response(status, headers, body)
-        self._buffer.clear()
+        # RFC 9110 9.3.2: HEAD gets the headers GET would, and no body.
+        head_only = self.request is not None and self.request.method == "HEAD"
+        self.outgoing += _http_response(status, headers, body, head_only)
         self._set_state(_CLOSED)
 
     # -- frames ---------------------------------------------------------------
@@ -1350,6 +1520,7 @@ class Protocol:
             reply = None if code == CloseCode.NO_STATUS else code
             self.outgoing += _encode_close(reply)
             self.close_sent = reply if reply is not None else CloseCode.NO_STATUS
+            self.close_sent_reason = ""
         self._set_state(_CLOSED)
         return (Event.CLOSE, (code, reason))
 
@@ -1358,10 +1529,9 @@ class Protocol:
         if self.state is _OPEN:
             self.outgoing += _encode_close(code, reason)
             self.close_sent = code
+            self.close_sent_reason = reason
         if self.state is not _CLOSED:
             self._set_state(_CLOSED)
-        self._buffer.clear()
-        self._message_data = None
 
     # -- output ---------------------------------------------------------------
 
@@ -1396,12 +1566,23 @@ class Protocol:
             return
         self.outgoing += _encode_close(code, reason)
         self.close_sent = code
+        self.close_sent_reason = reason
         self._set_state(_CLOSING)
 
 
 # =============================================================================
-# The loop: one thread, one selector, a timer heap, wake-ups from other threads
+# The loop: one thread, one selector, a timer heap, one door for other threads
 # =============================================================================
+#
+# The thread contract
+# -------------------
+# The loop's thread owns every connection, its protocol, its timers and the
+# server's tables.  Other threads never touch them: they put a callback on
+# the loop's ready queue (call_soon_threadsafe, "the door") and wake the
+# loop.  Every public method of Connection and Server either runs in the
+# loop's thread or, called from another thread, checks its arguments there
+# (so the caller gets its own errors) and goes through the door.  Callbacks
+# queued by one thread run in the order it queued them.
 
 
 class _Timer:
@@ -1409,26 +1590,30 @@ class _Timer:
 
     __slots__ = ("when", "callback", "args", "loop")
 
-    def __init__(self, when: float, callback: Callable, args: tuple, loop: "_EventLoop"):
+    def __init__(self, when: float, callback: Callable[..., Any], args: Tuple[Any, ...], loop: _EventLoop):
         self.when = when
-        self.callback: Optional[Callable] = callback
+        self.callback: Optional[Callable[..., Any]] = callback
         self.args = args
-        self.loop: Optional[_EventLoop] = loop
+        self.loop = loop
 
-    def __lt__(self, other: "_Timer") -> bool:
+    def __lt__(self, other: _Timer) -> bool:
         return self.when < other.when
 
     def cancel(self) -> None:
+        """Stop the callback from running; safe from any thread."""
         # Left in the heap and skipped when due: cheaper than removing it;
-        # the loop compacts the heap when most of it is cancelled.
+        # the loop compacts the heap when most of it is cancelled.  (A
+        # plain assignment, so another thread may do it too; only the count
+        # that drives compaction is kept by the loop's thread.)
         if self.callback is not None:
             self.callback = None
             self.args = ()
-            self.loop._cancelled_timers += 1
+            if self.loop.in_loop_thread:
+                self.loop.cancelled_timers += 1
 
 
 class _EventLoop:
-    """A minimal selectors loop: readiness callbacks, timers, thread wake-ups.
+    """A minimal selectors loop: readiness callbacks, timers, the door.
 
     Objects registered with the selector carry themselves as ``key.data``
     and implement ``_handle_io(mask)``.
@@ -1437,15 +1622,21 @@ class _EventLoop:
     def __init__(self) -> None:
         self.selector = selectors.DefaultSelector()
         self._timers: List[_Timer] = []
-        self._cancelled_timers = 0
-        self._ready: collections.deque = collections.deque()
-        self._flush_queue: list = []
+        self.cancelled_timers = 0
+        # The door: (callback, args) to run on the loop's thread.  deque
+        # appends and pops are atomic, so other threads may append.
+        self._ready: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = collections.deque()
+        self._flush_queue: List[Connection] = []
         # One receive buffer for every connection: the loop reads one socket
         # at a time, and the protocol copies out what it keeps.
         self.receive_buffer = bytearray(RECV_SIZE)
         self.receive_view = memoryview(self.receive_buffer)
         self._stopping = False
-        self._thread_id: Optional[int] = None
+        # The thread that runs (or last ran) the loop: its owner.
+        self.thread_id: Optional[int] = None
+        # True while a wake-up byte is in flight, so a burst of calls from
+        # other threads costs one system call, not one each.
+        self._wake_pending = False
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
@@ -1453,38 +1644,60 @@ class _EventLoop:
 
     @property
     def in_loop_thread(self) -> bool:
-        return self._thread_id == threading.get_ident()
+        return self.thread_id == _get_ident()
 
-    def call_later(self, delay: float, callback: Callable, *args: Any) -> _Timer:
+    def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> _Timer:
+        """Run ``callback(*args)`` in ``delay`` seconds; from any thread."""
         timer = _Timer(time.monotonic() + delay, callback, args, self)
+        if self.in_loop_thread:
+            self._push_timer(timer)
+        else:
+            self.call_soon_threadsafe(self._push_timer, timer)
+        return timer
+
+    def _push_timer(self, timer: _Timer) -> None:
+        if timer.callback is None:
+            return  # cancelled before it crossed the door
         timers = self._timers
-        if self._cancelled_timers > 64 and self._cancelled_timers * 2 > len(timers):
+        if self.cancelled_timers > 64 and self.cancelled_timers * 2 > len(timers):
             # Most of the heap is dead weight (every handshake cancels its
             # open timeout): drop the cancelled timers rather than keep them
             # until their deadlines.
             timers[:] = [entry for entry in timers if entry.callback is not None]
             heapq.heapify(timers)
-            self._cancelled_timers = 0
+            self.cancelled_timers = 0
         heapq.heappush(timers, timer)
-        return timer
 
-    def call_soon_threadsafe(self, callback: Callable, *args: Any) -> None:
+    def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Run ``callback(*args)`` on the next turn (loop thread only)."""
         self._ready.append((callback, args))
+
+    def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> None:
+        """The door: run ``callback(*args)`` on the loop's thread, soon."""
+        self._ready.append((callback, args))
+        # Wake even from the loop's own thread: a signal handler runs there
+        # while select() waits, and select() resumes after it.
         self._wake()
 
-    def schedule_flush(self, connection: "Connection") -> None:
-        """Have ``connection`` write its output once, at the end of this pass."""
+    def schedule_flush(self, connection: Connection) -> None:
+        """Have ``connection`` write its output once, at the end of this turn."""
         self._flush_queue.append(connection)
 
     def _wake(self) -> None:
+        # The flag is cleared by the loop before it runs the ready queue, so
+        # a callback queued while it is set is run by that turn or the next.
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         try:
             self._wake_writer.send(b"\0")
         except (BlockingIOError, InterruptedError):
-            pass  # already awake: the pipe is full of wake-ups
+            pass  # the pipe is full of wake-ups: the loop is awake
         except OSError:
-            pass  # closed during shutdown
+            pass  # closed: the loop is gone
 
     def _handle_io(self, mask: int) -> None:
+        self._wake_pending = False
         try:
             while self._wake_reader.recv(4096):
                 pass
@@ -1496,28 +1709,27 @@ class _EventLoop:
         self._wake()
 
     def run(self) -> None:
-        self._thread_id = threading.get_ident()
+        self.thread_id = _get_ident()
         self._stopping = False
         select = self.selector.select
         timers = self._timers
         ready = self._ready
-        try:
-            while not self._stopping:
-                timeout = None
-                if ready or self._flush_queue:
-                    timeout = 0
-                elif timers:
-                    timeout = max(0.0, timers[0].when - time.monotonic())
-                for key, mask in select(timeout):
-                    key.data._handle_io(mask)
-                if timers:
-                    self._run_timers()
-                while ready:
-                    callback, args = ready.popleft()
-                    self._run_callback(callback, args)
-                self._flush()
-        finally:
-            self._thread_id = None
+        while not self._stopping:
+            timeout = None
+            if ready or self._flush_queue:
+                timeout = 0.0
+            elif timers:
+                timeout = max(0.0, timers[0].when - time.monotonic())
+            for key, mask in select(timeout):
+                key.data._handle_io(mask)
+            if timers:
+                self._run_timers()
+            # What is queued now; what these callbacks queue runs next turn,
+            # so a connection that defers its work cannot hold the loop.
+            for _ in range(len(ready)):
+                callback, args = ready.popleft()
+                self._run_callback(callback, args)
+            self._flush()
 
     def _run_timers(self) -> None:
         timers = self._timers
@@ -1526,12 +1738,13 @@ class _EventLoop:
             timer = heapq.heappop(timers)
             callback = timer.callback
             if callback is None:
-                self._cancelled_timers -= 1
+                if self.cancelled_timers:
+                    self.cancelled_timers -= 1
             else:
                 timer.callback = None
                 self._run_callback(callback, timer.args)
 
-    def _run_callback(self, callback: Callable, args: tuple) -> None:
+    def _run_callback(self, callback: Callable[..., Any], args: Tuple[Any, ...]) -> None:
         try:
             callback(*args)
         except Exception:
@@ -1560,11 +1773,12 @@ class Handler:
     """What a server calls; subclass it and override what you need.
 
     Any object with some of these methods works as a handler.  They run on
-    the server's thread, one at a time: keep them short, and hand slow work
-    to another thread (which may call ``conn.send()`` safely).
+    the server's thread, one at a time, and are plain functions (not
+    ``async def``): keep them short, and hand slow work to a thread of your
+    own, which may call any :class:`Connection` or :class:`Server` method.
     """
 
-    def on_handshake(self, conn: "Connection") -> Optional["Response"]:
+    def on_handshake(self, conn: Connection) -> Optional[Response]:
         """A valid upgrade request arrived (``conn.request``, ``conn.path``,
         ``conn.headers``, ``conn.remote_address``, ``conn.subprotocol`` are
         set): return None to accept it, a :class:`Response` to refuse it
@@ -1572,40 +1786,206 @@ class Handler:
         headers=[...])`` to accept it with headers added (e.g. Set-Cookie)."""
         return None
 
-    def on_connect(self, conn: "Connection") -> None:
+    def on_connect(self, conn: Connection) -> None:
         """A client completed the opening handshake."""
 
-    def on_message(self, conn: "Connection", message: Union[str, bytes]) -> None:
+    def on_message(self, conn: Connection, message: Union[str, bytes]) -> None:
         """A whole message arrived: ``str`` for text, ``bytes`` for binary."""
 
-    def on_close(self, conn: "Connection", code: int, reason: str) -> None:
+    def on_close(self, conn: Connection, code: int, reason: str) -> None:
         """The connection is gone; ``code`` 1006 means it ended without a close frame."""
 
 
 class Echo(Handler):
     """Send every message back to its sender."""
 
-    def on_message(self, conn: "Connection", message: Union[str, bytes]) -> None:
+    def on_message(self, conn: Connection, message: Union[str, bytes]) -> None:
         conn.send(message)
 
 
 class Chat(Handler):
     """Send every message to every open connection (the ``--broadcast`` app)."""
 
-    def on_message(self, conn: "Connection", message: Union[str, bytes]) -> None:
+    def on_message(self, conn: Connection, message: Union[str, bytes]) -> None:
         conn.server.broadcast(message)
+
+
+_HANDLER_METHODS = ("on_handshake", "on_connect", "on_message", "on_close")
+
+
+def _handler_methods(handler: Any) -> Dict[str, Optional[Callable[..., Any]]]:
+    """The handler's methods by name, checked: raises TypeError for what
+    cannot work (a class, an object with no handler method, async def)."""
+    if isinstance(handler, type):
+        raise TypeError("the handler must be an instance, not the class %s" % handler.__name__)
+    methods = {name: getattr(handler, name, None) for name in _HANDLER_METHODS}
+    if not any(methods.values()):
+        if not callable(handler):
+            raise TypeError(
+                "the handler %r has none of %s, and is not an on_message function"
+                % (handler, ", ".join(_HANDLER_METHODS))
+            )
+        methods["on_message"] = handler  # a plain function: on_message(conn, message)
+    for name, method in methods.items():
+        if method is None:
+            continue
+        if not callable(method):
+            raise TypeError("the handler's %s is not callable" % name)
+        if inspect.iscoroutinefunction(method) or inspect.iscoroutinefunction(
+            getattr(method, "__call__", None)
+        ):
+            raise TypeError(
+                "%s is a coroutine function (async def): wsloop's handlers are "
+                "synchronous; use def, and hand slow work to a thread" % name
+            )
+    return methods
+
+
+def _timeout(name: str, value: Optional[float]) -> Optional[float]:
+    if value is not None and not value > 0:
+        raise ValueError("%s must be a positive number of seconds, or None to disable it" % name)
+    return value
+
+
+class _Options:
+    """A server's limits, policy and handler methods, checked once.
+
+    Every connection reads its settings here, and nowhere else.
+    """
+
+    def __init__(
+        self,
+        handler: Any,
+        max_size: int,
+        max_fragments: Optional[int],
+        open_timeout: Optional[float],
+        close_timeout: Optional[float],
+        ping_interval: Optional[float],
+        ping_timeout: Optional[float],
+        write_high_water: int,
+        max_pending_output: int,
+        compression: Union[bool, Deflate, None],
+        ssl_context: Optional[ssl.SSLContext],
+        origins: Optional[Iterable[Optional[str]]],
+        subprotocols: Iterable[str],
+        select_subprotocol: Optional[Callable[[Connection, List[str]], Optional[str]]],
+        response_headers: Iterable[Tuple[str, str]],
+        health_path: Optional[str],
+        pages: Optional[Dict[str, Tuple[str, bytes]]],
+    ):
+        methods = _handler_methods(handler)
+        self.on_handshake = methods["on_handshake"]
+        self.on_connect = methods["on_connect"]
+        self.on_message = methods["on_message"]
+        self.on_close = methods["on_close"]
+        if max_size < 1:
+            raise ValueError("max_size must be at least 1")
+        if max_fragments is not None and max_fragments < 1:
+            raise ValueError("max_fragments must be at least 1")
+        if write_high_water < 1 or max_pending_output < 1:
+            raise ValueError("write_high_water and max_pending_output must be at least 1")
+        self.max_size = max_size
+        self.max_fragments = max_fragments
+        self.open_timeout = _timeout("open_timeout", open_timeout)
+        self.close_timeout = _timeout("close_timeout", close_timeout)
+        self.ping_interval = _timeout("ping_interval", ping_interval)
+        self.ping_timeout = _timeout("ping_timeout", ping_timeout)
+        self.write_high_water = write_high_water
+        self.max_pending_output = max_pending_output
+        if compression is True:
+            compression = Deflate()
+        self.compression: Optional[Deflate] = compression or None
+        self.ssl_context = ssl_context
+        self.origins = None if origins is None else frozenset(origins)
+        self.subprotocols = list(subprotocols)
+        self.select_subprotocol = select_subprotocol
+        self.response_headers = list(response_headers)
+        self.health_path = health_path
+        self.pages = dict(pages or {})
+
+
+class PreparedMessage:
+    """A message framed once to be sent to many connections.
+
+    ``conn.send(prepared)`` takes it like a ``str`` or ``bytes``; its frame
+    is built once for every connection without compression, and compressed
+    once per group of connections that keep no compression context
+    (``server_no_context_takeover``); a connection that keeps one
+    compresses it itself.  :meth:`Server.broadcast` uses one.
+    """
+
+    __slots__ = ("message", "_plain", "_shared")
+
+    def __init__(self, message: Union[str, bytes]):
+        self.message = _checked_message(message)
+        self._plain: Optional[bytes] = None
+        self._shared: Dict[Tuple[int, int], bytes] = {}
+
+    def _frame_for(self, extension: Optional[_PerMessageDeflate]) -> bytes:
+        if extension is None:
+            plain = self._plain
+            if plain is None:
+                plain = self._plain = encode_message(self.message)
+            return plain
+        key = extension.shared_key
+        if key is None:
+            return _encode_compressed(self.message, extension)  # its own context
+        frame = self._shared.get(key)
+        if frame is None:
+            frame = self._shared[key] = _encode_compressed(self.message, extension)
+        return frame
+
+
+def _checked_message(message: Any) -> Union[str, bytes]:
+    """``message`` as ``str`` or ``bytes`` (a copy of other bytes-likes, which
+    the caller may reuse), or TypeError."""
+    if isinstance(message, (str, bytes)):
+        return message
+    if isinstance(message, (bytearray, memoryview)):
+        return bytes(message)
+    raise TypeError("message must be str or bytes, not %s" % type(message).__name__)
+
+
+def _check_close(code: int, reason: str) -> None:
+    if not isinstance(code, int) or not _is_valid_close_code(code):
+        raise ValueError("%r is not a close code one may send" % (code,))
+    if not isinstance(reason, str):
+        raise TypeError("reason must be str, not %s" % type(reason).__name__)
+    if len(reason.encode("utf-8")) > 123:
+        raise ValueError("close reason over 123 bytes")
+
+
+def _check_ping(payload: Any) -> bytes:
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise TypeError("ping payload must be bytes, not %s" % type(payload).__name__)
+    payload = bytes(payload)
+    if len(payload) > 125:
+        raise ValueError("ping payload over 125 bytes")
+    return payload
+
+
+# Input a connection may handle in one turn of the loop before the others
+# get theirs: message bytes delivered (after inflating), plus a fixed cost
+# per message so that floods of tiny ones count too.  What is left waits in
+# the protocol's buffer, and the socket is not read until it is handled.
+_TURN_BUDGET = 2 * RECV_SIZE
+_MESSAGE_COST = 64
 
 
 class Connection:
     """One client connection, as handlers see it.
 
-    Attributes: ``id`` (a number unique within the server), ``remote_address``,
-    ``request`` (the HTTP request, with ``path``, ``query`` and ``headers``
-    also available here), ``state``; once closed ``close_code`` and
-    ``close_reason`` (from the peer's close frame; 1006 if none came, as RFC
-    6455 7.1.5 defines) and ``close_sent`` (the code the server sent); and
-    ``data``, free for the application's own use.
-    Every method may be called from any thread.
+    Attributes: ``id`` (a number unique within the server), ``server``,
+    ``remote_address``, ``request`` (the HTTP request, with ``path``,
+    ``query``, ``query_params`` and ``headers`` also available here),
+    ``state``; once closed ``close_code`` and ``close_reason`` (from the
+    peer's close frame; 1006 if none came, as RFC 6455 7.1.5 defines) and
+    ``close_sent`` (the code the server sent); and ``data``, free for the
+    application's own use.
+
+    Its methods may be called from any thread: in the server's thread they
+    act at once; from another thread they check their arguments (raising
+    there) and go through the loop's door, keeping each thread's order.
     """
 
     __slots__ = (
@@ -1615,12 +1995,12 @@ class Connection:
         "data",
         "_sock",
         "_protocol",
+        "_options",
         "_loop",
         "_events",
         "_reading_paused",
+        "_backlog",
         "_flush_scheduled",
-        "_write_shut",
-        "_opened",
         "_tls",
         "_tls_handshaking",
         "_write_wants_read",
@@ -1631,27 +2011,41 @@ class Connection:
         "_ping_payload",
     )
 
-    def __init__(self, server: "Server", sock: socket.socket, address: Any, connection_id: int):
+    def __init__(
+        self,
+        server: Server,
+        sock: socket.socket,
+        address: Any,
+        connection_id: int,
+        options: _Options,
+        loop: _EventLoop,
+    ):
         self.id = connection_id
         self.server = server
         self.remote_address = address
         self.data: Any = None
         self._sock: Optional[socket.socket] = sock
-        self._protocol = Protocol(server.max_size, server.max_fragments, server.compression)
-        self._loop = server._loop
-        self._events = 0
-        self._reading_paused = False
+        self._protocol = Protocol(options.max_size, options.max_fragments, options.compression)
+        self._options = options
+        self._loop = loop
+        self._reading_paused = False  # backpressure: the peer is not reading
+        self._backlog = False  # input left for the next turn (see _TURN_BUDGET)
         self._flush_scheduled = False
-        self._write_shut = False
-        self._opened = False
+        # The TLS handshake is driven by the loop (want-read/want-write) once
+        # the client's hello arrives, never here.
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._tls_handshaking = self._tls
         self._write_wants_read = False
-        self._open_timer: Optional[_Timer] = None
         self._close_timer: Optional[_Timer] = None
         self._ping_timer: Optional[_Timer] = None
         self._pong_timer: Optional[_Timer] = None
         self._ping_payload: Optional[bytes] = None
+        self._events = _EVENT_READ
+        loop.selector.register(sock, _EVENT_READ, self)
+        # The open timeout covers the TLS handshake too.
+        self._open_timer: Optional[_Timer] = None
+        if options.open_timeout is not None:
+            self._open_timer = loop.call_later(options.open_timeout, self._on_open_timeout)
 
     def __repr__(self) -> str:
         return "<Connection %d %s %s>" % (self.id, _format_address(self.remote_address), self.state.value)
@@ -1675,6 +2069,12 @@ class Connection:
     def query(self) -> str:
         request = self._protocol.request
         return request.query if request else ""
+
+    @property
+    def query_params(self) -> Dict[str, List[str]]:
+        """The query's parameters, decoded (see :attr:`Request.query_params`)."""
+        request = self._protocol.request
+        return request.query_params if request else {}
 
     @property
     def headers(self) -> Headers:
@@ -1706,68 +2106,97 @@ class Connection:
 
     # -- what handlers do -----------------------------------------------------
 
-    def send(self, message: Union[str, bytes]) -> None:
+    def send(self, message: Union[str, bytes, PreparedMessage]) -> None:
         """Send a text (``str``) or binary (``bytes``) message.
 
-        Raises :class:`ConnectionClosed` if the connection is not open (when
-        called from another thread the message is dropped instead, and the
-        closing is logged).  A peer that lets more than the server's
-        ``max_pending_output`` back up is closed with 1008.
+        Raises TypeError for anything else, and :class:`ConnectionClosed` if
+        the connection is not open, in the calling thread.  A message taken
+        from another thread is sent after those that thread sent before it,
+        unless the connection closes first (its close is logged with the
+        reason).  A peer that lets more than ``max_pending_output`` back up
+        is closed with 1008.
         """
-        loop = self._loop
-        if loop._thread_id != _get_ident():
-            loop.call_soon_threadsafe(self._send_from_thread, message)
+        if self._loop.thread_id != _get_ident():
+            if not isinstance(message, PreparedMessage):
+                message = _checked_message(message)
+            if self._protocol.state is not _OPEN:
+                raise ConnectionClosed("connection is %s" % self._protocol.state.value)
+            self._loop.call_soon_threadsafe(self._send_from_thread, message)
             return
-        protocol = self._protocol
-        if protocol.extension is None:
+        extension = self._protocol.extension
+        if isinstance(message, PreparedMessage):
+            self._send_frame(message._frame_for(extension))
+        elif extension is None:
             self._send_frame(encode_message(message))
         else:
-            self._send_frame(_encode_compressed(message, protocol.extension))
+            self._send_frame(_encode_compressed(message, extension))
 
     def ping(self, payload: bytes = b"") -> None:
-        """Send a ping; the peer's pong reaches no handler (keepalive uses them)."""
+        """Send a ping (at most 125 bytes); the pong reaches no handler."""
+        payload = _check_ping(payload)
         if not self._loop.in_loop_thread:
-            self._loop.call_soon_threadsafe(self.ping, payload)
+            self._loop.call_soon_threadsafe(self._ping_now, payload)
             return
-        self._protocol.ping(payload)
-        self._schedule_flush()
+        self._ping_now(payload)
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
-        """Start the closing handshake; the TCP connection ends when it completes
-        or after the server's ``close_timeout``."""
+        """Start the closing handshake; the TCP connection ends when it
+        completes or after ``close_timeout``.  A handshake still in progress
+        is refused with 503 instead.  A no-op once closing."""
+        _check_close(code, reason)
         if not self._loop.in_loop_thread:
-            self._loop.call_soon_threadsafe(self.close, code, reason)
+            self._loop.call_soon_threadsafe(self._close_now, code, reason)
             return
-        protocol = self._protocol
-        if protocol.state is _OPEN:
-            protocol.close(code, reason)
-            self._stop_keepalive()
-            self._start_close_timer()
-            self._schedule_flush()
+        self._close_now(code, reason)
+
+    def abort(self) -> None:
+        """End the TCP connection now, without a closing handshake."""
+        if not self._loop.in_loop_thread:
+            self._loop.call_soon_threadsafe(self._close_socket)
+            return
+        self._close_socket()
 
     # -- output ---------------------------------------------------------------
 
-    def _send_from_thread(self, message: Union[str, bytes]) -> None:
+    def _ping_now(self, payload: bytes) -> None:
         try:
-            self._send_frame(self._protocol.encode(message))
+            self._protocol.ping(payload)
         except ConnectionClosed:
+            return
+        self._schedule_flush()
+
+    def _close_now(self, code: int, reason: str) -> None:
+        protocol = self._protocol
+        if protocol.state is _OPEN:
+            protocol.close(code, reason)
+            self._after_protocol()
+        elif protocol.state is _CONNECTING and self._sock is not None:
+            self._respond(_refusal(503, reason or "closed before the handshake completed"))
+
+    def _send_from_thread(self, message: Union[str, bytes, PreparedMessage]) -> None:
+        try:
+            self.send(message)
+        except ConnectionClosed:
+            # Closed after the caller's check: the close says why.
             logger.debug("connection %d: message from another thread dropped: closed", self.id)
 
     def _send_frame(self, frame: bytes) -> None:
         protocol = self._protocol
         if protocol.state is not _OPEN:
             raise ConnectionClosed("connection is %s" % protocol.state.value)
-        if len(protocol.outgoing) > self.server.max_pending_output:
+        limit = self._options.max_pending_output
+        if len(protocol.outgoing) > limit:
             # Over the limit only counts once the kernel has refused to take more.
             self._flush()
-        if len(protocol.outgoing) > self.server.max_pending_output:
-            logger.warning(
-                "connection %d: closed: over %d bytes of output pending (peer too slow)",
-                self.id,
-                self.server.max_pending_output,
-            )
-            self.close(CloseCode.POLICY_VIOLATION, "too slow to keep up")
-            raise ConnectionClosed("peer too slow: output limit reached")
+            if len(protocol.outgoing) > limit:
+                logger.warning(
+                    "connection %d from %s: closed: over %d bytes of output pending (peer too slow)",
+                    self.id,
+                    _format_address(self.remote_address),
+                    limit,
+                )
+                self._close_now(CloseCode.POLICY_VIOLATION, "too slow to keep up")
+                raise ConnectionClosed("peer too slow: output limit reached")
         protocol.outgoing += frame
         self._schedule_flush()
 
@@ -1779,22 +2208,22 @@ class Connection:
     def _flush(self) -> None:
         """Write what is pending once, then fix the selector interest."""
         self._flush_scheduled = False
-        sock = self._sock
-        if sock is None:
+        if self._sock is None:
             return
         protocol = self._protocol
-        outgoing = protocol.outgoing
-        if outgoing and not self._events & _EVENT_WRITE:
+        if protocol.outgoing and not self._events & _EVENT_WRITE:
             # Not known to be blocked: try now rather than wait for a wake-up.
-            if not self._write(sock, outgoing):
+            if not self._write():
                 return
-            if not outgoing and self._events == _EVENT_READ and protocol.state is not _CLOSED:
+            if not protocol.outgoing and self._events == _EVENT_READ and protocol.state is _OPEN:
                 return  # all written, nothing to change: the common case
         self._update_interest()
 
-    def _write(self, sock: socket.socket, outgoing: bytearray) -> bool:
+    def _write(self) -> bool:
+        """Send what the kernel takes; False if the connection is gone."""
+        outgoing = self._protocol.outgoing
         try:
-            sent = sock.send(outgoing)
+            sent = self._sock.send(outgoing)  # type: ignore[union-attr]
         except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
             return True
         except ssl.SSLWantReadError:
@@ -1810,48 +2239,36 @@ class Connection:
     def _update_interest(self) -> None:
         protocol = self._protocol
         outgoing = protocol.outgoing
-        high_water = self.server.write_high_water
+        if not outgoing and protocol.state is _CLOSED:
+            self._end_tcp()
+            if self._sock is None:
+                return
+        high_water = self._options.write_high_water
         if self._reading_paused:
             if len(outgoing) <= high_water // 4:
                 self._reading_paused = False
+                if self._tls and not self._backlog:
+                    self._read_tls_pending()
         elif len(outgoing) > high_water:
             # Backpressure: stop reading a peer that is not reading our replies.
             self._reading_paused = True
-        if not outgoing and protocol.state is _CLOSED and not self._write_shut:
-            self._shut_write()
-            if self._sock is None:
-                return
-        events = 0 if self._reading_paused else selectors.EVENT_READ
+        events = 0 if self._reading_paused or self._backlog else _EVENT_READ
         if outgoing and not self._write_wants_read:
-            events |= selectors.EVENT_WRITE
+            events |= _EVENT_WRITE
         if not events:
-            events = selectors.EVENT_READ  # TLS waiting to read before writing
+            events = _EVENT_READ  # TLS waiting to read before writing
         self._set_events(events)
 
-    def _shut_write(self) -> None:
-        """All is sent after the close: end TCP (RFC 6455 7.1.1, server first)."""
-        self._write_shut = True
-        self._cancel_timers(keep_close_timer=True)
-        self.server._report_closed(self)
-        protocol = self._protocol
-        if protocol.close_code is not None and protocol.close_code != CloseCode.ABNORMAL:
-            # Both close frames have crossed: the peer sends nothing more.
-            self._close_socket()
-            return
-        # We failed the connection or refused the request while the peer may
-        # still be sending: closing now could reset the connection and destroy
-        # our answer before it is read.  Half-close, and drain until its EOF.
-        try:
-            self._sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._close_socket()
-            return
-        if self._close_timer is None:
-            # Bounded even with close_timeout=None: this peer owes us nothing.
-            timeout = self.server.close_timeout
-            self._close_timer = self._loop.call_later(
-                timeout if timeout is not None else DEFAULT_CLOSE_TIMEOUT, self._on_close_timeout
-            )
+    def _end_tcp(self) -> None:
+        """All is written after the protocol closed: end TCP as it says."""
+        if self._protocol.end_of_output == SHUT_WR:
+            try:
+                self._sock.shutdown(socket.SHUT_WR)  # type: ignore[union-attr]
+                # Now read (and ignore) until the peer's EOF or close_timeout.
+                return
+            except OSError:
+                pass
+        self._close_socket()
 
     # -- input ----------------------------------------------------------------
 
@@ -1859,21 +2276,22 @@ class Connection:
         if self._tls_handshaking:
             self._continue_tls_handshake()
             return
-        if mask & selectors.EVENT_READ:
+        if mask & _EVENT_READ:
             self._on_readable()
-        if mask & selectors.EVENT_WRITE and self._sock is not None:
-            if self._write(self._sock, self._protocol.outgoing):
+        if mask & _EVENT_WRITE and self._sock is not None:
+            if self._write():
                 self._update_interest()
 
     def _continue_tls_handshake(self) -> None:
         """Drive the TLS handshake one step: it never blocks the loop."""
+        sock: Any = self._sock
         try:
-            self._sock.do_handshake()
+            sock.do_handshake()
         except ssl.SSLWantReadError:
-            self._set_events(selectors.EVENT_READ)
+            self._set_events(_EVENT_READ)
             return
         except ssl.SSLWantWriteError:
-            self._set_events(selectors.EVENT_WRITE)
+            self._set_events(_EVENT_WRITE)
             return
         except (ssl.SSLError, OSError) as exc:
             # Plain HTTP on the TLS port lands here too: one line, no traceback.
@@ -1883,22 +2301,22 @@ class Connection:
                 _format_address(self.remote_address),
                 getattr(exc, "reason", None) or exc,
             )
-            self._drop("TLS handshake failed")
+            self._close_socket()
             return
         self._tls_handshaking = False
-        self._set_events(selectors.EVENT_READ)
+        self._set_events(_EVENT_READ)
         self._on_readable()  # the client's request may be buffered already
 
     def _set_events(self, events: int) -> None:
         if events != self._events:
             self._events = events
-            self._loop.selector.modify(self._sock, events, self)
+            self._loop.selector.modify(self._sock, events, self)  # type: ignore[arg-type]
 
     def _receive(self, view: memoryview) -> int:
         """Read into ``view``; 0 at EOF, -1 when nothing is ready."""
-        sock = self._sock
+        sock: Any = self._sock
         try:
-            count = sock.recv_into(view)
+            count: int = sock.recv_into(view)
             if self._tls:
                 # What TLS already decrypted does not wake the selector: take it now.
                 while count and count < len(view) and sock.pending():
@@ -1910,9 +2328,17 @@ class Connection:
             return -1
         return count
 
+    def _read_tls_pending(self) -> None:
+        # Bytes TLS has decrypted but we did not take wake no selector.
+        sock: Any = self._sock
+        if sock is not None and sock.pending():
+            self._loop.call_soon(self._on_readable)
+
     def _on_readable(self) -> None:
-        loop = self._loop
-        count = self._receive(loop.receive_view)
+        if self._sock is None or self._backlog:
+            return
+        view = self._loop.receive_view
+        count = self._receive(view)
         if count < 0:
             return
         if not count:
@@ -1924,51 +2350,194 @@ class Connection:
         protocol = self._protocol
         if protocol.state is _CLOSED:
             return  # waiting for the peer's EOF: ignore what it still sends
-        protocol.receive_data(loop.receive_view[:count])
-        self._dispatch(protocol.events())
-        if protocol.outgoing or protocol.state is _CLOSED:
-            self._schedule_flush()
+        protocol.receive_data(view[:count])
+        self._process()
 
-    def _dispatch(self, events: Iterator[Tuple[Event, Any]]) -> None:
-        handler_message = self.server._on_message
+    def _process(self) -> None:
+        """Act on the events in what was received, within this turn's budget."""
+        protocol = self._protocol
+        on_message = self._options.on_message
+        budget = _TURN_BUDGET
+        events = protocol.events()
         for kind, value in events:
             if kind is _EV_TEXT or kind is _EV_BINARY:
-                if handler_message is not None:
+                if on_message is not None:
                     try:
-                        handler_message(self, value)
+                        on_message(self, value)
                     except Exception:
                         self._handler_failed("on_message")
+                budget -= len(value) + _MESSAGE_COST
+                if budget < 0:
+                    # Fairness: the rest waits for the next turn, and the
+                    # socket is not read until it has been handled.
+                    events.close()  # keeps what was not parsed in the buffer
+                    self._backlog = True
+                    self._loop.call_soon(self._continue_backlog)
+                    break
             elif kind is Event.PONG:
                 self._on_pong(value)
-            elif kind is Event.REQUEST:
-                self.server._on_request(self)
-            elif kind is Event.HTTP_REQUEST:
-                self.server._on_http_request(self)
+            elif kind is Event.REQUEST or kind is Event.HTTP_REQUEST:
+                self._on_request(value)
             elif kind is Event.CLOSE:
-                self._stop_keepalive()
+                self._log_peer_close()
+        self._after_protocol()
+
+    def _continue_backlog(self) -> None:
+        self._backlog = False
+        if self._sock is None:
+            return
+        self._process()
+        if not self._backlog:
+            self._update_interest()  # read again
+            if self._tls:
+                self._read_tls_pending()
+
+    def _after_protocol(self) -> None:
+        """What the protocol's new state asks of the connection."""
+        protocol = self._protocol
+        state = protocol.state
+        if state is _CLOSING or state is _CLOSED:
+            self._stop_keepalive()
+            self._start_close_timer()
+        if protocol.outgoing or state is _CLOSED or self._backlog:
+            self._schedule_flush()
 
     def _handler_failed(self, name: str) -> None:
         logger.exception("connection %d: error in %s", self.id, name)
         if self._protocol.state is _OPEN:
-            self.close(CloseCode.INTERNAL_ERROR, "internal error")
+            self._close_now(CloseCode.INTERNAL_ERROR, "internal error")
+
+    def _log_peer_close(self) -> None:
+        if logger.isEnabledFor(logging.DEBUG):
+            protocol = self._protocol
+            logger.debug("connection %d: close frame received: %s %r", self.id,
+                         protocol.close_code, protocol.close_reason)
+
+    # -- the opening handshake -------------------------------------------------
+
+    def _on_request(self, request: Request) -> None:
+        """A whole request arrived: answer it, or accept the upgrade."""
+        protocol = self._protocol
+        options = self._options
+        self._cancel_open_timer()
+        answer = _answer_request(request, protocol.is_upgrade, options, self.server.shutting_down)
+        subprotocol = None
+        if answer is None:
+            subprotocol, answer = self._choose_subprotocol(request)
+        headers = options.response_headers
+        if answer is None and options.on_handshake is not None:
+            try:
+                response = options.on_handshake(self)
+            except Exception:
+                logger.exception("connection %d: error in on_handshake", self.id)
+                response = _refusal(500, "internal error")
+            if protocol.state is not _CONNECTING:
+                return  # the hook closed the connection
+            if response is not None:
+                if response.status == 101:
+                    headers = headers + response.headers
+                else:
+                    answer = response
+                    if response._reason is None:
+                        response._reason = "refused by on_handshake"
+        if answer is not None:
+            self._respond(answer)
+            return
+        protocol.accept(headers, subprotocol)
+        self._opened()
+
+    def _choose_subprotocol(self, request: Request) -> Tuple[Optional[str], Optional[Response]]:
+        """The subprotocol to answer with, or a 500 if the chooser failed."""
+        offered = _offered_subprotocols(request)
+        if not offered:
+            return None, None
+        select = self._options.select_subprotocol
+        if select is None:
+            return _default_subprotocol(offered, self._options.subprotocols), None
+        try:
+            chosen = select(self, offered)
+        except Exception:
+            logger.exception("connection %d: error in select_subprotocol", self.id)
+            return None, _refusal(500, "internal error")
+        # RFC 6455 4.2.2: only a subprotocol the client offered may be named.
+        return (chosen if chosen in offered else None), None
+
+    def _respond(self, response: Response) -> None:
+        protocol = self._protocol
+        protocol.respond(response.status, response.headers, response.body)
+        if response.status >= 400 and logger.isEnabledFor(logging.INFO):
+            request = protocol.request
+            logger.info(
+                "connection %d from %s: %s %s answered %d: %s",
+                self.id,
+                _format_address(self.remote_address),
+                request.method if request else "-",
+                request.path if request else "-",
+                response.status,
+                response._reason or _HTTP_REASONS.get(response.status, ""),
+            )
+        self._after_protocol()
+
+    def _opened(self) -> None:
+        self.server._connection_opened(self)
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "connection %d open from %s path %s",
+                self.id,
+                _format_address(self.remote_address),
+                self.path,
+            )
+        self._start_keepalive()
+        on_connect = self._options.on_connect
+        if on_connect is not None:
+            try:
+                on_connect(self)
+            except Exception:
+                self._handler_failed("on_connect")
 
     # -- timers ---------------------------------------------------------------
 
-    def _start_close_timer(self) -> None:
-        timeout = self.server.close_timeout
-        if timeout is not None and self._close_timer is None:
-            self._close_timer = self._loop.call_later(timeout, self._on_close_timeout)
-
-    def _on_close_timeout(self) -> None:
-        self._close_timer = None
-        self._drop("closing handshake timed out")
+    def _cancel_open_timer(self) -> None:
+        if self._open_timer is not None:
+            self._open_timer.cancel()
+            self._open_timer = None
 
     def _on_open_timeout(self) -> None:
         self._open_timer = None
-        self._drop("opening handshake timed out")
+        logger.info(
+            "connection %d from %s: opening handshake timed out",
+            self.id,
+            _format_address(self.remote_address),
+        )
+        self._close_socket()
+
+    def _start_close_timer(self) -> None:
+        """Bound the whole end of the connection, drained or not."""
+        if self._close_timer is not None or self._sock is None:
+            return
+        timeout = self._options.close_timeout
+        if timeout is None:
+            if self._protocol.state is not _CLOSED:
+                return  # waiting for the peer's close frame, as configured
+            # Closed: the peer owes us nothing more, so this is bounded anyway.
+            timeout = DEFAULT_CLOSE_TIMEOUT
+        self._close_timer = self._loop.call_later(timeout, self._on_close_timeout)
+
+    def _on_close_timeout(self) -> None:
+        self._close_timer = None
+        unsent = len(self._protocol.outgoing)
+        logger.info(
+            "connection %d from %s: closing handshake timed out%s",
+            self.id,
+            _format_address(self.remote_address),
+            " with %d bytes the peer did not take: reset" % unsent if unsent else "",
+        )
+        # A peer that will not take what is queued must not pin the kernel's
+        # buffers either: reset rather than wait for them to drain.
+        self._close_socket(reset=bool(unsent))
 
     def _start_keepalive(self) -> None:
-        interval = self.server.ping_interval
+        interval = self._options.ping_interval
         if interval is not None:
             self._ping_timer = self._loop.call_later(interval, self._keepalive_ping)
 
@@ -1980,7 +2549,7 @@ class Connection:
             self._ping_payload = os.urandom(4)
             self._protocol.ping(self._ping_payload)
             self._schedule_flush()
-            timeout = self.server.ping_timeout
+            timeout = self._options.ping_timeout
             if timeout is not None:
                 self._pong_timer = self._loop.call_later(timeout, self._keepalive_timeout)
         self._start_keepalive()
@@ -1994,46 +2563,89 @@ class Connection:
 
     def _keepalive_timeout(self) -> None:
         self._pong_timer = None
-        logger.warning("connection %d: keepalive ping timeout", self.id)
-        self.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+        logger.warning(
+            "connection %d from %s: keepalive ping timeout",
+            self.id,
+            _format_address(self.remote_address),
+        )
+        self._close_now(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 
     def _stop_keepalive(self) -> None:
-        for name in ("_ping_timer", "_pong_timer"):
-            timer = getattr(self, name)
-            if timer is not None:
-                timer.cancel()
-                setattr(self, name, None)
-
-    def _cancel_timers(self, keep_close_timer: bool = False) -> None:
-        self._stop_keepalive()
-        if self._open_timer is not None:
-            self._open_timer.cancel()
-            self._open_timer = None
-        if self._close_timer is not None and not keep_close_timer:
-            self._close_timer.cancel()
-            self._close_timer = None
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+            self._ping_timer = None
+        if self._pong_timer is not None:
+            self._pong_timer.cancel()
+            self._pong_timer = None
 
     # -- the end --------------------------------------------------------------
 
     def _drop(self, why: str) -> None:
-        """End the TCP connection now."""
+        """The socket failed or the peer left: end the connection now."""
         if self._protocol.state is not _CLOSED:
             logger.debug("connection %d: %s", self.id, why)
-        self._protocol.receive_eof()
         self._close_socket()
 
-    def _close_socket(self) -> None:
+    def _close_socket(self, reset: bool = False) -> None:
+        """Close TCP (``reset``: discard what the kernel still holds), then
+        report the end to the handler and the server, once."""
         sock = self._sock
         if sock is None:
             return
         self._sock = None
-        self._cancel_timers()
+        self._stop_keepalive()
+        self._cancel_open_timer()
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
         try:
             self._loop.selector.unregister(sock)
         except (KeyError, ValueError):
             pass
+        if reset:
+            # SO_LINGER 0: close with RST, dropping unsent data, so a peer
+            # that stopped reading cannot pin kernel buffers either.
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
         sock.close()
-        self.server._forget(self)
+        self._protocol.receive_eof()
+        self._report_closed()
+        self.server._connection_closed(self)
+
+    def _report_closed(self) -> None:
+        protocol = self._protocol
+        address = _format_address(self.remote_address)
+        if not protocol.opened:
+            error = protocol.handshake_error
+            if error is not None and logger.isEnabledFor(logging.INFO):
+                logger.info("connection %d from %s refused: %d %s", self.id, address,
+                            error.status, error.reason)
+            return
+        code = protocol.close_code if protocol.close_code is not None else CloseCode.ABNORMAL
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "connection %d from %s closed: received %s, sent %s",
+                self.id,
+                address,
+                _describe_close(code, protocol.close_reason),
+                "nothing" if protocol.close_sent is None
+                else _describe_close(protocol.close_sent, protocol.close_sent_reason),
+            )
+        on_close = self._options.on_close
+        if on_close is not None:
+            try:
+                on_close(self, code, protocol.close_reason)
+            except Exception:
+                logger.exception("connection %d: error in on_close", self.id)
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def _describe_close(code: int, reason: str) -> str:
+    return "%d (%s)" % (code, reason) if reason else str(code)
 
 
 def _format_address(address: Any) -> str:
@@ -2043,23 +2655,15 @@ def _format_address(address: Any) -> str:
     return str(address)
 
 
-def _resolve_handler(handler: Any):
-    """Return (on_connect, on_message, on_close) of a handler object."""
-    return (
-        getattr(handler, "on_connect", None),
-        getattr(handler, "on_message", None),
-        getattr(handler, "on_close", None),
-    )
-
-
 class Server:
     """A WebSocket server: one listening socket, one thread, many connections.
 
     ``handler`` is an object with any of the methods of :class:`Handler`
-    (default: :class:`Echo`).  The socket is bound when the server is
-    created, so ``port=0`` picks a free port, readable as :attr:`port`.
-    Timeouts are in seconds; ``None`` disables one.  ``compression`` is
-    ``True`` (permessage-deflate with :class:`Deflate`'s defaults), a
+    (default: :class:`Echo`), or a function ``on_message(conn, message)``.
+    The socket is bound when the server is created, so ``port=0`` picks a
+    free port, readable as :attr:`port`.  Timeouts are in seconds, positive,
+    or ``None`` to disable one.  ``compression`` is ``True``
+    (permessage-deflate with :class:`Deflate`'s defaults), a
     :class:`Deflate`, or ``False``.
 
     At the handshake: ``ssl_context`` serves wss:// (the TLS handshake runs
@@ -2069,13 +2673,21 @@ class Server:
     offers that is among them is chosen, unless
     ``select_subprotocol(conn, offered)`` decides; ``response_headers`` go on
     every 101; a handler's ``on_handshake(conn)`` may refuse with a
-    :class:`Response`.  Plain HTTP GETs: ``health_path`` (e.g. "/healthz")
-    answers 200 (once shutdown begins, requests in progress get 503); ``pages`` maps paths to
-    ``(content_type, body)``; anything else gets 426.
+    :class:`Response`.  Plain HTTP GET and HEAD requests: ``health_path``
+    (e.g. "/healthz") answers 200; ``pages`` maps paths to
+    ``(content_type, body)`` (with ``origins`` set, a page is served only
+    where its own origin is allowed, since its WebSocket would be refused
+    anywhere else); anything else gets 426.  Once shutdown begins, every
+    request gets 503.
 
-    >>> server = Server(Echo(), port=0)
-    >>> threading.Thread(target=server.serve_forever).start()   # doctest: +SKIP
-    >>> server.shutdown()                                       # doctest: +SKIP
+    Threads: :meth:`serve_forever` makes its thread the loop's thread; every
+    method may be called from any thread (see :class:`Connection`).  Use it
+    as a context manager to release its sockets however the block ends::
+
+        with Server(Echo(), port=0) as server:
+            threading.Thread(target=server.serve_forever).start()
+            ...
+            server.shutdown(wait=True)
     """
 
     def __init__(
@@ -2096,42 +2708,34 @@ class Server:
         ssl_context: Optional[ssl.SSLContext] = None,
         origins: Optional[Iterable[Optional[str]]] = None,
         subprotocols: Iterable[str] = (),
-        select_subprotocol: Optional[Callable[["Connection", List[str]], Optional[str]]] = None,
+        select_subprotocol: Optional[Callable[[Connection, List[str]], Optional[str]]] = None,
         response_headers: Iterable[Tuple[str, str]] = (),
         health_path: Optional[str] = None,
-        pages: Optional[dict] = None,
+        pages: Optional[Dict[str, Tuple[str, bytes]]] = None,
         backlog: int = 1024,
     ):
         self.handler = handler if handler is not None else Echo()
-        self._on_connect, self._on_message, self._on_close = _resolve_handler(self.handler)
-        self._on_handshake = getattr(self.handler, "on_handshake", None)
-        self.ssl_context = ssl_context
-        self.origins = None if origins is None else frozenset(origins)
-        self.subprotocols = list(subprotocols)
-        self.select_subprotocol = select_subprotocol
-        self.response_headers = list(response_headers)
-        self.health_path = health_path
-        self.pages = dict(pages or {})
-        self.max_size = max_size
-        self.max_fragments = max_fragments
-        self.open_timeout = open_timeout
-        self.close_timeout = close_timeout
-        self.ping_interval = ping_interval
-        self.ping_timeout = ping_timeout
-        self.write_high_water = write_high_water
-        self.max_pending_output = max_pending_output
-        if compression is True:
-            compression = Deflate()
-        self.compression: Optional[Deflate] = compression or None
-        self._loop = _EventLoop()
-        self._all: set = set()  # every connection with a socket
-        self._open: dict = {}  # the open ones, in the order they opened
+        self.options = _Options(
+            self.handler, max_size, max_fragments, open_timeout, close_timeout,
+            ping_interval, ping_timeout, write_high_water, max_pending_output,
+            compression, ssl_context, origins, subprotocols, select_subprotocol,
+            response_headers, health_path, pages,
+        )
+        # Owned by the loop's thread: the table of connections (every one
+        # with a socket, oldest first) and the open ones (what broadcast
+        # and `connections` see).
+        self._connections: Dict[Connection, None] = {}
+        self._open: Dict[Connection, None] = {}
         self._next_id = 1
         self._shutting_down = False
         self._accept_paused = False
+        # The server's life: "new", "running", then "done" (sockets released).
+        self._phase = "new"
+        self._phase_lock = threading.Lock()
         self._done = threading.Event()
+        self._loop = _EventLoop()
         try:
-            self._listener = _listen(host, port, backlog)
+            self._listener: Optional[socket.socket] = _listen(host, port, backlog)
         except BaseException:
             self._loop.close()
             raise
@@ -2144,26 +2748,38 @@ class Server:
     @property
     def address(self) -> Tuple[str, int]:
         """The (host, port) the server listens on."""
-        return self._address
+        return self._address  # type: ignore[no-any-return]
 
     @property
     def port(self) -> int:
+        """The port the server listens on (the one chosen, for ``port=0``)."""
         return self.address[1]
 
     @property
     def connections(self) -> List[Connection]:
-        """The open connections, oldest first (a copy)."""
-        return [connection for connection in self._open if connection._protocol.state is _OPEN]
+        """The open connections: a snapshot, safe to iterate from any thread."""
+        # list() of a dict copies it in one step under the GIL, so the loop
+        # thread cannot change it mid-copy.
+        return [connection for connection in list(self._open) if connection.state is _OPEN]
+
+    @property
+    def shutting_down(self) -> bool:
+        """True once :meth:`shutdown` has begun."""
+        return self._shutting_down
 
     # -- running --------------------------------------------------------------
 
     def serve_forever(self) -> None:
-        """Run the loop in this thread until :meth:`shutdown` completes."""
-        self._done.clear()
+        """Run the loop in this thread until :meth:`shutdown` completes, then
+        release every socket.  A server runs once."""
+        with self._phase_lock:
+            if self._phase != "new":
+                raise RuntimeError("this server has already run or been closed")
+            self._phase = "running"
         try:
             self._loop.run()
         finally:
-            self._done.set()
+            self._release()
 
     def shutdown(self, wait: bool = False) -> None:
         """Stop gracefully; safe from any thread and from signal handlers.
@@ -2171,80 +2787,96 @@ class Server:
         Stops accepting, answers handshakes in progress with 503, closes every
         open connection with 1001, and lets :meth:`serve_forever` return once
         each closing handshake is done or ``close_timeout`` has passed.  With
-        ``wait=True`` (not from the loop's thread) it returns after that.
+        ``wait=True`` (from another thread) it returns after that; on a
+        server that is not running it returns at once, and a later
+        :meth:`serve_forever` stops as soon as it starts.
         """
         self._loop.call_soon_threadsafe(self._begin_shutdown)
-        if wait and not self._loop.in_loop_thread:
+        if wait and self._phase == "running" and not self._loop.in_loop_thread:
             self._done.wait()
 
     def close(self) -> None:
-        """Release every socket at once (for a server that is not running)."""
-        for connection in list(self._all):
-            connection._drop("server closed")
-        self._close_listener()
-        self._loop.close()
+        """Stop now and release every socket: connections end without a
+        closing handshake (for a graceful end, :meth:`shutdown`).  Safe from
+        any thread; if the loop runs in another thread, waits for it."""
+        with self._phase_lock:
+            phase = self._phase
+            if phase == "new":
+                self._phase = "closing"
+        if phase == "new":
+            self._release()
+        elif phase == "running":
+            self._loop.call_soon_threadsafe(self._stop_now)
+            if not self._loop.in_loop_thread:
+                self._done.wait()
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        self.close()
+        if self._phase == "running" and not self._loop.in_loop_thread:
+            self.shutdown(wait=True)
+        else:
+            self.close()
 
-    def call_soon_threadsafe(self, callback: Callable, *args: Any) -> None:
-        """Run ``callback(*args)`` on the server's thread, soon."""
+    def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Run ``callback(*args)`` on the server's thread, soon; from any thread."""
         self._loop.call_soon_threadsafe(callback, *args)
 
-    def call_later(self, delay: float, callback: Callable, *args: Any) -> Any:
-        """Run ``callback(*args)`` after ``delay`` seconds (from the server's
-        thread only); returns a timer with a ``cancel()`` method."""
+    def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> _Timer:
+        """Run ``callback(*args)`` on the server's thread after ``delay``
+        seconds; from any thread.  Returns a timer whose ``cancel()`` may
+        also be called from any thread."""
         return self._loop.call_later(delay, callback, *args)
 
-    def broadcast(self, message: Union[str, bytes], connections: Optional[Iterable[Connection]] = None) -> int:
+    def broadcast(
+        self,
+        message: Union[str, bytes, PreparedMessage],
+        connections: Optional[Iterable[Connection]] = None,
+    ) -> int:
         """Send ``message`` to every open connection (or to ``connections``).
 
-        The frame is built once and shared by every connection without
-        compression, and compressed once per group of connections that keep no
-        compression context (``server_no_context_takeover``); a connection that
-        keeps one compresses its own.  Returns how many connections took it
-        (0 when called from another thread: it is then queued); one that
-        cannot keep up is closed with 1008 and does not count.
+        The frame is built once (see :class:`PreparedMessage`).  Returns how
+        many connections took it; a connection that cannot keep up is closed
+        with 1008 and does not count.  From another thread the message is
+        checked there (TypeError), queued through the loop's door and 0 is
+        returned.
         """
+        prepared = message if isinstance(message, PreparedMessage) else PreparedMessage(message)
         if not self._loop.in_loop_thread:
-            self._loop.call_soon_threadsafe(self.broadcast, message, connections)
+            targets = None if connections is None else list(connections)
+            self._loop.call_soon_threadsafe(self.broadcast, prepared, targets)
             return 0
-        plain = encode_message(message)
-        shared = {}  # compressed frames that connections without context can share
-        targets = list(self._open) if connections is None else list(connections)
         delivered = 0
-        for connection in targets:
-            protocol = connection._protocol
-            if protocol.state is not _OPEN:
+        for connection in list(self._open) if connections is None else connections:
+            if connection.state is not _OPEN:
                 continue
-            extension = protocol.extension
-            if extension is None:
-                frame = plain
-            else:
-                key = extension.shared_key
-                if key is None:
-                    frame = _encode_compressed(message, extension)  # its own context
-                else:
-                    frame = shared.get(key)
-                    if frame is None:
-                        frame = shared[key] = _encode_compressed(message, extension)
             try:
-                connection._send_frame(frame)
+                connection.send(prepared)
                 delivered += 1
             except ConnectionClosed:
                 pass
         return delivered
 
+    # -- what connections tell the server -------------------------------------
+
+    def _connection_opened(self, connection: Connection) -> None:
+        self._open[connection] = None
+
+    def _connection_closed(self, connection: Connection) -> None:
+        self._connections.pop(connection, None)
+        self._open.pop(connection, None)
+        if self._shutting_down and not self._connections:
+            self._loop.stop()
+
     # -- accepting ------------------------------------------------------------
 
     def _handle_io(self, mask: int) -> None:
         """The listening socket is readable: accept what is waiting."""
+        listener: Any = self._listener
         for _ in range(64):  # bounded, so a connection storm cannot starve the loop
             try:
-                sock, address = self._listener.accept()
+                sock, address = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -2274,141 +2906,12 @@ class Server:
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.ssl_context is not None:
-            # The TLS handshake is driven by the loop (want-read/want-write),
-            # never here: a silent or slow client cannot hold up accept().
-            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        connection = Connection(self, sock, address, self._next_id)
+        ssl_context = self.options.ssl_context
+        if ssl_context is not None:
+            sock = ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        connection = Connection(self, sock, address, self._next_id, self.options, self._loop)
         self._next_id += 1
-        self._all.add(connection)
-        connection._events = selectors.EVENT_READ
-        self._loop.selector.register(sock, selectors.EVENT_READ, connection)
-        if self.open_timeout is not None:
-            # It covers the TLS handshake too.
-            connection._open_timer = self._loop.call_later(self.open_timeout, connection._on_open_timeout)
-        if connection._tls:
-            connection._continue_tls_handshake()
-
-    def _on_request(self, connection: Connection) -> None:
-        """A valid upgrade request arrived: decide, then accept and open."""
-        protocol = connection._protocol
-        if self._shutting_down:
-            protocol.respond(503, body=b"server shutting down\n")
-            return
-        request = protocol.request
-        if self.origins is not None and request.headers.get("Origin") not in self.origins:
-            # The defence against cross-site WebSocket hijacking: browsers
-            # always send Origin, and a page elsewhere cannot forge it.
-            protocol.handshake_error = HandshakeError(403, "origin not allowed")
-            protocol.respond(403, body=b"origin not allowed\n")
-            return
-        subprotocol = self._choose_subprotocol(connection, request)
-        if subprotocol is False:
-            return
-        headers = self.response_headers
-        if self._on_handshake is not None:
-            try:
-                response = self._on_handshake(connection)
-            except Exception:
-                logger.exception("connection %d: error in on_handshake", connection.id)
-                response = Response(500, "internal error\n")
-            if response is not None:
-                if response.status != 101:
-                    protocol.handshake_error = HandshakeError(response.status, "refused by on_handshake")
-                    protocol.respond(response.status, response.headers, response.body)
-                    return
-                headers = headers + response.headers
-        protocol.accept(headers, subprotocol)
-        if connection._open_timer is not None:
-            connection._open_timer.cancel()
-            connection._open_timer = None
-        connection._opened = True
-        self._open[connection] = None
-        if logger.isEnabledFor(logging.INFO):
-            logger.info(
-                "connection %d open from %s path %s",
-                connection.id,
-                _format_address(connection.remote_address),
-                protocol.request.path,
-            )
-        connection._start_keepalive()
-        if self._on_connect is not None:
-            try:
-                self._on_connect(connection)
-            except Exception:
-                connection._handler_failed("on_connect")
-
-    def _choose_subprotocol(self, connection: Connection, request: Request):
-        """The subprotocol to answer with: a name, None, or False after a 500."""
-        offered = [token.strip() for token in ",".join(request.headers.get_all("Sec-WebSocket-Protocol")).split(",")]
-        offered = [token for token in offered if token]
-        if not offered:
-            return None
-        if self.select_subprotocol is not None:
-            try:
-                chosen = self.select_subprotocol(connection, offered)
-            except Exception:
-                logger.exception("connection %d: error in select_subprotocol", connection.id)
-                connection._protocol.respond(500, body=b"internal error\n")
-                return False
-            # RFC 6455 4.2.2: only a subprotocol the client offered may be named.
-            return chosen if chosen in offered else None
-        for name in offered:  # the client lists them in its order of preference
-            if name in self.subprotocols:
-                return name
-        return None
-
-    def _on_http_request(self, connection: Connection) -> None:
-        """A plain HTTP GET: the health check, a page, or 426."""
-        protocol = connection._protocol
-        path = protocol.request.path
-        if self.health_path is not None and path == self.health_path:
-            # Once shutdown begins every request in progress is answered 503
-            # (see _begin_shutdown) and no new connection is accepted.
-            protocol.respond(200, body=b"ok\n")
-        elif path in self.pages:
-            content_type, body = self.pages[path]
-            protocol.respond(200, [("Content-Type", content_type), ("Cache-Control", "no-store")], body)
-        else:
-            protocol.respond(*_plain_http_refusal())
-
-    def _report_closed(self, connection: Connection) -> None:
-        """The connection will carry no more messages: tell the handler, once."""
-        if not connection._opened:
-            return
-        connection._opened = False
-        self._open.pop(connection, None)
-        protocol = connection._protocol
-        code = protocol.close_code if protocol.close_code is not None else CloseCode.ABNORMAL
-        if logger.isEnabledFor(logging.INFO):
-            logger.info(
-                "connection %d closed: code %d%s%s",
-                connection.id,
-                code,
-                " (%s)" % protocol.close_reason if protocol.close_reason else "",
-                "" if protocol.close_sent is None else ", server sent %d" % protocol.close_sent,
-            )
-        if self._on_close is not None:
-            try:
-                self._on_close(connection, code, protocol.close_reason)
-            except Exception:
-                logger.exception("connection %d: error in on_close", connection.id)
-
-    def _forget(self, connection: Connection) -> None:
-        """The connection's socket is closed: let it go."""
-        self._all.discard(connection)
-        self._report_closed(connection)
-        error = connection._protocol.handshake_error
-        if error is not None and logger.isEnabledFor(logging.INFO):
-            logger.info(
-                "connection %d from %s refused: %d %s",
-                connection.id,
-                _format_address(connection.remote_address),
-                error.status,
-                error.reason,
-            )
-        if self._shutting_down and not self._all:
-            self._loop.stop()
+        self._connections[connection] = None
 
     # -- stopping -------------------------------------------------------------
 
@@ -2418,24 +2921,31 @@ class Server:
         self._shutting_down = True
         logger.info("shutting down: closing %d connection(s)", len(self._open))
         self._close_listener()
-        for connection in list(self._all):
-            protocol = connection._protocol
-            if protocol.state is _CONNECTING:
-                protocol.respond(503, body=b"server shutting down\n")
-                connection._schedule_flush()
-            elif protocol.state is _OPEN:
-                connection.close(CloseCode.GOING_AWAY, "server shutting down")
-        if not self._all:
+        for connection in list(self._connections):
+            connection.close(CloseCode.GOING_AWAY, "server shutting down")
+        if not self._connections:
             self._loop.stop()
         else:
             # Each close has its own close_timeout; this is the backstop.
-            bound = self.close_timeout if self.close_timeout is not None else DEFAULT_CLOSE_TIMEOUT
-            self._loop.call_later(bound + 0.5, self._finish_shutdown)
+            bound = self.options.close_timeout or DEFAULT_CLOSE_TIMEOUT
+            self._loop.call_later(bound + 0.5, self._stop_now)
 
-    def _finish_shutdown(self) -> None:
-        for connection in list(self._all):
-            connection._drop("shutdown timed out")
+    def _stop_now(self) -> None:
+        for connection in list(self._connections):
+            connection.abort()
         self._loop.stop()
+
+    def _release(self) -> None:
+        """Close every socket the server holds; it cannot run again."""
+        # Whoever releases owns the loop now (it is stopped, or never ran).
+        self._loop.thread_id = _get_ident()
+        for connection in list(self._connections):
+            connection.abort()
+        self._close_listener()
+        self._loop.close()
+        with self._phase_lock:
+            self._phase = "done"
+        self._done.set()
 
     def _close_listener(self) -> None:
         listener = self._listener
@@ -2466,24 +2976,28 @@ def _listen(host: str, port: int, backlog: int) -> socket.socket:
 def serve(handler: Any = None, host: str = "127.0.0.1", port: int = 8765, **options: Any) -> None:
     """Run a :class:`Server` until SIGINT or SIGTERM, then shut down gracefully.
 
-    A second signal exits at once.  Keyword ``options`` go to :class:`Server`.
+    A second signal exits at once; the signal handlers it replaced are put
+    back when it returns.  Keyword ``options`` go to :class:`Server`.
     """
     _run_until_signalled(Server(handler, host, port, **options))
 
 
 def _run_until_signalled(server: Server) -> None:
-    _install_signal_handlers(server)
+    previous = _install_signal_handlers(server)
     logger.info("listening on %s", _format_address(server.address))
     try:
         server.serve_forever()
     finally:
         server.close()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     logger.info("stopped")
 
 
-def _install_signal_handlers(server: Server) -> None:
+def _install_signal_handlers(server: Server) -> Dict[int, Any]:
+    """Shut down on SIGINT/SIGTERM; returns the handlers replaced."""
     if threading.current_thread() is not threading.main_thread():
-        return
+        return {}
     signals_seen = []
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -2492,9 +3006,12 @@ def _install_signal_handlers(server: Server) -> None:
         signals_seen.append(signum)
         server.shutdown()
 
+    previous = {}
     for name in ("SIGINT", "SIGTERM"):
         if hasattr(signal, name):
-            signal.signal(getattr(signal, name), on_signal)
+            signum = getattr(signal, name)
+            previous[signum] = signal.signal(signum, on_signal)
+    return previous
 
 
 # =============================================================================
@@ -2532,14 +3049,22 @@ _DEMO_PAGE = """<!doctype html>
     line.textContent = text;
     log.appendChild(line);
   }
+  // In chat mode the server sends your own message back with everyone
+  // else's, so it is shown once, when it arrives.
+  const chat = "{{MODE}}" === "chat";
+  ws.binaryType = "arraybuffer";
   ws.onopen = () => { status.textContent = "connected"; };
-  ws.onclose = (event) => { status.textContent = "closed (" + event.code + ")"; };
-  ws.onmessage = (event) => show(event.data, "in");
+  ws.onclose = (event) => {
+    status.textContent = "closed (" + event.code + (event.reason ? " " + event.reason : "") + ")";
+  };
+  ws.onerror = () => { status.textContent = "error: the connection failed"; };
+  ws.onmessage = (event) => show(
+    typeof event.data === "string" ? event.data : "[binary " + event.data.byteLength + " bytes]", "in");
   document.getElementById("form").onsubmit = (event) => {
     event.preventDefault();
     if (ws.readyState === WebSocket.OPEN && input.value) {
       ws.send(input.value);
-      show(input.value, "out");
+      if (!chat) show(input.value, "out");
       input.value = "";
     }
   };
@@ -2573,14 +3098,24 @@ def _size(text: str) -> int:
 
 
 def _seconds(text: str) -> Optional[float]:
-    if text.lower() in ("none", "off", "0"):
+    if text.lower() in ("none", "off"):
         return None
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError("not a number of seconds: %r" % text) from None
+    if not value > 0:  # 0 would mean "at once", which no timeout wants
+        raise argparse.ArgumentTypeError("%s: must be positive seconds, or 'none' to disable" % text)
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a whole number: %r" % text) from None
     if value < 0:
-        raise argparse.ArgumentTypeError("seconds must not be negative")
+        raise argparse.ArgumentTypeError("%s: must not be negative" % text)
     return value
 
 
@@ -2609,8 +3144,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-compression", action="store_true", help="decline permessage-deflate")
     parser.add_argument("--compression-window-bits", type=int, default=12, metavar="BITS", help="server compression window, 9-15 (default 12)")
     parser.add_argument("--compression-no-context-takeover", action="store_true", help="compress each message on its own (less memory per connection)")
-    parser.add_argument("--compression-threshold", type=int, default=128, metavar="BYTES", help="send shorter messages uncompressed (default 128)")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default info")
+    parser.add_argument("--compression-threshold", type=_count, default=128, metavar="BYTES", help="send shorter messages uncompressed (default 128)")
+    parser.add_argument("--log-level", default="info", type=str.lower, choices=["debug", "info", "warning", "error"], help="default info")
     parser.add_argument("--version", action="version", version="wsloop " + __version__)
     return parser
 
@@ -2628,16 +3163,48 @@ def _load_app(spec: str) -> Any:
     except Exception as exc:
         raise _UsageError("cannot load app %r: %s: %s" % (spec, type(exc).__name__, exc)) from None
     if isinstance(target, type):
-        target = target()
-    elif callable(target) and not hasattr(target, "on_message"):
-        function = target
-
-        class _FunctionHandler(Handler):
-            def on_message(self, conn: Connection, message: Union[str, bytes]) -> None:
-                function(conn, message)
-
-        target = _FunctionHandler()
+        try:
+            target = target()
+        except Exception as exc:
+            raise _UsageError("cannot create the app %s(): %s: %s" % (spec, type(exc).__name__, exc)) from None
+    try:
+        _handler_methods(target)
+    except TypeError as exc:
+        raise _UsageError("app %r cannot serve: %s" % (spec, exc)) from None
     return target
+
+
+def _server_ssl_context(certfile: str, keyfile: Optional[str]) -> ssl.SSLContext:
+    """A TLS server context, or _UsageError naming the file and the cause."""
+    for flag, path in (("--certfile", certfile), ("--keyfile", keyfile)):
+        if path is not None and not os.path.isfile(path):
+            why = "no such file" if not os.path.exists(path) else "not a file"
+            raise _UsageError("cannot read %s %s: %s" % (flag, path, why))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except ssl.SSLError as exc:  # (an OSError too: caught first)
+        reason = getattr(exc, "reason", None)
+        if reason == "KEY_VALUES_MISMATCH":
+            why = "the private key %s does not match the certificate %s" % (keyfile or certfile, certfile)
+        elif keyfile is None and _pem_has_no_key(certfile):
+            why = "%s holds no private key: give it with --keyfile" % certfile
+        else:
+            why = "%s%s is not a PEM certificate chain and private key (%s)" % (
+                certfile, " with " + keyfile if keyfile else "", reason or exc)
+        raise _UsageError("cannot load the TLS certificate: " + why) from None
+    except OSError as exc:
+        raise _UsageError("cannot read %s: %s" % (exc.filename or certfile, exc.strerror or exc)) from None
+    return context
+
+
+def _pem_has_no_key(path: str) -> bool:
+    try:
+        with open(path, "rb") as pem:
+            return b"PRIVATE KEY-----" not in pem.read()
+    except OSError:
+        return False
 
 
 def _raise_fd_limit() -> None:
@@ -2681,17 +3248,14 @@ def _main(argv: Optional[List[str]] = None) -> int:
         return 2
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(message)s",
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     ssl_context = None
     if args.certfile:
-        ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ssl_context.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
-            ssl_context.load_cert_chain(args.certfile, args.keyfile)
-        except (OSError, ssl.SSLError) as exc:
-            why = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
-            print("wsloop: error: cannot load certificate %s: %s" % (args.certfile, why), file=sys.stderr)
+            ssl_context = _server_ssl_context(args.certfile, args.keyfile)
+        except _UsageError as exc:
+            print("wsloop: error: %s" % exc, file=sys.stderr)
             return 2
     origins = None
     if args.origin:
@@ -2719,11 +3283,10 @@ def _main(argv: Optional[List[str]] = None) -> int:
             pages=pages,
         )
     except OSError as exc:
-        print(
-            "wsloop: error: cannot listen on %s port %d: %s"
-            % (args.host, args.port, os.strerror(exc.errno) if exc.errno else exc),
-            file=sys.stderr,
-        )
+        # gaierror (an unknown host) carries its message in strerror; its
+        # errno is negative, which os.strerror() cannot name.
+        why = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
+        print("wsloop: error: cannot listen on %s port %d: %s" % (args.host, args.port, why), file=sys.stderr)
         return 2
     _run_until_signalled(server)
     return 0

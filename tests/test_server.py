@@ -388,6 +388,7 @@ def test_dual_stack_host_serves_ipv6_and_ipv4():
 
 def test_cancelled_timers_do_not_pile_up_in_the_heap():
     loop = wsloop._EventLoop()
+    loop.thread_id = threading.get_ident()  # this thread owns the loop, as run() would
     try:
         for _ in range(1000):
             loop.call_later(60, print).cancel()  # as every completed handshake does
