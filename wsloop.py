@@ -944,15 +944,31 @@ _FIN = 0x80
 _RSV1 = 0x40  # "compressed", once permessage-deflate is negotiated
 _RSV_BITS = 0x70
 _MASK_BIT = 0x80
+_LENGTH_BITS = 0x7F
+
+# RFC 6455 5.2: a 7-bit length of 126 or 127 says a 16- or 64-bit one follows.
+_LENGTH_16 = 126
+_LENGTH_64 = 127
+MASK_LENGTH = 4  # the masking key every client frame carries (RFC 6455 5.3)
+# What a client frame's header takes: two bytes, the extended length if
+# any, then the mask.
+_HEADER_7 = 2 + MASK_LENGTH
+_HEADER_16 = 2 + 2 + MASK_LENGTH
+_HEADER_64 = 2 + 8 + MASK_LENGTH
+# First bytes of a whole message in one frame: FIN, no RSV bit, text or
+# binary.  Nearly every frame is one of these, so the parser tests for them
+# first (its fast path).
+_WHOLE_TEXT = _FIN | 0x1
+_WHOLE_BINARY = _FIN | 0x2
 
 
 def _frame_header(first_byte: int, length: int) -> bytes:
     """The header of an unmasked (server-to-client) frame."""
-    if length < 126:
+    if length < _LENGTH_16:
         return bytes((first_byte, length))
     if length < 65536:
-        return _pack_16(first_byte, 126, length)
-    return _pack_64(first_byte, 127, length)
+        return _pack_16(first_byte, _LENGTH_16, length)
+    return _pack_64(first_byte, _LENGTH_64, length)
 
 
 def encode_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
@@ -983,20 +999,21 @@ def _encode_compressed(message: Union[str, bytes], extension: "_PerMessageDeflat
 
 def encode_message(message: Union[str, bytes]) -> bytes:
     """Serialize a whole message as one unmasked frame (text for ``str``)."""
+    # Exact type checks first: they are the cheap common case.
     if type(message) is str:
         payload = message.encode("utf-8")
-        first = 0x81
+        first = _WHOLE_TEXT
     elif isinstance(message, (bytes, bytearray, memoryview)):
         payload = message if type(message) is bytes else bytes(message)
-        first = 0x82
+        first = _WHOLE_BINARY
     elif isinstance(message, str):
         payload = message.encode("utf-8")
-        first = 0x81
+        first = _WHOLE_TEXT
     else:
         raise TypeError("message must be str or bytes, not %s" % type(message).__name__)
     length = len(payload)
-    if length < 126:
-        return bytes((first, length)) + payload
+    if length < _LENGTH_16:
+        return bytes((first, length)) + payload  # no call for the common short header
     return _frame_header(first, length) + payload
 
 
@@ -1261,20 +1278,20 @@ class Protocol:
                     break
                 first = buffer[position]
                 second = buffer[position + 1]
-                length = second & 0x7F
-                header_length = 6
-                if length == 126:
-                    header_length = 8
-                    if end - position < 4:
+                length = second & _LENGTH_BITS
+                header_length = _HEADER_7
+                if length == _LENGTH_16:
+                    header_length = _HEADER_16
+                    if end - position < _HEADER_16 - MASK_LENGTH:
                         break
                     length = _unpack_16(buffer, position + 2)[0]
-                elif length == 127:
-                    header_length = 14
-                    if end - position < 10:
+                elif length == _LENGTH_64:
+                    header_length = _HEADER_64
+                    if end - position < _HEADER_64 - MASK_LENGTH:
                         break
                     length = _unpack_64(buffer, position + 2)[0]
                 if (
-                    (first == 0x81 or first == 0x82)
+                    (first == _WHOLE_TEXT or first == _WHOLE_BINARY)
                     and second & _MASK_BIT
                     and not self._message_opcode
                     and end - position >= header_length + length
@@ -1283,11 +1300,13 @@ class Protocol:
                 ):
                     # Fast path, the common case: a whole unfragmented,
                     # uncompressed text or binary message.  The conditions
-                    # above are every check _check_header would make.
+                    # above are every check _check_header would make, so it
+                    # skips the per-frame state and unmasks the payload in
+                    # one call straight out of the received bytes.
                     payload_start = position + header_length
                     position = payload_start + length
-                    payload = _unmask(buffer[payload_start:position], buffer[payload_start - 4 : payload_start])
-                    if first == 0x82:
+                    payload = _unmask(buffer[payload_start:position], buffer[payload_start - MASK_LENGTH : payload_start])
+                    if first == _WHOLE_BINARY:
                         yield (_EV_BINARY, payload)
                         continue
                     try:
@@ -1300,7 +1319,7 @@ class Protocol:
                 self._check_header(first, second, opcode, length)
                 if end - position < header_length:
                     break
-                mask = bytes(buffer[position + header_length - 4 : position + header_length])
+                mask = bytes(buffer[position + header_length - MASK_LENGTH : position + header_length])
                 if opcode >= 8:
                     # Control frames are short: handle them whole.
                     frame_end = position + header_length + length
@@ -1462,7 +1481,7 @@ class Protocol:
         """Take the next piece of a data frame's payload."""
         offset = self._frame_offset
         mask = self._frame_mask
-        if offset & 3:
+        if offset & 3:  # offset % MASK_LENGTH: the mask continues mid-key
             mask = mask[offset & 3 :] + mask[: offset & 3]
         self._frame_offset = offset + len(chunk)
         data = _unmask(chunk, mask)

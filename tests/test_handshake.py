@@ -164,3 +164,101 @@ def test_whole_head_limit():
     assert status_of(protocol) == 431
     protocol, _ = feed(request_bytes(headers=headers)[: wsloop.MAX_REQUEST_HEAD + 10], chunks=4096)
     assert status_of(protocol) == 431
+
+
+# -- the server's handshake policy, socket-free ---------------------------------
+
+
+def policy(**overrides):
+    """The options _answer_request reads, as a Server would pass them."""
+    fields = dict(origins=None, health_path=None, pages={}, ssl_context=None)
+    fields.update(overrides)
+    return type("Options", (), fields)()
+
+
+def answer(data, options, shutting_down=False):
+    """The policy's answer to a request given as bytes: a Response or None."""
+    protocol, events = feed(data)
+    assert len(events) == 1, "the request itself must be valid here"
+    return wsloop._answer_request(events[0][1], protocol.is_upgrade, options, shutting_down)
+
+
+PLAIN_GET = b"GET %s HTTP/1.1\r\nHost: example.com:8765\r\n\r\n"
+
+
+def test_policy_lets_a_plain_upgrade_go_on():
+    assert answer(request_bytes(), policy()) is None
+
+
+@pytest.mark.parametrize("data", [request_bytes(), PLAIN_GET % b"/healthz"])
+def test_policy_answers_503_to_everything_while_shutting_down(data):
+    response = answer(data, policy(health_path="/healthz"), shutting_down=True)
+    assert response.status == 503 and ("Retry-After", "5") in response.headers
+
+
+@pytest.mark.parametrize(
+    "origin, allowed, expected",
+    [
+        ("https://app.example", ["https://app.example"], None),
+        ("https://evil.example", ["https://app.example"], 403),
+        (None, ["https://app.example"], 403),
+        (None, ["https://app.example", None], None),
+        ("https://evil.example", None, None),  # no list: every origin
+    ],
+)
+def test_policy_checks_the_origin_of_upgrades(origin, allowed, expected):
+    headers = {"Origin": origin} if origin else {}
+    response = answer(request_bytes(headers=headers), policy(origins=allowed))
+    assert (response and response.status) == expected
+    if expected:
+        assert (origin or "(none)") in response.body.decode()
+
+
+def test_policy_answers_the_health_check_pages_and_426():
+    pages = {"/": ("text/html", b"<p>hi</p>")}
+    options = policy(health_path="/healthz", pages=pages)
+    health = answer(PLAIN_GET % b"/healthz", options)
+    assert (health.status, health.body) == (200, b"ok\n")
+    page = answer(PLAIN_GET % b"/", options)
+    assert (page.status, page.body) == (200, b"<p>hi</p>")
+    assert ("Content-Type", "text/html") in page.headers
+    other = answer(PLAIN_GET % b"/nothing", options)
+    assert other.status == 426 and ("Upgrade", "websocket") in other.headers
+
+
+@pytest.mark.parametrize(
+    "allowed, secure, expected",
+    [
+        (["http://example.com:8765"], False, 200),
+        (["https://example.com:8765"], True, 200),
+        (["https://example.com:8765"], False, 403),  # the page's origin is http://
+        (["https://other.example"], False, 403),
+    ],
+)
+def test_policy_serves_a_page_only_where_its_own_origin_is_allowed(allowed, secure, expected):
+    options = policy(pages={"/": ("text/html", b"page")}, origins=allowed, ssl_context=secure or None)
+    response = answer(PLAIN_GET % b"/", options)
+    assert response.status == expected
+    if expected == 403:
+        assert b"example.com:8765" in response.body
+
+
+def test_head_gets_the_headers_of_get_and_no_body():
+    protocol, events = feed(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [kind for kind, _ in events] == [wsloop.Event.HTTP_REQUEST]
+    protocol.respond(200, [("Cache-Control", "no-store")], b"ok\n")
+    data = protocol.data_to_send()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"\r\nContent-Length: 3\r\n" in head + b"\r\n" and body == b""
+
+
+def test_a_head_upgrade_is_refused_405():
+    protocol, events = feed(request_bytes(method="HEAD"))
+    assert events == [] and status_of(protocol) == 405
+
+
+def test_one_connection_header_when_a_response_names_one():
+    protocol, _ = feed(PLAIN_GET % b"/")
+    protocol.respond(426, [("Upgrade", "websocket"), ("Connection", "Upgrade")])
+    head = protocol.data_to_send().split(b"\r\n\r\n")[0].split(b"\r\n")
+    assert [line for line in head if line.lower().startswith(b"connection:")] == [b"Connection: Upgrade, close"]
