@@ -31,7 +31,8 @@ Limits and their defaults (all configurable on :class:`Server` and the CLI)
 - ``max_size`` 1 MiB: largest incoming message (close code 1009).
 - ``max_fragments``: most frames in one message, ``max(1024, max_size // 64)``.
 - ``open_timeout`` 10 s: to complete the opening handshake.
-- ``close_timeout`` 10 s: to complete the closing handshake.
+- ``close_timeout`` 10 s: to complete the closing handshake (it bounds the
+  whole end of a connection, drained or not).
 - ``ping_interval`` 20 s / ``ping_timeout`` 20 s: keepalive (close code 1011).
 - ``write_high_water`` 256 KiB: stop reading a peer whose output backs up.
 - ``max_pending_output`` 4 MiB: close (1008) a peer that cannot keep up
@@ -39,6 +40,14 @@ Limits and their defaults (all configurable on :class:`Server` and the CLI)
 - ``compression``: permessage-deflate (RFC 7692) on, 12-bit windows
   (see :class:`Deflate`); inflated messages obey ``max_size`` too.
 - Request head: lines of 8 KiB at most, 128 headers, 64 KiB in all.
+
+Threads: the thread that runs the loop owns every connection and the
+server's tables; other threads only go through its one door (a queue that
+wakes the loop).  Every public method of :class:`Connection` and
+:class:`Server` may be called from any thread: it checks its arguments in
+the caller's thread, then acts at once in the loop's thread or queues the
+work through the door.  Handlers are plain functions, run on the loop's
+thread one at a time.
 
 Unmasking client data is the one hot spot pure Python cannot make fast; an
 optional C helper (``_wsloop_speedups``, built by ``pip install`` when a
@@ -78,7 +87,9 @@ import threading
 import time
 import urllib.parse
 import zlib
-from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import (
+    Any, Callable, Deque, Dict, Generator, Iterable, Iterator, List, NoReturn, Optional, Tuple, Union,
+)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -271,7 +282,7 @@ def _unmask_python(data: bytes, mask: bytes) -> bytes:
 try:
     if os.environ.get("WSLOOP_NO_SPEEDUPS"):
         raise ImportError("refused by WSLOOP_NO_SPEEDUPS")
-    from _wsloop_speedups import unmask as _unmask
+    from _wsloop_speedups import unmask as _unmask  # type: ignore[import-not-found]
 
     ACCELERATED = True
 except ImportError:
@@ -346,7 +357,7 @@ class Headers:
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and bool(self.get_all(name))
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Tuple[str, str]]:
         return iter(self._items)
 
     def __len__(self) -> int:
@@ -767,7 +778,9 @@ def _window_bits(text: Optional[str], low: int) -> Optional[int]:
     return value if low <= value <= 15 else None
 
 
-def _negotiate_deflate(offers, settings: "Deflate") -> Optional[Tuple[str, "_PerMessageDeflate"]]:
+def _negotiate_deflate(
+    offers: List[Tuple[str, List[Tuple[str, Optional[str]]]]], settings: Deflate
+) -> Optional[Tuple[str, "_PerMessageDeflate"]]:
     """Pick the first acceptable permessage-deflate offer (RFC 7692 section 7).
 
     Returns ``(response header value, codec)``, or None to decline them all.
@@ -880,7 +893,7 @@ class _PerMessageDeflate:
                                           -self.compress_bits, self.mem_level)
             if not self.server_no_context:
                 self._compressor = compressor
-        data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
+        data: bytes = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
         # RFC 7692 7.2.1: remove the 4 bytes the sync flush ends with.
         return data[:-4] if data.endswith(_DEFLATE_TAIL) else data
 
@@ -905,7 +918,7 @@ class _PerMessageDeflate:
             data = bytes(data) + _DEFLATE_TAIL  # RFC 7692 7.2.2
         try:
             # limit + 1: one byte over says "too big" without inflating more.
-            output = decompressor.decompress(data, limit + 1)
+            output: bytes = decompressor.decompress(data, limit + 1)
         except zlib.error:
             raise ProtocolError("invalid compressed data", CloseCode.INVALID_DATA) from None
         if len(output) > limit:
@@ -1177,7 +1190,8 @@ class Protocol:
         self._negotiated: Optional[Tuple[str, _PerMessageDeflate]] = None
         self.extension: Optional[_PerMessageDeflate] = None
         self._buffer = bytearray()
-        self._unbuffered = None  # bytes received but not copied (see receive_data)
+        # Bytes received but not copied (see receive_data).
+        self._unbuffered: Optional[Union[bytes, bytearray, memoryview]] = None
         # The frame whose payload is being consumed.
         self._in_payload = False
         self._frame_remaining = 0
@@ -1191,7 +1205,7 @@ class Protocol:
         self._message_fragments = 0
         self._message_compressed = False
         self._message_inflated = 0
-        self._utf8 = None
+        self._utf8: Any = None  # an incremental UTF-8 decoder, for text in pieces
 
     def __repr__(self) -> str:
         return "<Protocol %s>" % self.state.value
@@ -1212,7 +1226,7 @@ class Protocol:
 
     # -- input ----------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: Union[bytes, bytearray, memoryview]) -> None:
         """Take bytes from the peer; :meth:`events` then returns what they complete.
 
         ``data`` is not copied when nothing is buffered: :meth:`events` parses
@@ -1230,7 +1244,7 @@ class Protocol:
         else:
             self._unbuffered = data
 
-    def events(self) -> Iterator[Tuple[Event, Any]]:
+    def events(self) -> Generator[Tuple[Event, Any], None, None]:
         """Yield the events in the bytes received so far, one at a time.
 
         Events are parsed lazily, so what the caller does with one (a reply,
@@ -1245,9 +1259,10 @@ class Protocol:
                     yield (Event.REQUEST if self.is_upgrade else Event.HTTP_REQUEST, request)
             if self.state is _CONNECTING:
                 return  # not accepted (yet): keep the bytes for later
-        buffer = self._unbuffered
-        in_place = buffer is not None
-        if in_place:
+        buffer: Union[bytes, bytearray, memoryview]
+        in_place = self._unbuffered is not None
+        if self._unbuffered is not None:
+            buffer = self._unbuffered
             self._unbuffered = None
         else:
             buffer = self._buffer
@@ -1345,7 +1360,7 @@ class Protocol:
                 if position < end:
                     self._buffer += buffer[position:end]  # the caller may reuse its buffer
             elif position:
-                del buffer[:position]
+                del self._buffer[:position]  # `buffer` is self._buffer here
 
     def receive_eof(self) -> None:
         """The peer closed its side of TCP (or the connection dropped)."""
@@ -1477,7 +1492,7 @@ class Protocol:
         self._message_size += length
         self._frame_fin = bool(first & _FIN)
 
-    def _receive_payload(self, chunk: bytearray, frame_done: bool) -> Optional[Tuple[Event, Any]]:
+    def _receive_payload(self, chunk: Union[bytes, bytearray, memoryview], frame_done: bool) -> Optional[Tuple[Event, Any]]:
         """Take the next piece of a data frame's payload."""
         offset = self._frame_offset
         mask = self._frame_mask
@@ -1487,7 +1502,8 @@ class Protocol:
         data = _unmask(chunk, mask)
         message_done = frame_done and self._frame_fin
         if self._message_compressed:
-            data = self.extension.decompress(data, message_done, self.max_size - self._message_inflated)
+            extension: Any = self.extension  # set whenever a message is compressed
+            data = extension.decompress(data, message_done, self.max_size - self._message_inflated)
             self._message_inflated += len(data)
         if message_done and self._message_data is None:
             # The whole message is in this one piece: the fast, common case.
@@ -1510,7 +1526,7 @@ class Protocol:
         self._utf8 = None
         return self._deliver(data)
 
-    def _deliver(self, data) -> Optional[Tuple[Event, Any]]:
+    def _deliver(self, data: Union[bytes, bytearray]) -> Optional[Tuple[Event, Any]]:
         opcode = self._message_opcode
         self._message_opcode = 0
         self._message_size = 0
@@ -1977,10 +1993,10 @@ def _check_close(code: int, reason: str) -> None:
 def _check_ping(payload: Any) -> bytes:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise TypeError("ping payload must be bytes, not %s" % type(payload).__name__)
-    payload = bytes(payload)
-    if len(payload) > 125:
+    data = bytes(payload)
+    if len(data) > 125:
         raise ValueError("ping payload over 125 bytes")
-    return payload
+    return data
 
 
 # Input a connection may handle in one turn of the loop before the others
@@ -3017,7 +3033,7 @@ def _install_signal_handlers(server: Server) -> Dict[int, Any]:
     """Shut down on SIGINT/SIGTERM; returns the handlers replaced."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    signals_seen = []
+    signals_seen: List[int] = []
 
     def on_signal(signum: int, frame: Any) -> None:
         if signals_seen:
@@ -3097,7 +3113,7 @@ class _UsageError(Exception):
 
 
 class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not argparse's usage dump
+    def error(self, message: str) -> NoReturn:  # one line, not argparse's usage dump
         raise _UsageError(message + " (see --help)")
 
 
