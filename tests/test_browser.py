@@ -11,6 +11,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from helpers import Client
 from test_cli import cli_server  # noqa: F401  (fixture)
 
 
@@ -42,15 +43,23 @@ def log_lines(driver):
     return [line.text for line in driver.find_elements(By.CSS_SELECTOR, "#log div")]
 
 
-@pytest.mark.parametrize("mode", ["echo", "chat"])
-def test_demo_page_connects_sends_and_shows_the_reply(browser, cli_server, mode):  # noqa: F811
-    server = cli_server(*(["--broadcast"] if mode == "chat" else []))
+def open_page(browser, server, mode):
     browser.get("http://127.0.0.1:%d/" % server.port)
     assert browser.title == "wsloop " + mode
     wait = WebDriverWait(browser, 10)
     wait.until(lambda d: d.find_element(By.ID, "status").text == "connected")
-    browser.find_element(By.ID, "message").send_keys("hello from chromium")
+    return wait
+
+
+def send_from_page(browser, text):
+    browser.find_element(By.ID, "message").send_keys(text)
     browser.find_element(By.ID, "send").click()
+
+
+def test_demo_page_connects_sends_and_shows_the_reply(browser, cli_server):  # noqa: F811
+    server = cli_server()
+    wait = open_page(browser, server, "echo")
+    send_from_page(browser, "hello from chromium")
     wait.until(lambda d: len(log_lines(d)) == 2)
     lines = browser.find_elements(By.CSS_SELECTOR, "#log div")
     assert [(line.get_attribute("class"), line.text) for line in lines] == [
@@ -58,3 +67,19 @@ def test_demo_page_connects_sends_and_shows_the_reply(browser, cli_server, mode)
         ("in", "hello from chromium"),  # the server's reply, shown by the page
     ]
     assert "open from 127.0.0.1:" in server.wait_for("open from")  # after the page and favicon requests
+
+
+def test_chat_page_shows_your_message_once_and_binary_as_its_size(browser, cli_server):  # noqa: F811
+    server = cli_server("--broadcast")
+    wait = open_page(browser, server, "chat")
+    other = Client(server.port)  # another member of the chat, on a raw socket
+    send_from_page(browser, "hello from chromium")
+    assert other.recv_message() == "hello from chromium"  # broadcast, so the page gets it too
+    other.send_binary(b"abc")
+    wait.until(lambda d: any("binary" in line or "Blob" in line for line in log_lines(d)))
+    other.send_text("last")  # the page gets it after its own message and the binary one
+    wait.until(lambda d: "last" in log_lines(d))
+    lines = log_lines(browser)
+    assert lines.count("hello from chromium") == 1, lines
+    assert not any("[object Blob]" in line for line in lines), lines
+    assert [line for line in lines if "binary" in line and "3" in line], lines

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -111,7 +112,7 @@ def test_echo_logs_open_and_close(cli_server):
     assert client.recv_message() == "echo me"
     client.close(1000)
     assert client.expect_close() == (1000, "")
-    assert "connection 1 closed: code 1000" in server.wait_for("closed")
+    assert "closed: received 1000, sent 1000" in server.wait_for("closed")
 
 
 def test_broadcast_flag(cli_server):
@@ -186,7 +187,7 @@ def test_missing_certificate_is_one_line(tmp_path):
     result = run_cli("--certfile", str(tmp_path / "nope.pem"))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("wsloop: error: cannot load certificate")
+    assert len(lines) == 1 and lines[0].startswith("wsloop: error: cannot read --certfile")
 
 
 def test_unreadable_certificate_is_one_line(tmp_path):
@@ -227,3 +228,190 @@ def test_demo_page_is_served_at_the_root(cli_server):
     page.sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     status, head, body = page.read_http_response()
     assert status == 200 and "text/html" in head and b"new WebSocket(" in body
+
+
+# -- refusals at start-up -----------------------------------------------------------
+
+
+def run_refused(*args, cwd=None):
+    """Run the CLI expecting it to refuse: (status, stderr lines).
+
+    A server that starts instead fails the test as soon as it says "listening on"."""
+    process = subprocess.Popen(
+        COMMAND + ["--port", "0", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd
+    )
+    bound = threading.Timer(30, process.kill)  # a bound, should it neither exit nor listen
+    bound.start()
+    lines = []
+    try:
+        for line in process.stderr:
+            lines.append(line)
+            if "listening on" in line:
+                raise AssertionError("started instead of refusing %s:\n%s" % (args, "".join(lines)))
+        status = process.wait(30)
+    finally:
+        bound.cancel()
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+        process.stderr.close()
+    return status, [line.rstrip("\n") for line in lines if line.strip()]
+
+
+def assert_one_error_line(status, lines):
+    assert status == 2, lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("wsloop: error: "), lines
+    return lines[0]
+
+
+BAD_APPS = textwrap.dedent('''
+    class NeedsArguments:
+        def __init__(self, greeting):
+            self.greeting = greeting
+
+        def on_message(self, conn, message):
+            conn.send(self.greeting)
+
+    class AsyncHandler:
+        async def on_message(self, conn, message):
+            conn.send(message)
+
+    async_handler = AsyncHandler()
+
+    async def async_function(conn, message):
+        conn.send(message)
+
+    number = 42
+''')
+
+
+@pytest.mark.parametrize(
+    "attribute, message",
+    [
+        ("NeedsArguments", "NeedsArguments"),
+        ("async_handler", "handlers are synchronous"),
+        ("async_function", "handlers are synchronous"),
+        ("number", "number"),
+    ],
+)
+def test_app_that_is_not_a_usable_handler_is_one_line(tmp_path, attribute, message):
+    (tmp_path / "badapps.py").write_text(BAD_APPS)
+    line = assert_one_error_line(*run_refused("--app", "badapps:" + attribute, cwd=str(tmp_path)))
+    assert message in line
+
+
+def test_unresolvable_host_names_the_host_and_the_cause():
+    line = assert_one_error_line(*run_refused("--host", "999.1.1.1"))
+    assert "999.1.1.1" in line and "Unknown error" not in line
+    assert line.rstrip().split(":")[-1].strip(), line  # a cause after the last colon
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A certificate and its key in separate PEM files."""
+    import trustme
+
+    directory = tmp_path_factory.mktemp("tls")
+    cert = trustme.CA().issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(directory / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(directory / "key.pem"))
+    return directory / "cert.pem", directory / "key.pem"
+
+
+def test_missing_key_file_is_named(certificate, tmp_path):
+    cert, _ = certificate
+    missing = str(tmp_path / "nonexistent" / "key.pem")
+    line = assert_one_error_line(*run_refused("--certfile", str(cert), "--keyfile", missing))
+    assert missing in line, line
+
+
+def test_certificate_without_its_key_says_so(certificate):
+    cert, _ = certificate
+    line = assert_one_error_line(*run_refused("--certfile", str(cert)))
+    assert "PEM lib" not in line
+    assert "--keyfile" in line or "private key" in line.lower(), line
+
+
+@pytest.mark.parametrize("flag", ["--close-timeout", "--open-timeout", "--ping-interval"])
+def test_zero_seconds_is_refused_not_taken_as_none(flag):
+    line = assert_one_error_line(*run_refused(flag, "0"))
+    assert flag in line and "'none'" in line, line
+
+
+@pytest.mark.parametrize("flag", ["--close-timeout", "--open-timeout", "--ping-interval", "--ping-timeout"])
+def test_negative_seconds_are_refused(flag):
+    assert flag in assert_one_error_line(*run_refused(flag, "-1"))
+
+
+def test_negative_compression_threshold_is_refused():
+    assert "--compression-threshold" in assert_one_error_line(*run_refused("--compression-threshold", "-5"))
+
+
+@pytest.mark.parametrize("level", ["INFO", "Debug"])
+def test_log_level_in_any_case(cli_server, level):
+    server = cli_server("--log-level", level)
+    assert Client(server.port).sock  # it serves
+
+
+def test_log_lines_name_the_logger(cli_server):
+    server = cli_server()
+    assert "wsloop" in server.lines[-1]  # the "listening on" line
+
+
+# -- the API refuses coroutine handlers too ---------------------------------------------
+
+
+class AsyncOnMessage:
+    async def on_message(self, conn, message):
+        conn.send(message)
+
+
+def test_server_refuses_an_async_handler():
+    import wsloop
+
+    with pytest.raises(TypeError, match="synchronous"):
+        server = wsloop.Server(AsyncOnMessage(), port=0)
+        server.close()
+
+
+def test_serve_refuses_an_async_handler(monkeypatch):
+    import wsloop
+
+    def must_not_run(self):
+        raise AssertionError("serve() started serving an async handler")
+
+    monkeypatch.setattr(wsloop.Server, "serve_forever", must_not_run)
+    saved = {name: signal.getsignal(getattr(signal, name)) for name in ("SIGINT", "SIGTERM")}
+    try:
+        with pytest.raises(TypeError, match="synchronous"):
+            wsloop.serve(AsyncOnMessage(), port=0)
+    finally:
+        for name, handler in saved.items():
+            signal.signal(getattr(signal, name), handler)
+
+
+# -- the demo page and --origin ------------------------------------------------------------
+
+
+def get_root(port, host):
+    page = Client(port, handshake=False)
+    page.sock.sendall(b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
+    return page.read_http_response()
+
+
+def test_demo_page_is_refused_when_its_origin_is_not_allowed(cli_server):
+    server = cli_server("--origin", "https://other.example")
+    status, head, body = get_root(server.port, "127.0.0.1:%d" % server.port)
+    assert status == 403, head
+    text = body.decode("utf-8")
+    assert len(text.strip().splitlines()) == 1 and "--origin" in text, text
+
+
+def test_demo_page_is_served_when_its_origin_is_allowed(cli_server):
+    with socket.socket() as probe:  # the origin names the port, so choose it first
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = cli_server("--port", str(port), "--origin", "http://127.0.0.1:%d" % port)
+    status, head, body = get_root(server.port, "127.0.0.1:%d" % port)
+    assert status == 200 and b"new WebSocket(" in body

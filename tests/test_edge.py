@@ -1,9 +1,7 @@
 """The HTTP edge: TLS in the loop, the handshake hook, origins, subprotocols,
 the health check and plain pages."""
 
-import importlib.util
 import logging
-import os
 import socket
 import ssl
 import threading
@@ -97,29 +95,41 @@ def test_open_timeout_covers_the_tls_handshake(tls):
 
 # -- the handshake hook -----------------------------------------------------------
 
-def load_example(name):
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", name + ".py")
-    spec = importlib.util.spec_from_file_location("example_" + name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # its serve() call is behind __main__
-    return module
-
-
-token_auth = load_example("token_auth")  # the README's example, as it stands
-TokenAuth, TOKEN = token_auth.TokenAuth, token_auth.TOKEN.decode()
-
-
 def test_hook_refuses_with_401_and_accepts_with_headers():
-    with running_server(TokenAuth()) as server:
-        refused = Client(server.port, path="/?token=wrong", handshake=False)
-        refused.sock.sendall(request_bytes("/?token=wrong"))
+    class Password(wsloop.Handler):
+        def on_handshake(self, conn):
+            if conn.query != "let-me-in":
+                return wsloop.Response(401, "token required\n", [("WWW-Authenticate", "Bearer")])
+            return wsloop.Response(101, headers=[("Set-Cookie", "session=ok; HttpOnly; Secure")])
+
+        def on_message(self, conn, message):
+            conn.send(message)
+
+    with running_server(Password()) as server:
+        refused = Client(server.port, handshake=False)
+        refused.sock.sendall(request_bytes("/?wrong"))
         status, head, body = refused.read_http_response()
         assert status == 401 and body == b"token required\n"
         assert "\r\nWWW-Authenticate: Bearer" in head
-        accepted = Client(server.port, path="/?token=" + TOKEN)
+        accepted = Client(server.port, path="/?let-me-in")
         assert b"\r\nSet-Cookie: session=ok; HttpOnly; Secure\r\n" in accepted.response_head
         accepted.send_text("in")
         assert accepted.recv_message() == "in"
+
+
+def test_query_params_are_parsed_like_parse_qs():
+    seen = []
+
+    class Note(wsloop.Handler):
+        def on_handshake(self, conn):
+            seen.append((conn.query_params, conn.request.query_params))
+
+    query = "a=1&a=2&b=&c=x+y&d=%2F%C3%A9&e"
+    expected = {"a": ["1", "2"], "b": [""], "c": ["x y"], "d": ["/\u00e9"], "e": [""]}
+    with running_server(Note()) as server:
+        Client(server.port, path="/p?" + query)
+        Client(server.port, path="/p")
+    assert seen == [(expected, expected), ({}, {})]
 
 
 def test_hook_that_raises_gets_500_and_the_server_goes_on(caplog):
@@ -232,3 +242,98 @@ def test_health_check_says_503_during_shutdown():
         server.shutdown()
         thread.join(10)
         server.close()
+
+
+def header_values(head, name):
+    """Every value of header ``name`` in a response head (str), in order."""
+    values = []
+    for line in head.split("\r\n")[1:]:
+        field, colon, value = line.partition(":")
+        if colon and field.strip().lower() == name.lower():
+            values.append(value.strip())
+    return values
+
+
+def test_head_on_the_health_check_gets_the_headers_without_the_body():
+    with running_server(health_path="/healthz") as server:
+        status, head, body = http_get(server.port, "/healthz")
+        assert (status, body) == (200, b"ok\n")
+        client = Client(server.port, handshake=False)
+        client.sock.sendall(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, head, body = client.read_http_response()  # reads to EOF
+        assert status == 200, head
+        assert header_values(head, "Content-Length") == [str(len(b"ok\n"))]
+        assert body == b""
+
+
+def test_426_for_a_plain_request_has_one_connection_header():
+    with running_server(health_path="/healthz") as server:
+        status, head, body = http_get(server.port, "/not-a-page")
+    assert status == 426
+    connection = header_values(head, "Connection")
+    assert len(connection) == 1, head  # RFC 9110 5.3: one field line, or one list
+    tokens = {token.strip().lower() for token in connection[0].split(",")}
+    assert tokens == {"upgrade", "close"}, head
+    assert [value.lower() for value in header_values(head, "Upgrade")] == ["websocket"], head
+
+
+# -- what the operator sees in the log --------------------------------------------
+
+
+def logged_after_loop_pass(server):
+    """Wait until the loop has finished what it was doing (logging included)."""
+    passed = threading.Event()
+    server.call_soon_threadsafe(passed.set)
+    assert passed.wait(5)
+
+
+def info_lines(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "wsloop" and r.levelno == logging.INFO]
+
+
+def test_close_is_logged_with_address_and_both_codes_and_reasons(caplog):
+    class Bye(wsloop.Handler):
+        def __init__(self):
+            self.closed = threading.Event()
+
+        def on_message(self, conn, message):
+            conn.close(4000, "server says bye")
+
+        def on_close(self, conn, code, reason):
+            self.closed.set()
+
+    handler = Bye()
+    with caplog.at_level(logging.INFO, logger="wsloop"):
+        with running_server(handler) as server:
+            client = Client(server.port)
+            client_port = client.sock.getsockname()[1]
+            client.send_text("bye?")
+            assert client.expect_close() == (4000, "server says bye")
+            client.close(4001, b"client says bye")
+            assert handler.closed.wait(5)  # on_close runs after the line is logged
+    lines = [line for line in info_lines(caplog) if "4000" in line and "4001" in line]
+    assert len(lines) == 1, info_lines(caplog)
+    line = lines[0]
+    assert "127.0.0.1" in line and str(client_port) in line, line
+    assert "server says bye" in line and "client says bye" in line, line
+
+
+def test_refused_origin_is_logged_with_the_origin(caplog):
+    with caplog.at_level(logging.INFO, logger="wsloop"):
+        with running_server(origins=["https://a.example"]) as server:
+            client = Client(server.port, handshake=False)
+            client.sock.sendall(request_bytes(headers={"Origin": "https://evil.example"}))
+            assert client.read_http_response()[0] == 403  # to EOF: the server is done with it
+            logged_after_loop_pass(server)
+            lines = [line for line in info_lines(caplog) if "https://evil.example" in line]
+    assert len(lines) == 1, info_lines(caplog)
+
+
+def test_open_timeout_is_logged(caplog):
+    with caplog.at_level(logging.INFO, logger="wsloop"):
+        with running_server(open_timeout=0.3) as server:
+            silent = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            assert silent.recv(100) == b""  # dropped by the server
+            logged_after_loop_pass(server)
+            lines = [line for line in info_lines(caplog) if "timed out" in line or "timeout" in line]
+    assert len(lines) == 1, info_lines(caplog)

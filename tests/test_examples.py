@@ -1,12 +1,15 @@
 """The README's example is real code that runs."""
 
+import importlib.util
 import os
 import signal
 import socket
 import subprocess
 import sys
 
-from helpers import Client
+import pytest
+
+from helpers import Client, request_bytes, running_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,3 +59,92 @@ def test_greeter_example_runs(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+# -- token auth -----------------------------------------------------------------
+
+
+@pytest.fixture
+def token_auth(monkeypatch):
+    """examples/token_auth.py imported afresh with WS_TOKEN=change-me (its serve() is behind __main__)."""
+    monkeypatch.setenv("WS_TOKEN", "change-me")
+    spec = importlib.util.spec_from_file_location("example_token_auth", os.path.join(ROOT, "examples", "token_auth.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def handshake_status(port, path):
+    client = Client(port, handshake=False)
+    try:
+        client.sock.sendall(request_bytes(path))
+        head = client.read_head()
+        return int(head.split(b" ")[1]), head, client
+    except BaseException:
+        client.shutdown()
+        raise
+
+
+@pytest.mark.parametrize(
+    "query, status",
+    [
+        ("token=change-me", 101),
+        ("token=change-me&lang=en", 101),  # other parameters do not matter
+        ("lang=en&token=change-me", 101),
+        ("token=change%2Dme", 101),  # percent-decoded
+        ("token=wrong", 401),
+        ("", 401),
+        ("token=", 401),
+        ("mytoken=change-me", 401),  # not a substring match on the query
+        ("token=x&token=change-me", 401),  # exactly one token
+        ("token=change-me&token=change-me", 401),
+        ("token=change-me+", 401),  # '+' is a space: "change-me "
+        ("token=change-m", 401),
+    ],
+)
+def test_token_auth_example_checks_the_token_parameter(token_auth, query, status):
+    with running_server(token_auth.TokenAuth()) as server:
+        got, head, client = handshake_status(server.port, "/?" + query if query else "/")
+        try:
+            assert got == status, head
+            if status == 101:
+                assert b"\r\nSet-Cookie: session=ok; HttpOnly; Secure\r\n" in head
+                client.send_text("in")
+                assert client.recv_message() == "in"
+            else:
+                assert b"\r\nWWW-Authenticate: Bearer\r\n" in head
+        finally:
+            client.shutdown()
+
+
+def test_token_auth_example_compares_in_constant_time(token_auth, monkeypatch):
+    compared = []
+    real = token_auth.hmac.compare_digest
+
+    def spy(a, b):
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(token_auth.hmac, "compare_digest", spy)
+    with running_server(token_auth.TokenAuth()) as server:
+        for query, status in (("token=change-me", 101), ("token=nope", 401)):
+            got, head, client = handshake_status(server.port, "/?" + query)
+            client.shutdown()
+            assert got == status, head
+    assert len(compared) == 2 and all(b"change-me" in pair for pair in compared)
+
+
+@pytest.mark.parametrize("environment", ["unset", "empty"])
+def test_token_auth_example_refuses_to_start_without_a_token(tmp_path, environment):
+    env = dict(os.environ)
+    env.pop("WS_TOKEN", None)
+    if environment == "empty":
+        env["WS_TOKEN"] = ""
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "token_auth.py")],
+        capture_output=True, text=True, timeout=30, env=env, cwd=str(tmp_path),
+    )
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "WS_TOKEN" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
