@@ -93,6 +93,7 @@ from typing import (
 
 __version__ = "0.1.0"
 __all__ = [
+    "ClientConnection",
     "CloseCode",
     "Connection",
     "ConnectionClosed",
@@ -112,6 +113,7 @@ __all__ = [
     "State",
     "WebSocketError",
     "accept_key",
+    "connect",
     "serve",
 ]
 
@@ -167,6 +169,7 @@ class Event(enum.IntEnum):
 
     REQUEST = 0  # value: Request, a valid upgrade: answer with accept() or respond()
     HTTP_REQUEST = 3  # value: Request, a plain HTTP GET: answer with respond()
+    RESPONSE = 4  # client: value: Response, the server's valid 101; now OPEN
     TEXT = 1  # value: str
     BINARY = 2  # value: bytes
     PING = 9  # value: bytes (the pong is already queued)
@@ -232,11 +235,14 @@ class ProtocolError(WebSocketError):
 class HandshakeError(WebSocketError):
     """The opening handshake cannot succeed; ``status`` is the HTTP answer."""
 
-    def __init__(self, status: int, reason: str, headers: Iterable[Tuple[str, str]] = ()):
-        super().__init__("%d %s" % (status, reason))
-        self.status = status
+    def __init__(
+        self, status: int, reason: str, headers: Iterable[Tuple[str, str]] = (), body: bytes = b""
+    ):
+        super().__init__("%d %s" % (status, reason) if status else reason)
+        self.status = status  # 0 when a client got no valid HTTP response
         self.reason = reason
         self.headers = list(headers)
+        self.body = body  # what a server's refusal said, for a client
 
 
 class ConnectionClosed(WebSocketError):
@@ -440,6 +446,13 @@ def _is_token(data: bytes) -> bool:
     return bool(data) and not data.translate(None, _TOKEN_CHARS)
 
 
+def _is_token_text(text: str) -> bool:
+    try:
+        return _is_token(text.encode("ascii"))
+    except UnicodeEncodeError:
+        return False
+
+
 def _check_partial_head(buffer: bytearray) -> None:
     """Enforce the head limits on a request that has not ended yet.
 
@@ -488,17 +501,7 @@ def _parse_request_head(buffer: bytearray) -> Optional[Tuple[Request, int]]:
     method, target, version_text = (part.decode("ascii") for part in parts)
     method = sys.intern(method)  # one "GET" for all connections
     version = _parse_http_version(version_text)
-    if len(lines) - 1 > MAX_HEADERS:
-        raise HandshakeError(431, "too many headers")
-    for line in lines[1:]:
-        if len(line) > MAX_HEADER_LINE:
-            raise HandshakeError(431, "header line too long")
-        name, colon, value = line.partition(b":")
-        # No space before the colon, no obsolete line folding (RFC 9112 5.1-5.2).
-        if not colon or not _is_token(name):
-            raise HandshakeError(400, "malformed header line")
-        if value.translate(None, _FIELD_VALUE_DELETE):
-            raise HandshakeError(400, "control character in header value")
+    _check_header_lines(lines[1:], 400, 431)
     if not target.startswith("/"):
         target = _origin_form(target)
     request = Request(method, target, version, b"\r\n".join(lines[1:]))
@@ -526,6 +529,59 @@ def _origin_form(target: str) -> str:
             path = rest[authority_end:].partition("#")[0]
             return path if path.startswith("/") else "/" + path
     return target
+
+
+def _check_header_lines(lines: List[bytes], malformed: int, too_large: int) -> None:
+    """Validate header lines (RFC 9112 5), raising HandshakeError with the
+    given statuses."""
+    if len(lines) > MAX_HEADERS:
+        raise HandshakeError(too_large, "too many headers")
+    for line in lines:
+        if len(line) > MAX_HEADER_LINE:
+            raise HandshakeError(too_large, "header line too long")
+        name, colon, value = line.partition(b":")
+        # No space before the colon, no obsolete line folding (RFC 9112 5.1-5.2).
+        if not colon or not _is_token(name):
+            raise HandshakeError(malformed, "malformed header line")
+        if value.translate(None, _FIELD_VALUE_DELETE):
+            raise HandshakeError(malformed, "control character in header value")
+
+
+def _parse_response_head(buffer: bytearray) -> Optional[Tuple[Response, str, int]]:
+    """Parse a server's response head from the start of ``buffer`` (the
+    client's side of the handshake, under the same limits as requests).
+
+    Returns ``(response, reason phrase, head_length)``, ``None`` when more
+    bytes are needed, or raises :class:`HandshakeError` (status 0: not a
+    valid HTTP response).
+    """
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buffer) > MAX_REQUEST_HEAD:
+            raise HandshakeError(0, "response head too large")
+        return None
+    if end + 4 > MAX_REQUEST_HEAD:
+        raise HandshakeError(0, "response head too large")
+    lines = bytes(buffer[:end]).split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if (
+        len(parts) < 2
+        or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0")
+        or len(parts[1]) != 3
+        or not parts[1].isdigit()
+    ):
+        raise HandshakeError(0, "not an HTTP/1.1 response")
+    _check_header_lines(lines[1:], 0, 0)
+    response = Response(int(parts[1]), b"", _split_header_block(b"\r\n".join(lines[1:])))
+    reason = parts[2].decode("latin-1") if len(parts) > 2 else ""
+    return response, reason, end + 4
+
+
+def _header_line(name: str, value: str) -> str:
+    """``name: value``, refusing what would split or forge a header."""
+    if not _is_token_text(name) or any(char in value for char in "\r\n\0"):
+        raise ValueError("invalid header %r: %r" % (name, value))
+    return "%s: %s" % (name, value)
 
 
 def _split_header_block(block: bytes) -> List[Tuple[str, str]]:
@@ -731,13 +787,6 @@ def _split_outside_quotes(text: str, separator: str) -> List[str]:
     return parts
 
 
-def _is_token_text(text: str) -> bool:
-    try:
-        return _is_token(text.encode("ascii"))
-    except UnicodeEncodeError:
-        return False
-
-
 def _parse_extensions(values: List[str]) -> List[Tuple[str, List[Tuple[str, Optional[str]]]]]:
     """Parse Sec-WebSocket-Extensions (RFC 6455 9.1) into (name, params) offers.
 
@@ -834,11 +883,70 @@ def _negotiate_deflate(
         if client_bits_offered:
             inflate_bits = min(client_bits or 15, settings.client_window_bits)
             response.append("client_max_window_bits=%d" % inflate_bits)
+        # The server compresses with its window and inflates the client's.
         codec = _PerMessageDeflate(
             compress_bits, inflate_bits, server_no_context, client_no_context, settings
         )
         return "; ".join(response), codec
     return None
+
+
+def _deflate_offer(settings: Deflate) -> str:
+    """A client's permessage-deflate offer (RFC 7692 section 7.1).
+
+    From a client, ``settings.no_context_takeover`` offers to compress each
+    message on its own and ``settings.client_no_context_takeover`` asks the
+    server to; ``client_max_window_bits`` says any window the server names
+    for our compressor will do.
+    """
+    offer = ["permessage-deflate", "client_max_window_bits"]
+    if settings.no_context_takeover:
+        offer.append("client_no_context_takeover")
+    if settings.client_no_context_takeover:
+        offer.append("server_no_context_takeover")
+    return "; ".join(offer)
+
+
+def _accept_deflate(values: List[str], settings: Deflate) -> _PerMessageDeflate:
+    """Check a server's answer to :func:`_deflate_offer` (RFC 7692 7.1).
+
+    Raises :class:`HandshakeError` for anything but one permessage-deflate
+    with known, single, valid parameters.
+    """
+    def refuse(why: str) -> HandshakeError:
+        return HandshakeError(101, "bad Sec-WebSocket-Extensions: " + why)
+
+    offers = _parse_extensions(values)
+    if len(offers) != 1 or offers[0][0] != "permessage-deflate":
+        raise refuse("only one permessage-deflate was offered")
+    seen = set()
+    compress_no_context = settings.no_context_takeover
+    inflate_no_context = False
+    compress_bits = settings.window_bits
+    inflate_bits = 15
+    for key, value in offers[0][1]:
+        if key in seen:
+            raise refuse("%s repeated" % key)
+        seen.add(key)
+        if key == "server_no_context_takeover" and value is None:
+            inflate_no_context = True
+        elif key == "client_no_context_takeover" and value is None:
+            compress_no_context = True
+        elif key == "server_max_window_bits":
+            bits = _window_bits(value, 8)
+            if bits is None:
+                raise refuse("server_max_window_bits=%s" % value)
+            inflate_bits = bits
+        elif key == "client_max_window_bits":
+            bits = _window_bits(value, 8)
+            if bits is None:
+                raise refuse("client_max_window_bits=%s" % value)
+            compress_bits = min(bits, compress_bits)
+        else:
+            raise refuse("unknown parameter %s" % key)
+    if settings.client_no_context_takeover and not inflate_no_context:
+        raise refuse("server_no_context_takeover was asked for")
+    return _PerMessageDeflate(compress_bits, inflate_bits, compress_no_context, inflate_no_context, settings)
 
 
 _DEFLATE_TAIL = b"\x00\x00\xff\xff"
@@ -847,24 +955,26 @@ _DEFLATE_TAIL = b"\x00\x00\xff\xff"
 class _PerMessageDeflate:
     """One connection's compressor and decompressor (RFC 7692 section 7.2).
 
-    Both are made on first use, so idle connections hold no zlib state.
+    ``own_no_context``: our compressor starts afresh for each message;
+    ``peer_no_context``: so does the peer's, so our inflater may too.  Both
+    are made on first use, so idle connections hold no zlib state.
     """
 
-    __slots__ = ("compress_bits", "inflate_bits", "server_no_context", "client_no_context",
+    __slots__ = ("compress_bits", "inflate_bits", "own_no_context", "peer_no_context",
                  "mem_level", "threshold", "_compressor", "_decompressor", "_window",
                  "_stream_ended")
 
-    def __init__(self, compress_bits: int, inflate_bits: int, server_no_context: bool,
-                 client_no_context: bool, settings: Deflate):
+    def __init__(self, compress_bits: int, inflate_bits: int, own_no_context: bool,
+                 peer_no_context: bool, settings: Deflate):
         self.compress_bits = compress_bits
         # At least 9 bits: zlib-based clients cannot compress with 8 and
         # use 9 instead; a larger window inflates any smaller one.
         self.inflate_bits = max(inflate_bits, 9)
-        self.server_no_context = server_no_context
-        self.client_no_context = client_no_context
+        self.own_no_context = own_no_context
+        self.peer_no_context = peer_no_context
         self.mem_level = settings.mem_level
-        # zlib cannot compress with a 256-byte window: a client that asks
-        # for one gets every message uncompressed, which RFC 7692 allows.
+        # zlib cannot compress with a 256-byte window: a peer that asks for
+        # one gets every message uncompressed, which RFC 7692 allows.
         self.threshold = settings.threshold if compress_bits >= 9 else None
         self._compressor: Any = None
         self._decompressor: Any = None
@@ -873,13 +983,13 @@ class _PerMessageDeflate:
         # 7.2.3.4), after which zlib takes no more input, yet the next
         # message may refer back into that window (7.2.2).  The new inflater
         # is primed with it.  None when every message stands alone.
-        self._window: Optional[bytes] = None if client_no_context else b""
+        self._window: Optional[bytes] = None if peer_no_context else b""
         self._stream_ended = False  # a final block came in this message
 
     @property
     def shared_key(self) -> Optional[Tuple[int, int]]:
         """Connections with equal keys can share one compressed frame (no context kept)."""
-        if self.server_no_context:
+        if self.own_no_context:
             return (self.compress_bits, self.mem_level)
         return None
 
@@ -891,7 +1001,7 @@ class _PerMessageDeflate:
         if compressor is None:
             compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED,
                                           -self.compress_bits, self.mem_level)
-            if not self.server_no_context:
+            if not self.own_no_context:
                 self._compressor = compressor
         data: bytes = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
         # RFC 7692 7.2.1: remove the 4 bytes the sync flush ends with.
@@ -940,7 +1050,7 @@ class _PerMessageDeflate:
 
     def _end_message(self) -> None:
         self._stream_ended = False
-        if self.client_no_context:
+        if self.peer_no_context:
             self._decompressor = None
 
 
@@ -989,10 +1099,10 @@ def encode_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
     return _frame_header((_FIN if fin else 0) | opcode, len(payload)) + payload
 
 
-def _encode_close(code: Optional[int], reason: str = "") -> bytes:
+def _close_payload(code: Optional[int], reason: str = "") -> bytes:
     if code is None:
-        return encode_frame(Opcode.CLOSE, b"")
-    return encode_frame(Opcode.CLOSE, struct.pack("!H", code) + reason.encode("utf-8"))
+        return b""
+    return struct.pack("!H", code) + reason.encode("utf-8")
 
 
 def _encode_compressed(message: Union[str, bytes], extension: "_PerMessageDeflate") -> bytes:
@@ -1028,6 +1138,35 @@ def encode_message(message: Union[str, bytes]) -> bytes:
     if length < _LENGTH_16:
         return bytes((first, length)) + payload  # no call for the common short header
     return _frame_header(first, length) + payload
+
+
+def _message_parts(message: Union[str, bytes], extension: Optional[_PerMessageDeflate]) -> Tuple[int, bytes]:
+    """The first header byte and payload of a message in one frame."""
+    if isinstance(message, str):
+        opcode, payload = Opcode.TEXT, message.encode("utf-8")
+    elif isinstance(message, (bytes, bytearray, memoryview)):
+        opcode, payload = Opcode.BINARY, bytes(message)
+    else:
+        raise TypeError("message must be str or bytes, not %s" % type(message).__name__)
+    if extension is not None:
+        compressed = extension.compress(payload)
+        if compressed is not None:
+            return _FIN | _RSV1 | opcode, compressed
+    return _FIN | opcode, payload
+
+
+def _encode_masked(first_byte: int, payload: bytes) -> bytes:
+    """Serialize a client frame: masked with a fresh random key (RFC 6455 5.3)."""
+    length = len(payload)
+    key = os.urandom(MASK_LENGTH)
+    if length < _LENGTH_16:
+        header = bytes((first_byte, _MASK_BIT | length))
+    elif length < 65536:
+        header = _pack_16(first_byte, _MASK_BIT | _LENGTH_16, length)
+    else:
+        header = _pack_64(first_byte, _MASK_BIT | _LENGTH_64, length)
+    masked: bytes = _unmask(payload, key)  # XOR both ways
+    return header + key + masked
 
 
 def _parse_close_payload(payload: bytes) -> Tuple[int, str]:
@@ -1118,15 +1257,20 @@ _OP_CONTINUATION = int(Opcode.CONTINUATION)
 
 
 class Protocol:
-    """The server side of one WebSocket connection, without I/O (RFC 6455).
+    """One side of a WebSocket connection, without I/O (RFC 6455).
 
     Feed it bytes with :meth:`receive_data`, act on each event that
     :meth:`events` yields, and write out what it leaves in :attr:`outgoing`
     (removing what was written; :meth:`data_to_send` does both at once).
+    A server's by default; ``client=True`` makes a client's, which starts
+    with :meth:`request_upgrade`, masks what it sends and refuses masked
+    frames.
     """
 
     __slots__ = (
         "state",
+        "client",
+        "response",
         "outgoing",
         "request",
         "is_upgrade",
@@ -1157,6 +1301,11 @@ class Protocol:
         "_message_compressed",
         "_message_inflated",
         "_utf8",
+        "_mask_length",
+        "_mask_bit",
+        "_key",
+        "_offered_subprotocols",
+        "_refusal",
     )
 
     def __init__(
@@ -1164,8 +1313,18 @@ class Protocol:
         max_size: int = DEFAULT_MAX_SIZE,
         max_fragments: Optional[int] = None,
         compression: Optional[Deflate] = None,
+        *,
+        client: bool = False,
     ):
         self.state = State.CONNECTING
+        self.client = client
+        # Client frames carry a mask, server frames none (RFC 6455 5.1).
+        self._mask_length = 0 if client else MASK_LENGTH
+        self._mask_bit = 0 if client else _MASK_BIT
+        self.response: Optional[Response] = None  # client: the server's answer
+        self._key = ""  # client: the Sec-WebSocket-Key sent
+        self._offered_subprotocols: List[str] = []
+        self._refusal: Optional[Tuple[Response, str]] = None  # client: a non-101 being read
         self.outgoing = bytearray()
         self.request: Optional[Request] = None
         self.is_upgrade = False
@@ -1195,7 +1354,7 @@ class Protocol:
         # The frame whose payload is being consumed.
         self._in_payload = False
         self._frame_remaining = 0
-        self._frame_mask = b""
+        self._frame_mask: Optional[bytes] = None
         self._frame_offset = 0
         self._frame_fin = True
         # The message being assembled (opcode 0: none).
@@ -1222,7 +1381,9 @@ class Protocol:
             self._unbuffered = None
             self._message_data = None
             peer_done = self.close_code is not None  # its close frame came, or EOF
-            self.end_of_output = CLOSE if peer_done else SHUT_WR
+            # A client leaves closing TCP to the server (RFC 6455 7.1.1): it
+            # half-closes and waits for the server's EOF.
+            self.end_of_output = CLOSE if peer_done and not self.client else SHUT_WR
 
     # -- input ----------------------------------------------------------------
 
@@ -1253,7 +1414,10 @@ class Protocol:
         close frame, as the peer expects.
         """
         if self.state is _CONNECTING:
-            if self.request is None:
+            if self.client:
+                if self._receive_response():
+                    yield (Event.RESPONSE, self.response)
+            elif self.request is None:
                 request = self._receive_request()
                 if request is not None:
                     yield (Event.REQUEST if self.is_upgrade else Event.HTTP_REQUEST, request)
@@ -1268,6 +1432,7 @@ class Protocol:
             buffer = self._buffer
         end = len(buffer)
         position = 0
+        mask_length = self._mask_length  # MASK_LENGTH from clients, 0 from servers
         try:
             while self.state is _OPEN or self.state is _CLOSING:
                 if self._in_payload:
@@ -1305,9 +1470,11 @@ class Protocol:
                     if end - position < _HEADER_64 - MASK_LENGTH:
                         break
                     length = _unpack_64(buffer, position + 2)[0]
+                if not mask_length:
+                    header_length -= MASK_LENGTH  # a server's frame: no mask
                 if (
                     (first == _WHOLE_TEXT or first == _WHOLE_BINARY)
-                    and second & _MASK_BIT
+                    and second & _MASK_BIT == self._mask_bit
                     and not self._message_opcode
                     and end - position >= header_length + length
                     and length <= self.max_size
@@ -1320,7 +1487,10 @@ class Protocol:
                     # one call straight out of the received bytes.
                     payload_start = position + header_length
                     position = payload_start + length
-                    payload = _unmask(buffer[payload_start:position], buffer[payload_start - MASK_LENGTH : payload_start])
+                    if mask_length:
+                        payload = _unmask(buffer[payload_start:position], buffer[payload_start - MASK_LENGTH : payload_start])
+                    else:
+                        payload = bytes(buffer[payload_start:position])
                     if first == _WHOLE_BINARY:
                         yield (_EV_BINARY, payload)
                         continue
@@ -1334,13 +1504,16 @@ class Protocol:
                 self._check_header(first, second, opcode, length)
                 if end - position < header_length:
                     break
-                mask = bytes(buffer[position + header_length - MASK_LENGTH : position + header_length])
+                mask = None
+                if mask_length:
+                    mask = bytes(buffer[position + header_length - MASK_LENGTH : position + header_length])
                 if opcode >= 8:
                     # Control frames are short: handle them whole.
                     frame_end = position + header_length + length
                     if frame_end > end:
                         break
-                    payload = _unmask(buffer[position + header_length : frame_end], mask)
+                    payload = buffer[position + header_length : frame_end]
+                    payload = _unmask(payload, mask) if mask else bytes(payload)
                     position = frame_end
                     yield self._receive_control(opcode, payload)
                     continue
@@ -1364,6 +1537,13 @@ class Protocol:
 
     def receive_eof(self) -> None:
         """The peer closed its side of TCP (or the connection dropped)."""
+        if self._refusal is not None:
+            try:
+                self._read_refusal(eof=True)  # a refusal's body ends with the connection
+            except HandshakeError as exc:
+                self.handshake_error = exc
+        elif self.client and self.state is _CONNECTING and self.handshake_error is None:
+            self.handshake_error = HandshakeError(0, "connection closed before the server answered")
         if self.close_code is None:
             self.close_code = CloseCode.ABNORMAL
         if self.state is not _CLOSED:
@@ -1377,7 +1557,106 @@ class Protocol:
         self.outgoing.clear()
         return data
 
-    # -- handshake ------------------------------------------------------------
+    # -- handshake: the client's side -----------------------------------------
+
+    def request_upgrade(
+        self,
+        host: str,
+        target: str = "/",
+        headers: Iterable[Tuple[str, str]] = (),
+        subprotocols: Iterable[str] = (),
+        origin: Optional[str] = None,
+    ) -> None:
+        """Client: queue the opening handshake's request (RFC 6455 4.1).
+
+        ``host`` is the Host header's value, ``target`` the path and query.
+        The server's answer comes out of :meth:`events` as a RESPONSE (the
+        connection is then OPEN) or, refused or invalid, leaves the protocol
+        CLOSED with :attr:`handshake_error` set.  Raises ValueError for a
+        header that would break the request.
+        """
+        if not self.client or self.state is not _CONNECTING or self._key:
+            raise RuntimeError("only a new client protocol sends a request")
+        if not target.startswith("/") or any(not " " < char < "\x7f" for char in target):
+            raise ValueError("request target must be a path and query, got %r" % target)
+        self._key = base64.b64encode(os.urandom(16)).decode("ascii")
+        self._offered_subprotocols = list(subprotocols)
+        lines = [
+            "GET %s HTTP/1.1" % target,
+            _header_line("Host", host),
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            "Sec-WebSocket-Key: " + self._key,
+            "Sec-WebSocket-Version: 13",
+        ]
+        if origin is not None:
+            lines.append(_header_line("Origin", origin))
+        if self._offered_subprotocols:
+            lines.append(_header_line("Sec-WebSocket-Protocol", ", ".join(self._offered_subprotocols)))
+        if self._compression is not None:
+            lines.append("Sec-WebSocket-Extensions: " + _deflate_offer(self._compression))
+        lines.extend(_header_line(name, value) for name, value in headers)
+        self.outgoing += ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def _receive_response(self) -> bool:
+        """Client: read the server's answer; True once a valid 101 opened us."""
+        try:
+            if self._refusal is None:
+                parsed = _parse_response_head(self._buffer)
+                if parsed is None:
+                    return False
+                response, reason, head_length = parsed
+                del self._buffer[:head_length]
+                self.response = response
+                if response.status == 101:
+                    self._check_switch(Headers(response.headers))
+                    self.opened = True
+                    self._set_state(_OPEN)
+                    return True
+                self._refusal = (response, reason)
+            self._read_refusal(eof=False)
+        except HandshakeError as exc:
+            self.handshake_error = exc
+            self._set_state(_CLOSED)
+        return False
+
+    def _read_refusal(self, eof: bool) -> None:
+        """Keep a refusal's body (up to a limit) until it is whole, then fail."""
+        if self._refusal is None:
+            return
+        response, reason = self._refusal
+        length_text = Headers(response.headers).get("Content-Length")
+        wanted = int(length_text) if length_text and length_text.isdigit() else None
+        limit = MAX_REQUEST_HEAD if wanted is None else min(wanted, MAX_REQUEST_HEAD)
+        if len(self._buffer) >= limit or eof:
+            body = bytes(self._buffer[:limit])
+            self._refusal = None
+            raise HandshakeError(response.status, reason, response.headers, body)
+
+    def _check_switch(self, headers: Headers) -> None:
+        """Validate a 101 (RFC 6455 4.1, the client's checks)."""
+        def refuse(why: str) -> HandshakeError:
+            return HandshakeError(101, why, headers.items())
+
+        if "websocket" not in _header_tokens(headers.get("Upgrade")):
+            raise refuse("Upgrade header must name websocket")
+        if "upgrade" not in _header_tokens(headers.get("Connection")):
+            raise refuse("Connection header must include upgrade")
+        if headers.get("Sec-WebSocket-Accept") != accept_key(self._key):
+            raise refuse("Sec-WebSocket-Accept does not match the key sent")
+        extensions = headers.get_all("Sec-WebSocket-Extensions")
+        if extensions:
+            if self._compression is None:
+                raise refuse("an extension was not offered")
+            self.extension = _accept_deflate(extensions, self._compression)
+        subprotocols = [token.strip() for token in ",".join(headers.get_all("Sec-WebSocket-Protocol")).split(",")]
+        subprotocols = [token for token in subprotocols if token]
+        if subprotocols:
+            if len(subprotocols) != 1 or subprotocols[0] not in self._offered_subprotocols:
+                raise refuse("subprotocol %s was not offered" % ", ".join(subprotocols))
+            self.subprotocol = subprotocols[0]
+
+    # -- handshake: the server's side -----------------------------------------
 
     def _receive_request(self) -> Optional[Request]:
         try:
@@ -1448,9 +1727,10 @@ class Protocol:
                 raise ProtocolError("reserved bits set without an extension")
             if opcode == _OP_CONTINUATION or opcode >= 8:
                 raise ProtocolError("RSV1 on a control or continuation frame")
-        if not second & _MASK_BIT:
-            # RFC 6455 5.1: the server MUST close on an unmasked client frame.
-            raise ProtocolError("client frame is not masked")
+        if second & _MASK_BIT != self._mask_bit:
+            # RFC 6455 5.1: a server MUST close on an unmasked client frame,
+            # and a client on a masked server frame.
+            raise ProtocolError("server frame is masked" if self.client else "client frame is not masked")
         if opcode >= 8:
             if opcode > 0xA:
                 raise ProtocolError("reserved opcode %d" % opcode)
@@ -1494,12 +1774,15 @@ class Protocol:
 
     def _receive_payload(self, chunk: Union[bytes, bytearray, memoryview], frame_done: bool) -> Optional[Tuple[Event, Any]]:
         """Take the next piece of a data frame's payload."""
-        offset = self._frame_offset
         mask = self._frame_mask
-        if offset & 3:  # offset % MASK_LENGTH: the mask continues mid-key
-            mask = mask[offset & 3 :] + mask[: offset & 3]
-        self._frame_offset = offset + len(chunk)
-        data = _unmask(chunk, mask)
+        if mask is None:
+            data = bytes(chunk)
+        else:
+            offset = self._frame_offset
+            if offset & 3:  # offset % MASK_LENGTH: the mask continues mid-key
+                mask = mask[offset & 3 :] + mask[: offset & 3]
+            self._frame_offset = offset + len(chunk)
+            data = _unmask(chunk, mask)
         message_done = frame_done and self._frame_fin
         if self._message_compressed:
             extension: Any = self.extension  # set whenever a message is compressed
@@ -1521,10 +1804,10 @@ class Protocol:
                 raise ProtocolError("invalid UTF-8 in text message", CloseCode.INVALID_DATA) from None
         if not message_done:
             return None
-        data = self._message_data
+        whole = self._message_data
         self._message_data = None
         self._utf8 = None
-        return self._deliver(data)
+        return self._deliver(whole)
 
     def _deliver(self, data: Union[bytes, bytearray]) -> Optional[Tuple[Event, Any]]:
         opcode = self._message_opcode
@@ -1543,7 +1826,7 @@ class Protocol:
         if opcode == Opcode.PING:
             if self.state is _OPEN:
                 # RFC 6455 5.5.2: answer with a pong carrying the same data.
-                self.outgoing += encode_frame(Opcode.PONG, payload)
+                self._queue_frame(_FIN | Opcode.PONG, payload)
             return (Event.PING, payload)
         if opcode == Opcode.PONG:
             return (Event.PONG, payload)
@@ -1553,7 +1836,7 @@ class Protocol:
         if self.state is _OPEN:
             # RFC 6455 5.5.1: echo the status code in the reply.
             reply = None if code == CloseCode.NO_STATUS else code
-            self.outgoing += _encode_close(reply)
+            self._queue_frame(_FIN | Opcode.CLOSE, _close_payload(reply))
             self.close_sent = reply if reply is not None else CloseCode.NO_STATUS
             self.close_sent_reason = ""
         self._set_state(_CLOSED)
@@ -1562,7 +1845,7 @@ class Protocol:
     def _fail(self, code: int, reason: str) -> None:
         """Fail the connection (RFC 6455 7.1.7): send a close, then stop."""
         if self.state is _OPEN:
-            self.outgoing += _encode_close(code, reason)
+            self._queue_frame(_FIN | Opcode.CLOSE, _close_payload(code, reason))
             self.close_sent = code
             self.close_sent_reason = reason
         if self.state is not _CLOSED:
@@ -1571,10 +1854,19 @@ class Protocol:
     # -- output ---------------------------------------------------------------
 
     def encode(self, message: Union[str, bytes]) -> bytes:
-        """Serialize a message for this connection (compressed if negotiated)."""
+        """Serialize a message for this connection (compressed if negotiated,
+        masked from a client)."""
+        if self.client:
+            return _encode_masked(*_message_parts(message, self.extension))
         if self.extension is None:
             return encode_message(message)
         return _encode_compressed(message, self.extension)
+
+    def _queue_frame(self, first_byte: int, payload: bytes) -> None:
+        if self.client:
+            self.outgoing += _encode_masked(first_byte, payload)
+        else:
+            self.outgoing += _frame_header(first_byte, len(payload)) + payload
 
     def send(self, message: Union[str, bytes]) -> None:
         """Queue a text (``str``) or binary (``bytes``) message."""
@@ -1588,7 +1880,7 @@ class Protocol:
             raise ValueError("ping payload over 125 bytes")
         if self.state is not _OPEN:
             raise ConnectionClosed("connection is %s" % self.state.value)
-        self.outgoing += encode_frame(Opcode.PING, bytes(payload))
+        self._queue_frame(_FIN | Opcode.PING, bytes(payload))
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Start the closing handshake; a no-op unless the connection is open."""
@@ -1599,7 +1891,7 @@ class Protocol:
             raise ValueError("close reason over 123 bytes")
         if self.state is not _OPEN:
             return
-        self.outgoing += _encode_close(code, reason)
+        self._queue_frame(_FIN | Opcode.CLOSE, _close_payload(code, reason))
         self.close_sent = code
         self.close_sent_reason = reason
         self._set_state(_CLOSING)
@@ -1842,7 +2134,9 @@ class Chat(Handler):
     """Send every message to every open connection (the ``--broadcast`` app)."""
 
     def on_message(self, conn: Connection, message: Union[str, bytes]) -> None:
-        conn.server.broadcast(message)
+        server = conn.server
+        if server is not None:
+            server.broadcast(message)
 
 
 _HANDLER_METHODS = ("on_handshake", "on_connect", "on_message", "on_close")
@@ -2044,32 +2338,44 @@ class Connection:
         "_ping_timer",
         "_pong_timer",
         "_ping_payload",
+        "_owner",
+        "_reading_held",
+        "_drain_callbacks",
     )
 
     def __init__(
         self,
-        server: Server,
+        owner: Any,
         sock: socket.socket,
         address: Any,
         connection_id: int,
         options: _Options,
         loop: _EventLoop,
+        protocol: Optional[Protocol] = None,
     ):
         self.id = connection_id
-        self.server = server
+        # The owner (a Server, or a client's ClientConnection) hears only
+        # "opened" and "closed", and says whether it is shutting down.
+        self._owner = owner
+        self.server: Optional[Server] = owner if isinstance(owner, Server) else None
         self.remote_address = address
         self.data: Any = None
         self._sock: Optional[socket.socket] = sock
-        self._protocol = Protocol(options.max_size, options.max_fragments, options.compression)
+        if protocol is None:
+            protocol = Protocol(options.max_size, options.max_fragments, options.compression)
+        self._protocol = protocol
         self._options = options
         self._loop = loop
         self._reading_paused = False  # backpressure: the peer is not reading
+        self._reading_held = False  # pause_reading(): the application's choice
         self._backlog = False  # input left for the next turn (see _TURN_BUDGET)
         self._flush_scheduled = False
+        self._drain_callbacks: Optional[List[Callable[[], None]]] = None
         # The TLS handshake is driven by the loop (want-read/want-write) once
-        # the client's hello arrives, never here.
+        # the client's hello arrives, never here.  (A client's socket comes
+        # with its handshake done.)
         self._tls = isinstance(sock, ssl.SSLSocket)
-        self._tls_handshaking = self._tls
+        self._tls_handshaking = self._tls and not protocol.client
         self._write_wants_read = False
         self._close_timer: Optional[_Timer] = None
         self._ping_timer: Optional[_Timer] = None
@@ -2158,8 +2464,13 @@ class Connection:
                 raise ConnectionClosed("connection is %s" % self._protocol.state.value)
             self._loop.call_soon_threadsafe(self._send_from_thread, message)
             return
-        extension = self._protocol.extension
-        if isinstance(message, PreparedMessage):
+        protocol = self._protocol
+        extension = protocol.extension
+        if protocol.client:  # every frame masked with its own key: nothing shared
+            if isinstance(message, PreparedMessage):
+                message = message.message
+            self._send_frame(protocol.encode(message))
+        elif isinstance(message, PreparedMessage):
             self._send_frame(message._frame_for(extension))
         elif extension is None:
             self._send_frame(encode_message(message))
@@ -2183,6 +2494,43 @@ class Connection:
             self._loop.call_soon_threadsafe(self._close_now, code, reason)
             return
         self._close_now(code, reason)
+
+    def pause_reading(self) -> None:
+        """Stop reading from the peer (its messages wait in the network,
+        and TCP slows it down) until :meth:`resume_reading`."""
+        if not self._loop.in_loop_thread:
+            self._loop.call_soon_threadsafe(self.pause_reading)
+            return
+        if not self._reading_held:
+            self._reading_held = True
+            if self._sock is not None:
+                self._update_interest()
+
+    def resume_reading(self) -> None:
+        """Read from the peer again after :meth:`pause_reading`."""
+        if not self._loop.in_loop_thread:
+            self._loop.call_soon_threadsafe(self.resume_reading)
+            return
+        if self._reading_held:
+            self._reading_held = False
+            if self._sock is not None:
+                self._update_interest()
+                if self._tls:
+                    self._read_tls_pending()
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` in the loop's thread once at most
+        ``write_high_water`` bytes are pending (at once if so already), or
+        once the connection is gone: flow control for a large sender."""
+        if not self._loop.in_loop_thread:
+            self._loop.call_soon_threadsafe(self.when_drained, callback)
+            return
+        if self._sock is None or len(self._protocol.outgoing) <= self._options.write_high_water:
+            callback()
+            return
+        if self._drain_callbacks is None:
+            self._drain_callbacks = []
+        self._drain_callbacks.append(callback)
 
     def abort(self) -> None:
         """End the TCP connection now, without a closing handshake."""
@@ -2274,6 +2622,8 @@ class Connection:
     def _update_interest(self) -> None:
         protocol = self._protocol
         outgoing = protocol.outgoing
+        if self._drain_callbacks is not None and len(outgoing) <= self._options.write_high_water:
+            self._run_drain_callbacks()
         if not outgoing and protocol.state is _CLOSED:
             self._end_tcp()
             if self._sock is None:
@@ -2287,12 +2637,21 @@ class Connection:
         elif len(outgoing) > high_water:
             # Backpressure: stop reading a peer that is not reading our replies.
             self._reading_paused = True
-        events = 0 if self._reading_paused or self._backlog else _EVENT_READ
+        events = 0 if self._reading_paused or self._backlog or self._reading_held else _EVENT_READ
         if outgoing and not self._write_wants_read:
             events |= _EVENT_WRITE
         if not events:
             events = _EVENT_READ  # TLS waiting to read before writing
         self._set_events(events)
+
+    def _run_drain_callbacks(self) -> None:
+        callbacks = self._drain_callbacks or []
+        self._drain_callbacks = None
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                logger.exception("connection %d: error in a when_drained callback", self.id)
 
     def _end_tcp(self) -> None:
         """All is written after the protocol closed: end TCP as it says."""
@@ -2370,7 +2729,7 @@ class Connection:
             self._loop.call_soon(self._on_readable)
 
     def _on_readable(self) -> None:
-        if self._sock is None or self._backlog:
+        if self._sock is None or self._backlog or self._reading_held:
             return
         view = self._loop.receive_view
         count = self._receive(view)
@@ -2413,6 +2772,9 @@ class Connection:
                 self._on_pong(value)
             elif kind is Event.REQUEST or kind is Event.HTTP_REQUEST:
                 self._on_request(value)
+            elif kind is Event.RESPONSE:
+                self._cancel_open_timer()
+                self._opened()
             elif kind is Event.CLOSE:
                 self._log_peer_close()
         self._after_protocol()
@@ -2455,7 +2817,7 @@ class Connection:
         protocol = self._protocol
         options = self._options
         self._cancel_open_timer()
-        answer = _answer_request(request, protocol.is_upgrade, options, self.server.shutting_down)
+        answer = _answer_request(request, protocol.is_upgrade, options, self._owner.shutting_down)
         subprotocol = None
         if answer is None:
             subprotocol, answer = self._choose_subprotocol(request)
@@ -2514,13 +2876,14 @@ class Connection:
         self._after_protocol()
 
     def _opened(self) -> None:
-        self.server._connection_opened(self)
+        self._owner._connection_opened(self)
         if logger.isEnabledFor(logging.INFO):
             logger.info(
-                "connection %d open from %s path %s",
+                "connection %d open %s %s%s",
                 self.id,
+                "to" if self._protocol.client else "from",
                 _format_address(self.remote_address),
-                self.path,
+                "" if self._protocol.client else " path " + self.path,
             )
         self._start_keepalive()
         on_connect = self._options.on_connect
@@ -2646,23 +3009,26 @@ class Connection:
                 pass
         sock.close()
         self._protocol.receive_eof()
+        if self._drain_callbacks is not None:
+            self._run_drain_callbacks()  # nothing more will drain: let waiters go
         self._report_closed()
-        self.server._connection_closed(self)
+        self._owner._connection_closed(self)
 
     def _report_closed(self) -> None:
         protocol = self._protocol
         address = _format_address(self.remote_address)
         if not protocol.opened:
             error = protocol.handshake_error
-            if error is not None and logger.isEnabledFor(logging.INFO):
+            if error is not None and not protocol.client and logger.isEnabledFor(logging.INFO):
                 logger.info("connection %d from %s refused: %d %s", self.id, address,
                             error.status, error.reason)
             return
         code = protocol.close_code if protocol.close_code is not None else CloseCode.ABNORMAL
         if logger.isEnabledFor(logging.INFO):
             logger.info(
-                "connection %d from %s closed: received %s, sent %s",
+                "connection %d %s %s closed: received %s, sent %s",
                 self.id,
+                "to" if protocol.client else "from",
                 address,
                 _describe_close(code, protocol.close_reason),
                 "nothing" if protocol.close_sent is None
@@ -3047,6 +3413,288 @@ def _install_signal_handlers(server: Server) -> Dict[int, Any]:
             signum = getattr(signal, name)
             previous[signum] = signal.signal(signum, on_signal)
     return previous
+
+
+# =============================================================================
+# The client: connect() and a blocking connection on its own small loop
+# =============================================================================
+#
+# A client connection is the server's Connection with a client Protocol,
+# run by a private _EventLoop in one background thread.  So the same code
+# masks nothing it should not, answers pings, bounds the closing handshake
+# and speaks TLS; and the thread rule is the server's: the loop's thread owns
+# the connection, the caller's threads go through the door.  Why a thread
+# rather than reading only inside recv(): keepalive pings are answered, and
+# a close is noticed, while the application is busy elsewhere or blocked in
+# send(), which a recv()-driven reader cannot promise.  Messages wait in a
+# queue of at most ``max_queue``; past that the reader pauses and TCP slows
+# the server down, so a client that stops calling recv() holds bounded
+# memory.
+
+
+class ClientConnection:
+    """A WebSocket client connection, as :func:`connect` returns it.
+
+    ``send()``, ``recv()``, ``ping()`` and ``close()`` may be called from any
+    thread (one thread may wait in ``recv()`` while others send).  Iterating
+    yields messages until the server closes normally (1000 or 1001);
+    another ending raises :class:`ConnectionClosed`.  Use it as a context
+    manager to close it however the block ends.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        address: Any,
+        protocol: Protocol,
+        options: _Options,
+        max_queue: int,
+    ):
+        self._loop = _EventLoop()
+        self._max_queue = max_queue
+        self._messages: Deque[Union[str, bytes]] = collections.deque()
+        self._condition = threading.Condition()
+        self._reading_held = False
+        self._done = False  # the connection is gone (under _condition)
+        self._opened = threading.Event()  # open, or failed before it opened
+        options.on_message = self._on_message
+        self._connection = Connection(self, sock, address, 0, options, self._loop, protocol)
+        self._connection._schedule_flush()  # the request goes out on the first turn
+        self._thread = threading.Thread(target=self._run, name="wsloop-client", daemon=True)
+        self._thread.start()
+
+    # -- what the connection tells its owner (the loop's thread) --------------
+
+    shutting_down = False
+
+    def _connection_opened(self, connection: Connection) -> None:
+        self._opened.set()
+
+    def _connection_closed(self, connection: Connection) -> None:
+        with self._condition:
+            self._done = True
+            self._condition.notify_all()
+        self._opened.set()
+        self._loop.stop()
+
+    def _on_message(self, connection: Connection, message: Union[str, bytes]) -> None:
+        with self._condition:
+            self._messages.append(message)
+            self._condition.notify()
+            if len(self._messages) >= self._max_queue and not self._reading_held:
+                self._reading_held = True
+                connection.pause_reading()
+
+    def _run(self) -> None:
+        try:
+            self._loop.run()
+        finally:
+            self._connection.abort()  # in case the loop failed: release the socket
+            self._loop.close()
+
+    def _wait_open(self, timeout: Optional[float]) -> None:
+        if not self._opened.wait(timeout):
+            self._connection.abort()
+            self._thread.join()
+            raise TimeoutError("the opening handshake timed out")
+        protocol = self._connection._protocol
+        if protocol.state is not _OPEN and not protocol.opened:
+            self._thread.join()
+            error = protocol.handshake_error
+            if error is not None:
+                raise error
+            raise ConnectionClosed("the connection closed during the opening handshake")
+
+    # -- what the application reads -------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._connection.state
+
+    @property
+    def subprotocol(self) -> Optional[str]:
+        """The subprotocol the server chose, if any."""
+        return self._connection.subprotocol
+
+    @property
+    def response(self) -> Response:
+        """The server's 101 response (``status``, ``headers``)."""
+        return self._connection._protocol.response  # type: ignore[return-value]
+
+    @property
+    def response_headers(self) -> Headers:
+        """The headers of the server's 101 response."""
+        return Headers(self.response.headers)
+
+    @property
+    def remote_address(self) -> Any:
+        return self._connection.remote_address
+
+    @property
+    def close_code(self) -> Optional[int]:
+        """The server's close code once closed (1006 if none came)."""
+        return self._connection.close_code
+
+    @property
+    def close_reason(self) -> str:
+        return self._connection.close_reason
+
+    # -- what the application does --------------------------------------------
+
+    def send(self, message: Union[str, bytes]) -> None:
+        """Send a text (``str``) or binary (``bytes``) message.
+
+        Blocks while more than ``write_high_water`` bytes wait for the
+        server to take them (flow control); raises :class:`ConnectionClosed`
+        once the connection is closing.
+        """
+        connection = self._connection
+        connection.send(message)
+        if connection.pending_output > connection._options.write_high_water:
+            drained = threading.Event()
+            connection.when_drained(drained.set)
+            drained.wait()
+
+    def recv(self, timeout: Optional[float] = None) -> Union[str, bytes]:
+        """The next message: ``str`` for text, ``bytes`` for binary.
+
+        Raises TimeoutError after ``timeout`` seconds without one, and
+        :class:`ConnectionClosed` once the connection has closed and every
+        message that came before the close has been received.
+        """
+        with self._condition:
+            if not self._condition.wait_for(lambda: self._messages or self._done, timeout):
+                raise TimeoutError("no message within %s s" % timeout)
+            if not self._messages:
+                raise ConnectionClosed(
+                    "connection closed: %s" % _describe_close(self.close_code or CloseCode.ABNORMAL, self.close_reason)
+                )
+            message = self._messages.popleft()
+            if self._reading_held and len(self._messages) <= self._max_queue // 2:
+                self._reading_held = False
+                self._connection.resume_reading()
+            return message
+
+    def __iter__(self) -> Iterator[Union[str, bytes]]:
+        while True:
+            try:
+                yield self.recv()
+            except ConnectionClosed:
+                if self.close_code in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
+                    return
+                raise
+
+    def ping(self, payload: bytes = b"") -> None:
+        """Send a ping (at most 125 bytes)."""
+        self._connection.ping(payload)
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Close the connection: the closing handshake, then TCP; returns
+        once it is done or ``close_timeout`` has passed.  Idempotent."""
+        self._connection.close(code, reason)
+        timeout = self._connection._options.close_timeout
+        # The close timer bounds the handshake and then the wait for the
+        # server's EOF; this is the backstop.
+        self._thread.join(2 * (timeout or DEFAULT_CLOSE_TIMEOUT) + 1)
+        if self._thread.is_alive():
+            self._connection.abort()
+            self._thread.join()
+
+    def __enter__(self) -> ClientConnection:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return "<ClientConnection %s %s>" % (_format_address(self.remote_address), self.state.value)
+
+
+def _parse_ws_url(url: str) -> Tuple[bool, str, int, str, str]:
+    """(secure, host, port, Host header, target) of a ws:// or wss:// URL."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("ws", "wss"):
+        raise ValueError("not a ws:// or wss:// URL: %r" % url)
+    secure = scheme == "wss"
+    host = parts.hostname
+    if not host:
+        raise ValueError("no host in %r" % url)
+    try:
+        port = parts.port or (443 if secure else 80)
+    except ValueError:
+        raise ValueError("bad port in %r" % url) from None
+    if parts.username is not None:
+        raise ValueError("credentials in the URL are not supported: use headers")
+    literal = "[%s]" % host if ":" in host else host
+    host_header = literal if port == (443 if secure else 80) else "%s:%d" % (literal, port)
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    return secure, host, port, host_header, target
+
+
+def connect(
+    url: str,
+    *,
+    subprotocols: Optional[Iterable[str]] = None,
+    origin: Optional[str] = None,
+    headers: Optional[Iterable[Tuple[str, str]]] = None,
+    compression: Union[bool, Deflate, None] = True,
+    max_size: int = DEFAULT_MAX_SIZE,
+    max_fragments: Optional[int] = None,
+    max_queue: int = 16,
+    open_timeout: Optional[float] = DEFAULT_OPEN_TIMEOUT,
+    close_timeout: Optional[float] = DEFAULT_CLOSE_TIMEOUT,
+    ping_interval: Optional[float] = DEFAULT_PING_INTERVAL,
+    ping_timeout: Optional[float] = DEFAULT_PING_TIMEOUT,
+    write_high_water: int = DEFAULT_WRITE_HIGH_WATER,
+    ssl_context: Optional[ssl.SSLContext] = None,
+) -> ClientConnection:
+    """Open a WebSocket connection to ``url`` (``ws://`` or ``wss://``).
+
+    Offers permessage-deflate (``compression``), ``subprotocols`` and sends
+    ``origin`` and ``headers`` with the request.  ``wss://`` verifies the
+    server's certificate and host name (``ssl.create_default_context()``)
+    unless ``ssl_context`` says otherwise.  ``open_timeout`` bounds the
+    TCP connection, TLS and the HTTP handshake together.
+
+    Raises ValueError for a bad URL or header, OSError when the server
+    cannot be reached (ssl.SSLError for TLS), TimeoutError, and
+    :class:`HandshakeError` when the server refuses (with its ``status``,
+    ``headers`` and ``body``) or answers what the client did not ask for.
+    """
+    secure, host, port, host_header, target = _parse_ws_url(url)
+    if ssl_context is not None and not secure:
+        raise ValueError("ssl_context given for a ws:// URL")
+    options = _Options(
+        Handler(), max_size, max_fragments, open_timeout, close_timeout, ping_interval,
+        ping_timeout, write_high_water, 2**62, compression, None, None, (), None, (), None, None,
+    )
+    protocol = Protocol(max_size, max_fragments, options.compression, client=True)
+    protocol.request_upgrade(host_header, target, headers or (), subprotocols or (), origin)
+    deadline = None if open_timeout is None else time.monotonic() + open_timeout
+    try:
+        sock = socket.create_connection((host, port), timeout=open_timeout)
+    except socket.timeout:
+        raise TimeoutError("timed out connecting to %s port %d" % (host, port)) from None
+    try:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if secure:
+            context = ssl_context or ssl.create_default_context()
+            sock = context.wrap_socket(sock, server_hostname=host)  # blocks, within the timeout
+        address = sock.getpeername()
+        sock.setblocking(False)
+    except socket.timeout:
+        sock.close()
+        raise TimeoutError("timed out in the TLS handshake with %s port %d" % (host, port)) from None
+    except BaseException:
+        sock.close()
+        raise
+    client = ClientConnection(sock, address, protocol, options, max_queue)
+    client._wait_open(None if deadline is None else max(0.0, deadline - time.monotonic()) + 0.5)
+    return client
 
 
 # =============================================================================
