@@ -77,6 +77,7 @@ import importlib
 import inspect
 import logging
 import os
+import random
 import selectors
 import signal
 import socket
@@ -88,7 +89,8 @@ import time
 import urllib.parse
 import zlib
 from typing import (
-    Any, Callable, Deque, Dict, Generator, Iterable, Iterator, List, NoReturn, Optional, Tuple, Union,
+    Any, Callable, Deque, Dict, FrozenSet, Generator, Iterable, Iterator, List, NoReturn, Optional,
+    Set, Tuple, Union,
 )
 
 __version__ = "0.1.0"
@@ -107,6 +109,7 @@ __all__ = [
     "PreparedMessage",
     "Protocol",
     "ProtocolError",
+    "RedisBroker",
     "Request",
     "Response",
     "Server",
@@ -2092,6 +2095,598 @@ class _EventLoop:
 
 
 # =============================================================================
+# Fan-out between processes: a Redis pub/sub bridge, spoken from the loop
+# =============================================================================
+#
+# Redis pub/sub is at most once and ordered per channel, and replays nothing
+# (see the README's promise).  The bridge keeps two connections, since in
+# RESP2 a subscribed connection may do nothing but (un)subscribe and ping:
+# one SUBSCRIBEs to prefix:topic for each topic that has a local subscriber
+# (never PSUBSCRIBE: PUBLISH costs grow with patterns on the whole server),
+# the other PUBLISHes.  Each is a small state machine in the server's loop:
+# connect (TLS, AUTH, SELECT), ready, and on any failure reconnect with
+# backoff and jitter.  A PING every ping_interval, answered within
+# ping_timeout, tells a live Redis from a stalled one or a dead link that
+# TCP still calls open.  After the subscriber reconnects it resubscribes and
+# tells the application, through on_broker_gap, which topics may have lost
+# messages.
+#
+# A message on the wire is an envelope: node id (8 bytes), the node's
+# sequence number (8 bytes, big-endian), kind (b"t" text, b"b" binary), then
+# the payload as it is.  A node drops its own messages when Redis echoes
+# them: it has delivered them locally already.
+
+_RESP_MAX_LINE = 64 * 2**10
+_ENVELOPE = struct.Struct("!8sQc")
+
+
+class _RespError(Exception):
+    """An error reply from Redis (``-ERR ...``)."""
+
+
+class _RespIncomplete(Exception):
+    pass
+
+
+def _resp_command(*args: Union[str, bytes]) -> bytes:
+    """A command as RESP2 sends it: an array of bulk strings."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode("utf-8") if isinstance(arg, str) else arg
+        parts.append(b"$%d\r\n" % len(data))
+        parts.append(data)
+        parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+class _RespParser:
+    """Incremental RESP2 reader: feed bytes, take whole replies.
+
+    A reply that has not fully arrived is parsed again from its start when
+    more comes (only its header lines: a bulk string's length is checked
+    before its bytes are waited for), so a large message split over many
+    reads costs no quadratic copying.
+    """
+
+    def __init__(self, max_bulk: int):
+        self._buffer = bytearray()
+        self._max_bulk = max_bulk
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def replies(self) -> Iterator[Any]:
+        position = 0
+        try:
+            while position < len(self._buffer):
+                try:
+                    reply, position = self._parse(position)
+                except _RespIncomplete:
+                    break
+                yield reply
+        finally:
+            del self._buffer[:position]
+
+    def _line(self, position: int) -> Tuple[int, bytes, int]:
+        end = self._buffer.find(b"\r\n", position)
+        if end < 0:
+            if len(self._buffer) - position > _RESP_MAX_LINE:
+                raise ProtocolError("Redis sent a line over %d bytes" % _RESP_MAX_LINE)
+            raise _RespIncomplete
+        return self._buffer[position], bytes(self._buffer[position + 1 : end]), end + 2
+
+    def _parse(self, position: int) -> Tuple[Any, int]:
+        kind, text, position = self._line(position)
+        if kind == 0x2B:  # + simple string
+            return text.decode("utf-8", "replace"), position
+        if kind == 0x2D:  # - error
+            return _RespError(text.decode("utf-8", "replace")), position
+        if kind == 0x3A:  # : integer
+            return int(text), position
+        if kind == 0x24:  # $ bulk string
+            length = int(text)
+            if length < 0:
+                return None, position
+            if length > self._max_bulk:
+                raise ProtocolError("Redis sent a bulk string of %d bytes" % length)
+            end = position + length
+            if len(self._buffer) < end + 2:
+                raise _RespIncomplete
+            return bytes(self._buffer[position:end]), end + 2
+        if kind == 0x2A:  # * array
+            count = int(text)
+            if count < 0:
+                return None, position
+            items = []
+            for _ in range(count):
+                item, position = self._parse(position)
+                items.append(item)
+            return items, position
+        raise ProtocolError("not a RESP reply (first byte %r)" % bytes((kind,)))
+
+
+def _parse_redis_url(url: str) -> Tuple[str, int, Optional[str], Optional[str], int, bool]:
+    """(host, port, user, password, db, tls) of redis:// or rediss:// URL."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("redis", "rediss"):
+        raise ValueError("not a redis:// or rediss:// URL: %r" % url)
+    if not parts.hostname:
+        raise ValueError("no host in %r" % url)
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError("bad port in %r" % url) from None
+    db_text = parts.path.strip("/") or "0"
+    if not db_text.isdigit():
+        raise ValueError("the database in %r must be a number" % url)
+    user = urllib.parse.unquote(parts.username) if parts.username else None
+    password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+    if password is None and user is not None:
+        user, password = None, user  # redis://secret@host: a password alone
+    return parts.hostname, port, user, password, int(db_text), scheme == "rediss"
+
+
+class _RedisLink:
+    """One connection to Redis, driven by the loop: connect, TLS, AUTH,
+    SELECT, then commands; on any failure, close and let the broker retry."""
+
+    def __init__(self, broker: RedisBroker, name: str):
+        self.broker = broker
+        self.name = name  # "subscriber" or "publisher"
+        self.state = "disconnected"  # then "connecting", "ready"
+        self.sock: Optional[socket.socket] = None
+        self.outgoing = bytearray()
+        self.parser = _RespParser(broker.max_message)
+        self.expected: Deque[str] = collections.deque()  # replies we wait for, in order
+        self.ping_sent: Optional[float] = None
+        self.attempts = 0
+        self.events = 0
+        self._tls_pending = False
+        self._deadline: Optional[_Timer] = None
+
+    # -- connecting -----------------------------------------------------------
+
+    def connect(self) -> None:
+        broker = self.broker
+        loop = broker.loop
+        assert loop is not None
+        self.state = "connecting"
+        self.parser = _RespParser(broker.max_message)
+        self.outgoing.clear()
+        self.expected.clear()
+        self.ping_sent = None
+        try:
+            infos = socket.getaddrinfo(broker.host, broker.port, type=socket.SOCK_STREAM)
+            family, kind, proto, _, address = infos[0]
+            sock = socket.socket(family, kind, proto)
+        except OSError as exc:
+            self.fail("cannot resolve %s: %s" % (broker.host, exc.strerror or exc))
+            return
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        error = sock.connect_ex(address)
+        if error not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            sock.close()
+            self.fail("cannot connect: %s" % os.strerror(error))
+            return
+        self.sock = sock
+        self._tls_pending = broker.tls
+        self.events = _EVENT_WRITE
+        loop.selector.register(sock, _EVENT_WRITE, self)
+        # Connecting, TLS and AUTH must all be done within ping_timeout: a
+        # stopped Redis still completes TCP handshakes from its backlog.
+        self._deadline = loop.call_later(broker.ping_timeout, self.fail, "no answer while connecting")
+
+    def _connected(self) -> None:
+        """TCP (and TLS) is up: say who we are, then the role's first commands."""
+        broker = self.broker
+        if broker.password is not None:
+            args = ["AUTH"] + ([broker.user] if broker.user else []) + [broker.password]
+            self.command(*args, expect="auth")
+        if broker.db:
+            self.command("SELECT", str(broker.db), expect="select")
+        self.command("PING", expect="ready")
+
+    def ready(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self.state = "ready"
+        self.attempts = 0
+        self.broker._link_ready(self)
+
+    # -- I/O ------------------------------------------------------------------
+
+    def command(self, *args: Union[str, bytes], expect: Optional[str] = "ignore") -> None:
+        """Queue a command; ``expect`` names its reply (None: it comes as a
+        pub/sub array, as (UN)SUBSCRIBE's do)."""
+        self.outgoing += _resp_command(*args)
+        if expect is not None:
+            self.expected.append(expect)
+        self.flush()
+
+    def flush(self) -> None:
+        sock = self.sock
+        if sock is None or self._tls_pending or self.state == "disconnected":
+            return
+        if self.outgoing and not self.events & _EVENT_WRITE:
+            try:
+                sent = sock.send(self.outgoing)
+                del self.outgoing[:sent]
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                pass
+            except OSError as exc:
+                self.fail("write failed: %s" % (exc.strerror or exc))
+                return
+        self._set_events(_EVENT_READ | (_EVENT_WRITE if self.outgoing else 0))
+
+    def _set_events(self, events: int) -> None:
+        if self.sock is not None and events != self.events:
+            self.events = events
+            self.broker.loop.selector.modify(self.sock, events, self)  # type: ignore[union-attr]
+
+    def _handle_io(self, mask: int) -> None:
+        sock: Any = self.sock
+        if sock is None:
+            return
+        if self.state == "connecting" and self.events == _EVENT_WRITE and not self._tls_pending:
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                self.fail("cannot connect: %s" % os.strerror(error))
+                return
+            if self.broker.tls:
+                self._tls_pending = True
+                context: Any = self.broker.ssl_context
+                try:
+                    self.sock = sock = context.wrap_socket(
+                        sock, server_hostname=self.broker.host, do_handshake_on_connect=False
+                    )
+                except (OSError, ssl.SSLError) as exc:
+                    self.fail("TLS failed: %s" % exc)
+                    return
+                self.broker.loop.selector.modify(sock, _EVENT_READ | _EVENT_WRITE, self)  # type: ignore[union-attr]
+                self.events = _EVENT_READ | _EVENT_WRITE
+            else:
+                self._set_events(_EVENT_READ)
+                self._connected()
+                return
+        if self._tls_pending:
+            try:
+                sock.do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            except (ssl.SSLError, OSError) as exc:
+                self.fail("TLS handshake failed: %s" % (getattr(exc, "reason", None) or exc))
+                return
+            self._tls_pending = False
+            self.events = 0
+            self._set_events(_EVENT_READ)
+            self._connected()
+            return
+        if mask & _EVENT_READ:
+            self._read()
+        if self.sock is not None and mask & _EVENT_WRITE:
+            self.events &= ~_EVENT_WRITE
+            self.flush()
+
+    def _read(self) -> None:
+        # Read until it would block: Redis disconnects a subscriber that
+        # falls behind, and TLS may hold bytes the selector cannot see.
+        sock: Any = self.sock
+        while True:
+            try:
+                data = sock.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                break
+            except OSError as exc:
+                self.fail("read failed: %s" % (exc.strerror or exc))
+                return
+            if not data:
+                self.fail("Redis closed the connection")
+                return
+            self.parser.feed(data)
+            if len(data) < RECV_SIZE and not (self.broker.tls and sock.pending()):
+                break
+        try:
+            for reply in self.parser.replies():
+                self._on_reply(reply)
+                if self.sock is None:
+                    return
+        except (ProtocolError, ValueError) as exc:
+            self.fail("bad reply: %s" % exc)
+
+    def _on_reply(self, reply: Any) -> None:
+        if isinstance(reply, list) and reply and isinstance(reply[0], bytes):
+            kind = reply[0].lower()
+            if kind == b"message" and len(reply) == 3:
+                self.broker._on_message(reply[1], reply[2])
+                return
+            if kind in (b"subscribe", b"unsubscribe"):
+                return
+            if kind == b"pong":  # PING while subscribed
+                if self.expected and self.expected[0] == "ping":
+                    self.expected.popleft()
+                self.ping_sent = None
+                return
+        expect = self.expected.popleft() if self.expected else "ignore"
+        if isinstance(reply, _RespError):
+            if expect == "auth" or str(reply).startswith(("NOAUTH", "WRONGPASS")):
+                self.broker._auth_failed(self, str(reply))
+                return
+            if expect in ("select", "ready"):
+                self.fail("Redis refused: %s" % reply)
+                return
+            logger.warning("redis %s: %s", self.name, reply)
+            return
+        if expect == "ping":
+            self.ping_sent = None
+        elif expect == "ready":
+            self.ready()
+
+    # -- liveness and the end -------------------------------------------------
+
+    def ping(self, now: float) -> None:
+        """Send a PING, or give up on a link whose last one went unanswered."""
+        if self.state != "ready":
+            return
+        if self.ping_sent is not None:
+            if now - self.ping_sent > self.broker.ping_timeout:
+                self.fail("no answer to PING within %s s" % self.broker.ping_timeout)
+            return
+        self.ping_sent = now
+        self.command("PING", expect="ping")
+
+    def fail(self, why: str) -> None:
+        was_ready = self.state == "ready"
+        self.close()
+        self.broker._link_failed(self, why, was_ready)
+
+    def close(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        sock = self.sock
+        self.sock = None
+        self.state = "disconnected"
+        self.events = 0
+        if sock is not None:
+            try:
+                self.broker.loop.selector.unregister(sock)  # type: ignore[union-attr]
+            except (KeyError, ValueError):
+                pass
+            sock.close()
+
+
+class RedisBroker:
+    """Fan-out between processes and machines through Redis (or Valkey)
+    pub/sub: give one to :class:`Server` as ``broker=``.
+
+    ``url`` is ``redis://[user:password@]host:port[/db]``, or ``rediss://``
+    for TLS (the certificate is checked; ``ssl_context`` replaces the
+    default).  Topic ``t`` is the Redis channel ``prefix:t``, so several
+    applications can share one Redis.  ``ping_interval``/``ping_timeout``
+    detect a dead or stalled Redis; reconnecting backs off up to
+    ``reconnect_max`` seconds; while it is down, up to ``max_buffer`` bytes
+    of publishes wait and the rest are dropped (and counted).
+
+    Promise: at most once between processes, in order per publisher per
+    topic, bounded memory, local delivery whatever Redis does.  Not
+    promised: replay after a gap (the handler's ``on_broker_gap(server,
+    topics)`` says when one may have happened), global order, presence.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "wsloop",
+        *,
+        ping_interval: float = 5.0,
+        ping_timeout: float = 5.0,
+        reconnect_max: float = 5.0,
+        max_buffer: int = 2**20,
+        max_message: int = 64 * 2**20,
+        ssl_context: Optional[ssl.SSLContext] = None,
+    ):
+        self.host, self.port, self.user, self.password, self.db, self.tls = _parse_redis_url(url)
+        if not prefix or any(char in prefix for char in "*?[]"):
+            raise ValueError("prefix must be non-empty, without glob characters")
+        _timeout("ping_interval", ping_interval)
+        _timeout("ping_timeout", ping_timeout)
+        self.url = url
+        self.prefix = prefix
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.reconnect_max = reconnect_max
+        self.max_buffer = max_buffer
+        self.max_message = max_message
+        self.ssl_context = ssl_context or (ssl.create_default_context() if self.tls else None)
+        self.node_id = os.urandom(8)
+        self.loop: Optional[_EventLoop] = None
+        self._deliver: Optional[Callable[[str, Union[str, bytes]], Any]] = None
+        self._gap: Optional[Callable[[List[str]], None]] = None
+        self._topics: Dict[str, None] = {}  # subscribed here, in order
+        self._subscriber = _RedisLink(self, "subscriber")
+        self._publisher = _RedisLink(self, "publisher")
+        self._sequence = 0
+        self._waiting = bytearray()  # publishes made while the publisher is down
+        self._waiting_count = 0
+        self._ever_ready = False
+        self._lost_subscriber = False
+        self._auth_error: Optional[str] = None
+        self._ping_timer: Optional[_Timer] = None
+        self._closed = False
+        self._counts = {"published": 0, "received": 0, "dropped": 0, "reconnects": 0, "gaps": 0}
+
+    def __repr__(self) -> str:
+        return "<RedisBroker %s:%d prefix %s %s>" % (self.host, self.port, self.prefix, self.state)
+
+    @property
+    def state(self) -> str:
+        """"connected" (both links ready), "connecting" or "disconnected"."""
+        links = (self._subscriber.state, self._publisher.state)
+        if links == ("ready", "ready"):
+            return "connected"
+        if "connecting" in links or "ready" in links:
+            return "connecting"
+        return "disconnected"
+
+    def stats(self) -> Dict[str, Any]:
+        """The bridge's state and counters: published, received, dropped,
+        reconnects, gaps, and the topics subscribed."""
+        figures: Dict[str, Any] = dict(self._counts)
+        figures["state"] = self.state
+        figures["topics"] = len(self._topics)
+        return figures
+
+    # -- what the server calls (the loop's thread) ----------------------------
+
+    def _attach(
+        self,
+        loop: _EventLoop,
+        deliver: Callable[[str, Union[str, bytes]], Any],
+        gap: Callable[[List[str]], None],
+    ) -> None:
+        self.loop = loop
+        self._deliver = deliver
+        self._gap = gap
+        self._subscriber.connect()
+        self._publisher.connect()
+        self._ping_timer = loop.call_later(self.ping_interval, self._keepalive)
+
+    def _close(self) -> None:
+        self._closed = True
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+        self._subscriber.close()
+        self._publisher.close()
+
+    def _subscribe(self, topic: str) -> None:
+        self._topics[topic] = None
+        if self._subscriber.state == "ready":
+            self._subscriber.command("SUBSCRIBE", self._channel(topic), expect=None)
+
+    def _unsubscribe(self, topic: str) -> None:
+        self._topics.pop(topic, None)
+        if self._subscriber.state == "ready":
+            self._subscriber.command("UNSUBSCRIBE", self._channel(topic), expect=None)
+
+    def _publish(self, topic: str, message: Union[str, bytes]) -> None:
+        self._sequence += 1
+        if isinstance(message, str):
+            kind, payload = b"t", message.encode("utf-8")
+        else:
+            kind, payload = b"b", message
+        envelope = _ENVELOPE.pack(self.node_id, self._sequence, kind) + payload
+        command = _resp_command("PUBLISH", self._channel(topic), envelope)
+        publisher = self._publisher
+        if publisher.state == "ready":
+            if len(publisher.outgoing) > self.max_buffer:
+                self._counts["dropped"] += 1  # Redis is not keeping up
+                return
+            publisher.outgoing += command
+            publisher.expected.append("ignore")
+            publisher.flush()
+            self._counts["published"] += 1
+        elif len(self._waiting) + len(command) <= self.max_buffer:
+            self._waiting += command  # sent once the publisher is back
+            self._waiting_count += 1
+        else:
+            self._counts["dropped"] += 1
+
+    # -- what the links tell the broker ---------------------------------------
+
+    def _channel(self, topic: str) -> str:
+        return self.prefix + ":" + topic
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        if len(data) < _ENVELOPE.size:
+            return  # not one of ours
+        node, _sequence, kind = _ENVELOPE.unpack_from(data)
+        if node == self.node_id:
+            return  # ours, delivered locally when published
+        topic = channel.decode("utf-8", "replace")[len(self.prefix) + 1 :]
+        payload = data[_ENVELOPE.size :]
+        message: Union[str, bytes]
+        if kind == b"t":
+            try:
+                message = payload.decode("utf-8")
+            except UnicodeDecodeError:
+                return
+        else:
+            message = payload
+        self._counts["received"] += 1
+        if self._deliver is not None:
+            self._deliver(topic, message)
+
+    def _link_ready(self, link: _RedisLink) -> None:
+        if self._auth_error is not None:
+            logger.info("redis: authenticated again")
+            self._auth_error = None
+        if link is self._subscriber:
+            topics = list(self._topics)
+            for start in range(0, len(topics), 256):
+                channels = [self._channel(topic) for topic in topics[start : start + 256]]
+                link.command("SUBSCRIBE", *channels, expect=None)
+            if self._lost_subscriber:
+                self._lost_subscriber = False
+                logger.warning("redis: subscriber back; messages on %d topic(s) may be lost", len(topics))
+                if topics and self._gap is not None:
+                    self._counts["gaps"] += 1
+                    self._gap(topics)
+            elif not self._ever_ready:
+                logger.info("redis: connected to %s:%d", self.host, self.port)
+            self._ever_ready = True
+        else:
+            if self._waiting:
+                link.outgoing += self._waiting
+                link.expected.extend(["ignore"] * self._waiting_count)
+                self._counts["published"] += self._waiting_count
+                self._waiting = bytearray()
+                self._waiting_count = 0
+                link.flush()
+
+    def _link_failed(self, link: _RedisLink, why: str, was_ready: bool) -> None:
+        if self._closed:
+            return
+        if link is self._subscriber and (was_ready or self._ever_ready):
+            self._lost_subscriber = True
+        if was_ready:
+            self._counts["reconnects"] += 1
+            logger.warning("redis %s: %s; reconnecting", link.name, why)
+        else:
+            logger.debug("redis %s: %s", link.name, why)
+        link.attempts += 1
+        if self._auth_error is not None:
+            delay = self.reconnect_max  # a wrong password will not fix itself soon
+        else:
+            delay = min(self.reconnect_max, 0.05 * 2**link.attempts)
+        delay *= 0.5 + random.random() / 2  # jitter: not every node at once
+        assert self.loop is not None
+        self.loop.call_later(delay, self._reconnect, link)
+
+    def _reconnect(self, link: _RedisLink) -> None:
+        if not self._closed and link.state == "disconnected":
+            link.connect()
+
+    def _auth_failed(self, link: _RedisLink, reply: str) -> None:
+        if self._auth_error != reply:
+            logger.error("redis: authentication failed (%s): check the user and password in the URL", reply)
+        self._auth_error = reply
+        link.close()
+        self._link_failed(link, "authentication failed", False)
+
+    def _keepalive(self) -> None:
+        if self._closed:
+            return
+        now = time.monotonic()
+        self._subscriber.ping(now)
+        self._publisher.ping(now)
+        assert self.loop is not None
+        self._ping_timer = self.loop.call_later(self.ping_interval, self._keepalive)
+
+
+# =============================================================================
 # Public API: handlers, connections, the server
 # =============================================================================
 
@@ -2122,6 +2717,11 @@ class Handler:
     def on_close(self, conn: Connection, code: int, reason: str) -> None:
         """The connection is gone; ``code`` 1006 means it ended without a close frame."""
 
+    def on_broker_gap(self, server: Server, topics: List[str]) -> None:
+        """The broker was disconnected and is back: messages published in
+        other processes on these topics meanwhile may be lost (Redis pub/sub
+        replays nothing).  A place to resynchronise clients."""
+
 
 class Echo(Handler):
     """Send every message back to its sender."""
@@ -2131,15 +2731,21 @@ class Echo(Handler):
 
 
 class Chat(Handler):
-    """Send every message to every open connection (the ``--broadcast`` app)."""
+    """Everyone gets every message (the ``--broadcast`` app): each client
+    joins the topic ``chat``, so with a broker the chat spans processes."""
+
+    topic = "chat"
+
+    def on_connect(self, conn: Connection) -> None:
+        conn.subscribe(self.topic)
 
     def on_message(self, conn: Connection, message: Union[str, bytes]) -> None:
         server = conn.server
         if server is not None:
-            server.broadcast(message)
+            server.publish(self.topic, message)
 
 
-_HANDLER_METHODS = ("on_handshake", "on_connect", "on_message", "on_close")
+_HANDLER_METHODS = ("on_handshake", "on_connect", "on_message", "on_close", "on_broker_gap")
 
 
 def _handler_methods(handler: Any) -> Dict[str, Optional[Callable[..., Any]]]:
@@ -2207,6 +2813,7 @@ class _Options:
         self.on_connect = methods["on_connect"]
         self.on_message = methods["on_message"]
         self.on_close = methods["on_close"]
+        self.on_broker_gap = methods["on_broker_gap"]
         if max_size < 1:
             raise ValueError("max_size must be at least 1")
         if max_fragments is not None and max_fragments < 1:
@@ -2263,6 +2870,11 @@ class PreparedMessage:
         if frame is None:
             frame = self._shared[key] = _encode_compressed(self.message, extension)
         return frame
+
+
+def _check_topic(topic: Any) -> None:
+    if not isinstance(topic, str) or not topic:
+        raise TypeError("a topic is a non-empty str, not %r" % (topic,))
 
 
 def _checked_message(message: Any) -> Union[str, bytes]:
@@ -2495,9 +3107,30 @@ class Connection:
             return
         self._close_now(code, reason)
 
+    def subscribe(self, topic: str) -> None:
+        """Receive what :meth:`Server.publish` publishes on ``topic`` (until
+        :meth:`unsubscribe` or the close)."""
+        self._topic_server().subscribe(self, topic)
+
+    def unsubscribe(self, topic: str) -> None:
+        """Stop receiving ``topic``."""
+        self._topic_server().unsubscribe(self, topic)
+
+    @property
+    def topics(self) -> FrozenSet[str]:
+        """The topics this connection is subscribed to (a snapshot)."""
+        server = self.server
+        return server.topics_of(self) if server is not None else frozenset()
+
+    def _topic_server(self) -> Server:
+        if self.server is None:
+            raise RuntimeError("topics belong to a server's connections")
+        return self.server
+
     def pause_reading(self) -> None:
-        """Stop reading from the peer (its messages wait in the network,
-        and TCP slows it down) until :meth:`resume_reading`."""
+        """Stop reading from the peer until :meth:`resume_reading`: called in
+        ``on_message``, no further event (message, ping, close) is handled
+        until then; what the peer sends waits, and TCP slows it down."""
         if not self._loop.in_loop_thread:
             self._loop.call_soon_threadsafe(self.pause_reading)
             return
@@ -2513,10 +3146,10 @@ class Connection:
             return
         if self._reading_held:
             self._reading_held = False
-            if self._sock is not None:
-                self._update_interest()
-                if self._tls:
-                    self._read_tls_pending()
+            if self._sock is not None and not self._backlog:
+                # What was received but not handled comes first, next turn.
+                self._backlog = True
+                self._loop.call_soon(self._continue_backlog)
 
     def when_drained(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` in the loop's thread once at most
@@ -2638,10 +3271,9 @@ class Connection:
             # Backpressure: stop reading a peer that is not reading our replies.
             self._reading_paused = True
         events = 0 if self._reading_paused or self._backlog or self._reading_held else _EVENT_READ
-        if outgoing and not self._write_wants_read:
-            events |= _EVENT_WRITE
-        if not events:
-            events = _EVENT_READ  # TLS waiting to read before writing
+        if outgoing:
+            # TLS may have to read before it can write.
+            events |= _EVENT_READ if self._write_wants_read else _EVENT_WRITE
         self._set_events(events)
 
     def _run_drain_callbacks(self) -> None:
@@ -2702,9 +3334,19 @@ class Connection:
         self._on_readable()  # the client's request may be buffered already
 
     def _set_events(self, events: int) -> None:
-        if events != self._events:
-            self._events = events
-            self._loop.selector.modify(self._sock, events, self)  # type: ignore[arg-type]
+        """Watch the socket for ``events``; 0 takes it out of the selector,
+        so a socket left unread (paused) cannot keep waking the loop."""
+        old = self._events
+        if events == old:
+            return
+        self._events = events
+        selector = self._loop.selector
+        if not events:
+            selector.unregister(self._sock)  # type: ignore[arg-type]
+        elif not old:
+            selector.register(self._sock, events, self)  # type: ignore[arg-type]
+        else:
+            selector.modify(self._sock, events, self)  # type: ignore[arg-type]
 
     def _receive(self, view: memoryview) -> int:
         """Read into ``view``; 0 at EOF, -1 when nothing is ready."""
@@ -2760,6 +3402,11 @@ class Connection:
                         on_message(self, value)
                     except Exception:
                         self._handler_failed("on_message")
+                    if self._reading_held:
+                        # pause_reading() from the handler: not one more
+                        # event until resume_reading().
+                        events.close()
+                        break
                 budget -= len(value) + _MESSAGE_COST
                 if budget < 0:
                     # Fairness: the rest waits for the next turn, and the
@@ -3113,9 +3760,11 @@ class Server:
         response_headers: Iterable[Tuple[str, str]] = (),
         health_path: Optional[str] = None,
         pages: Optional[Dict[str, Tuple[str, bytes]]] = None,
+        broker: Optional[RedisBroker] = None,
         backlog: int = 1024,
     ):
         self.handler = handler if handler is not None else Echo()
+        self.broker = broker
         self.options = _Options(
             self.handler, max_size, max_fragments, open_timeout, close_timeout,
             ping_interval, ping_timeout, write_high_water, max_pending_output,
@@ -3127,6 +3776,10 @@ class Server:
         # and `connections` see).
         self._connections: Dict[Connection, None] = {}
         self._open: Dict[Connection, None] = {}
+        # Topics: each one's subscribers in the order they joined, and each
+        # subscriber's topics (so a close unsubscribes it everywhere).
+        self._topics: Dict[str, Dict[Connection, None]] = {}
+        self._subscriptions: Dict[Connection, Set[str]] = {}
         self._next_id = 1
         self._shutting_down = False
         self._accept_paused = False
@@ -3177,6 +3830,8 @@ class Server:
             if self._phase != "new":
                 raise RuntimeError("this server has already run or been closed")
             self._phase = "running"
+        if self.broker is not None:
+            self._loop.call_soon(self._start_broker)
         try:
             self._loop.run()
         finally:
@@ -3259,6 +3914,97 @@ class Server:
                 pass
         return delivered
 
+    # -- topics ---------------------------------------------------------------
+
+    def subscribe(self, connection: Connection, topic: str) -> None:
+        """Add ``connection`` to ``topic`` (also ``conn.subscribe(topic)``);
+        from any thread.  With a broker, the first local subscriber makes
+        this process subscribe to the topic in Redis."""
+        _check_topic(topic)
+        if not self._loop.in_loop_thread:
+            self._loop.call_soon_threadsafe(self.subscribe, connection, topic)
+            return
+        if connection.state is not _OPEN and connection.state is not _CONNECTING:
+            return  # closing: it would never be unsubscribed
+        subscribers = self._topics.get(topic)
+        if subscribers is None:
+            subscribers = self._topics[topic] = {}
+            if self.broker is not None:
+                self.broker._subscribe(topic)
+        subscribers[connection] = None
+        self._subscriptions.setdefault(connection, set()).add(topic)
+
+    def unsubscribe(self, connection: Connection, topic: str) -> None:
+        """Remove ``connection`` from ``topic``; from any thread."""
+        _check_topic(topic)
+        if not self._loop.in_loop_thread:
+            self._loop.call_soon_threadsafe(self.unsubscribe, connection, topic)
+            return
+        topics = self._subscriptions.get(connection)
+        if topics is not None:
+            topics.discard(topic)
+            if not topics:
+                del self._subscriptions[connection]
+        subscribers = self._topics.get(topic)
+        if subscribers is not None:
+            subscribers.pop(connection, None)
+            if not subscribers:
+                del self._topics[topic]
+                if self.broker is not None:
+                    self.broker._unsubscribe(topic)
+
+    def topics_of(self, connection: Connection) -> FrozenSet[str]:
+        """The topics ``connection`` is subscribed to: a snapshot."""
+        # frozenset() copies a set in one step under the GIL.
+        return frozenset(self._subscriptions.get(connection, ()))
+
+    def publish(self, topic: str, message: Union[str, bytes], exclude: Optional[Connection] = None) -> int:
+        """Send ``message`` to every subscriber of ``topic`` here (but
+        ``exclude``), and through the broker to those of other processes.
+
+        Framed once for all (see :class:`PreparedMessage`); a subscriber that
+        cannot keep up is closed with 1008 and the others go on.  Returns how
+        many local connections took it; from another thread the arguments
+        are checked there, the message queued through the door, and 0
+        returned.
+        """
+        _check_topic(topic)
+        message = _checked_message(message)
+        if not self._loop.in_loop_thread:
+            self._loop.call_soon_threadsafe(self.publish, topic, message, exclude)
+            return 0
+        if self.broker is not None:
+            self.broker._publish(topic, message)
+        return self._deliver(topic, message, exclude)
+
+    def _deliver(self, topic: str, message: Union[str, bytes], exclude: Optional[Connection] = None) -> int:
+        subscribers = self._topics.get(topic)
+        if not subscribers:
+            return 0
+        prepared = PreparedMessage(message)
+        delivered = 0
+        for connection in list(subscribers):
+            if connection is exclude or connection.state is not _OPEN:
+                continue
+            try:
+                connection.send(prepared)
+                delivered += 1
+            except ConnectionClosed:
+                pass
+        return delivered
+
+    def _broker_gap(self, topics: List[str]) -> None:
+        on_gap = self.options.on_broker_gap
+        if on_gap is not None:
+            try:
+                on_gap(self, topics)
+            except Exception:
+                logger.exception("error in on_broker_gap")
+
+    def _start_broker(self) -> None:
+        if self.broker is not None:
+            self.broker._attach(self._loop, self._deliver, self._broker_gap)
+
     # -- what connections tell the server -------------------------------------
 
     def _connection_opened(self, connection: Connection) -> None:
@@ -3267,6 +4013,8 @@ class Server:
     def _connection_closed(self, connection: Connection) -> None:
         self._connections.pop(connection, None)
         self._open.pop(connection, None)
+        for topic in list(self._subscriptions.get(connection, ())):
+            self.unsubscribe(connection, topic)
         if self._shutting_down and not self._connections:
             self._loop.stop()
 
@@ -3342,6 +4090,8 @@ class Server:
         self._loop.thread_id = _get_ident()
         for connection in list(self._connections):
             connection.abort()
+        if self.broker is not None and self.broker.loop is self._loop:
+            self.broker._close()
         self._close_listener()
         self._loop.close()
         with self._phase_lock:
@@ -3426,10 +4176,19 @@ def _install_signal_handlers(server: Server) -> Dict[int, Any]:
 # the connection, the caller's threads go through the door.  Why a thread
 # rather than reading only inside recv(): keepalive pings are answered, and
 # a close is noticed, while the application is busy elsewhere or blocked in
-# send(), which a recv()-driven reader cannot promise.  Messages wait in a
-# queue of at most ``max_queue``; past that the reader pauses and TCP slows
-# the server down, so a client that stops calling recv() holds bounded
-# memory.
+# send(), which a recv()-driven reader cannot promise.
+#
+# But a message is handled in order with what follows it: once the reader
+# has delivered a message, it handles nothing more (pause_reading) until the
+# application has taken it and then sent something, asked for the next one,
+# or been idle for _HOLD_GRACE.  So a protocol violation after a message
+# fails the connection only after the application has had that message and
+# answered it, as a server handling it in on_message would (Autobahn's
+# strict verdict), while an idle client still answers pings and closes; a
+# client that stops calling recv() holds one message, and TCP slows the
+# server down.
+
+_HOLD_GRACE = 0.2
 
 
 class ClientConnection:
@@ -3448,13 +4207,12 @@ class ClientConnection:
         address: Any,
         protocol: Protocol,
         options: _Options,
-        max_queue: int,
     ):
         self._loop = _EventLoop()
-        self._max_queue = max_queue
         self._messages: Deque[Union[str, bytes]] = collections.deque()
         self._condition = threading.Condition()
         self._reading_held = False
+        self._taken = 0  # messages recv() has returned (under _condition)
         self._done = False  # the connection is gone (under _condition)
         self._opened = threading.Event()  # open, or failed before it opened
         options.on_message = self._on_message
@@ -3480,10 +4238,9 @@ class ClientConnection:
     def _on_message(self, connection: Connection, message: Union[str, bytes]) -> None:
         with self._condition:
             self._messages.append(message)
+            self._reading_held = True
+            connection.pause_reading()  # until recv() asks for the next one
             self._condition.notify()
-            if len(self._messages) >= self._max_queue and not self._reading_held:
-                self._reading_held = True
-                connection.pause_reading()
 
     def _run(self) -> None:
         try:
@@ -3550,6 +4307,7 @@ class ClientConnection:
         """
         connection = self._connection
         connection.send(message)
+        self._resume_if_taken()  # the last message is answered
         if connection.pending_output > connection._options.write_high_water:
             drained = threading.Event()
             connection.when_drained(drained.set)
@@ -3562,6 +4320,7 @@ class ClientConnection:
         :class:`ConnectionClosed` once the connection has closed and every
         message that came before the close has been received.
         """
+        self._resume_if_taken()  # done with the last one
         with self._condition:
             if not self._condition.wait_for(lambda: self._messages or self._done, timeout):
                 raise TimeoutError("no message within %s s" % timeout)
@@ -3570,10 +4329,22 @@ class ClientConnection:
                     "connection closed: %s" % _describe_close(self.close_code or CloseCode.ABNORMAL, self.close_reason)
                 )
             message = self._messages.popleft()
-            if self._reading_held and len(self._messages) <= self._max_queue // 2:
+            self._taken += 1
+            if not self._messages:
+                self._loop.call_later(_HOLD_GRACE, self._resume_if_idle, self._taken)
+            return message
+
+    def _resume_if_taken(self) -> None:
+        with self._condition:
+            if self._reading_held and not self._messages:
                 self._reading_held = False
                 self._connection.resume_reading()
-            return message
+
+    def _resume_if_idle(self, taken: int) -> None:
+        # _HOLD_GRACE after recv() returned, nothing else asked: read on, so
+        # pings and the server's close are answered.
+        if taken == self._taken:
+            self._resume_if_taken()
 
     def __iter__(self) -> Iterator[Union[str, bytes]]:
         while True:
@@ -3592,6 +4363,7 @@ class ClientConnection:
         """Close the connection: the closing handshake, then TCP; returns
         once it is done or ``close_timeout`` has passed.  Idempotent."""
         self._connection.close(code, reason)
+        self._resume_if_taken()  # read the server's answer to our close
         timeout = self._connection._options.close_timeout
         # The close timer bounds the handshake and then the wait for the
         # server's EOF; this is the backstop.
@@ -3643,7 +4415,6 @@ def connect(
     compression: Union[bool, Deflate, None] = True,
     max_size: int = DEFAULT_MAX_SIZE,
     max_fragments: Optional[int] = None,
-    max_queue: int = 16,
     open_timeout: Optional[float] = DEFAULT_OPEN_TIMEOUT,
     close_timeout: Optional[float] = DEFAULT_CLOSE_TIMEOUT,
     ping_interval: Optional[float] = DEFAULT_PING_INTERVAL,
@@ -3692,7 +4463,7 @@ def connect(
     except BaseException:
         sock.close()
         raise
-    client = ClientConnection(sock, address, protocol, options, max_queue)
+    client = ClientConnection(sock, address, protocol, options)
     client._wait_open(None if deadline is None else max(0.0, deadline - time.monotonic()) + 0.5)
     return client
 
@@ -3805,7 +4576,8 @@ def _count(text: str) -> int:
 def _build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="wsloop",
-        description="A WebSocket server: echo (default), chat (--broadcast) or your own app (--app).",
+        description="A WebSocket server: echo (default), chat (--broadcast) or your own app (--app); "
+        "or, with --connect URL, a WebSocket client console.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; '::' or 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=8765, help="port (default 8765)")
@@ -3821,7 +4593,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-pending-output", type=_size, default=DEFAULT_MAX_PENDING_OUTPUT, help="output backlog that closes a slow client with 1008 (default 4M)")
     parser.add_argument("--certfile", help="serve wss:// with this certificate chain (PEM)")
     parser.add_argument("--keyfile", help="the certificate's private key (PEM), if not in --certfile")
-    parser.add_argument("--origin", action="append", metavar="ORIGIN", help="allow browsers from this Origin only (repeatable; others get 403)")
+    parser.add_argument("--origin", action="append", metavar="ORIGIN", help="allow browsers from this Origin only (repeatable; others get 403); with --connect: the Origin to send")
     parser.add_argument("--allow-no-origin", action="store_true", help="with --origin: also accept requests without an Origin header")
     parser.add_argument("--health-path", default="/healthz", help="plain HTTP health check path (default /healthz; 'none' disables)")
     parser.add_argument("--no-compression", action="store_true", help="decline permessage-deflate")
@@ -3830,6 +4602,11 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compression-threshold", type=_count, default=128, metavar="BYTES", help="send shorter messages uncompressed (default 128)")
     parser.add_argument("--log-level", default="info", type=str.lower, choices=["debug", "info", "warning", "error"], help="default info")
     parser.add_argument("--version", action="version", version="wsloop " + __version__)
+    client = parser.add_argument_group("client console")
+    client.add_argument("--connect", metavar="URL", help="connect to ws:// or wss:// URL: send each line typed, print each message")
+    client.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'", help="a request header (repeatable)")
+    client.add_argument("--subprotocol", action="append", default=[], metavar="NAME", help="offer this subprotocol (repeatable)")
+    client.add_argument("--cafile", help="trust this CA certificate (PEM) for wss://")
     return parser
 
 
@@ -3905,9 +4682,81 @@ def _raise_fd_limit() -> None:
             pass
 
 
+def _console(args: argparse.Namespace) -> int:
+    """The --connect console: lines typed go out as text messages, messages
+    received are printed (binary as its size and first bytes in hex)."""
+    headers = []
+    for text in args.header:
+        name, colon, value = text.partition(":")
+        if not colon or not _is_token_text(name.strip()):
+            raise _UsageError("--header must be 'NAME: VALUE', got %r" % text)
+        headers.append((name.strip(), value.strip()))
+    if args.origin and len(args.origin) > 1:
+        raise _UsageError("--connect sends one --origin")
+    ssl_context = None
+    if args.cafile:
+        if not os.path.isfile(args.cafile):
+            raise _UsageError("cannot read --cafile %s: no such file" % args.cafile)
+        ssl_context = ssl.create_default_context(cafile=args.cafile)
+    try:
+        ws = connect(
+            args.connect,
+            subprotocols=args.subprotocol,
+            origin=args.origin[0] if args.origin else None,
+            headers=headers,
+            compression=not args.no_compression,
+            max_size=args.max_size,
+            open_timeout=args.open_timeout,
+            close_timeout=args.close_timeout,
+            ping_interval=args.ping_interval,
+            ping_timeout=args.ping_timeout,
+            ssl_context=ssl_context,
+        )
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
+    except HandshakeError as exc:
+        if exc.status and exc.status != 101:
+            said = exc.body.decode("utf-8", "replace").strip().splitlines()
+            why = "%d %s%s" % (exc.status, exc.reason, ": " + said[0] if said else "")
+            raise _UsageError("%s refused the connection: %s" % (args.connect, why)) from None
+        raise _UsageError("%s: not a valid WebSocket answer: %s" % (args.connect, exc.reason)) from None
+    except ssl.SSLError as exc:  # (an OSError too: caught first)
+        raise _UsageError("TLS with %s failed: %s" % (args.connect, getattr(exc, "verify_message", None) or exc.reason or exc)) from None
+    except (OSError, TimeoutError) as exc:
+        why = exc.strerror or str(exc) or type(exc).__name__
+        raise _UsageError("cannot connect to %s: %s" % (args.connect, why)) from None
+    print("connected to %s%s (Ctrl-D closes, Ctrl-C exits)" % (
+        args.connect, "; subprotocol " + ws.subprotocol if ws.subprotocol else ""), file=sys.stderr)
+
+    def send_lines() -> None:
+        try:
+            for line in sys.stdin:
+                ws.send(line.rstrip("\r\n"))
+        except ConnectionClosed:
+            return
+        ws.close()  # Ctrl-D: a normal close
+
+    threading.Thread(target=send_lines, name="wsloop-console", daemon=True).start()
+    try:
+        while True:
+            message = ws.recv()
+            if isinstance(message, str):
+                print(message, flush=True)
+            else:
+                print("[binary %d bytes] %s" % (len(message), message[:32].hex()), flush=True)
+    except ConnectionClosed:
+        pass
+    except KeyboardInterrupt:
+        return 130
+    print("connection closed: %s" % _describe_close(ws.close_code or CloseCode.ABNORMAL, ws.close_reason), file=sys.stderr)
+    return 0 if ws.close_code in (CloseCode.NORMAL, CloseCode.GOING_AWAY) else 1
+
+
 def _main(argv: Optional[List[str]] = None) -> int:
     try:
         args = _build_parser().parse_args(argv)
+        if args.connect:
+            return _console(args)
         if not 0 <= args.port <= 65535:
             raise _UsageError("--port must be 0-65535")
         if args.max_fragments is not None and args.max_fragments < 1:
