@@ -83,6 +83,7 @@ import signal
 import socket
 import ssl
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -684,7 +685,8 @@ def _answer_request(request: Request, is_upgrade: bool, options: Any, shutting_d
         return None
     path = request.path
     if options.health_path is not None and path == options.health_path:
-        return Response(200, "ok\n", [("Cache-Control", "no-store")])
+        name = getattr(options, "name", None)
+        return Response(200, "ok %s\n" % name if name else "ok\n", [("Cache-Control", "no-store")])
     page = options.pages.get(path)
     if page is not None:
         own_origin = ("https://" if options.ssl_context else "http://") + (request.headers.get("Host") or "")
@@ -2838,6 +2840,7 @@ class _Options:
         self.response_headers = list(response_headers)
         self.health_path = health_path
         self.pages = dict(pages or {})
+        self.name: Optional[str] = None  # the server's name, on its health check
 
 
 class PreparedMessage:
@@ -3728,6 +3731,12 @@ class Server:
     anywhere else); anything else gets 426.  Once shutdown begins, every
     request gets 503.
 
+    Fan-out: ``broker`` (a :class:`RedisBroker`) carries :meth:`publish` to
+    the subscribers of other processes.  Listening: ``sock`` is a socket to
+    serve on instead of binding (an inherited or systemd-passed one);
+    ``reuse_port`` binds with SO_REUSEPORT so several processes share the
+    port; ``name`` (e.g. "worker 2") is what the health check answers.
+
     Threads: :meth:`serve_forever` makes its thread the loop's thread; every
     method may be called from any thread (see :class:`Connection`).  Use it
     as a context manager to release its sockets however the block ends::
@@ -3761,6 +3770,9 @@ class Server:
         health_path: Optional[str] = None,
         pages: Optional[Dict[str, Tuple[str, bytes]]] = None,
         broker: Optional[RedisBroker] = None,
+        name: Optional[str] = None,
+        sock: Optional[socket.socket] = None,
+        reuse_port: bool = False,
         backlog: int = 1024,
     ):
         self.handler = handler if handler is not None else Echo()
@@ -3788,13 +3800,19 @@ class Server:
         self._phase_lock = threading.Lock()
         self._done = threading.Event()
         self._loop = _EventLoop()
+        self.options.name = name
         try:
-            self._listener: Optional[socket.socket] = _listen(host, port, backlog)
+            if sock is None:
+                sock = _listen(host, port, backlog, reuse_port)
+            else:
+                sock.listen(backlog)  # a no-op on one already listening
         except BaseException:
             self._loop.close()
             raise
-        self._listener.setblocking(False)
-        self._address = self._listener.getsockname()[:2]
+        self._listener: Optional[socket.socket] = sock
+        sock.setblocking(False)
+        address = sock.getsockname()
+        self._address = address[:2] if isinstance(address, tuple) else address
         self._loop.selector.register(self._listener, selectors.EVENT_READ, self)
 
     # -- properties -----------------------------------------------------------
@@ -3802,7 +3820,7 @@ class Server:
     @property
     def address(self) -> Tuple[str, int]:
         """The (host, port) the server listens on."""
-        return self._address  # type: ignore[no-any-return]
+        return self._address
 
     @property
     def port(self) -> int:
@@ -4111,8 +4129,9 @@ class Server:
         listener.close()
 
 
-def _listen(host: str, port: int, backlog: int) -> socket.socket:
-    """Bind a listening TCP socket; ``::`` listens on IPv4 too where it can."""
+def _listen(host: str, port: int, backlog: int, reuse_port: bool = False) -> socket.socket:
+    """Bind a listening TCP socket; ``::`` listens on IPv4 too where it can;
+    ``reuse_port``: share the port with other processes (SO_REUSEPORT)."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, _, _, _, address = infos[0]
     dualstack = family == socket.AF_INET6 and host in ("::", "") and socket.has_dualstack_ipv6()
@@ -4121,6 +4140,7 @@ def _listen(host: str, port: int, backlog: int) -> socket.socket:
         family=family,
         backlog=backlog,
         dualstack_ipv6=dualstack,
+        reuse_port=reuse_port,
     )
 
 
@@ -4602,6 +4622,10 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compression-threshold", type=_count, default=128, metavar="BYTES", help="send shorter messages uncompressed (default 128)")
     parser.add_argument("--log-level", default="info", type=str.lower, choices=["debug", "info", "warning", "error"], help="default info")
     parser.add_argument("--version", action="version", version="wsloop " + __version__)
+    scale = parser.add_argument_group("several processes")
+    scale.add_argument("--workers", type=int, default=1, metavar="N", help="run N worker processes on the port (default 1)")
+    scale.add_argument("--redis", metavar="URL", help="fan out topics (and --broadcast) through Redis: redis://[user:password@]host:port[/db] or rediss://")
+    scale.add_argument("--redis-prefix", default="wsloop", metavar="PREFIX", help="Redis channel prefix (default wsloop)")
     client = parser.add_argument_group("client console")
     client.add_argument("--connect", metavar="URL", help="connect to ws:// or wss:// URL: send each line typed, print each message")
     client.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'", help="a request header (repeatable)")
@@ -4665,6 +4689,104 @@ def _pem_has_no_key(path: str) -> bool:
             return b"PRIVATE KEY-----" not in pem.read()
     except OSError:
         return False
+
+
+def _inherited_listener() -> Optional[socket.socket]:
+    """The listening socket a supervisor handed down, if any."""
+    text = os.environ.get("WSLOOP_LISTEN_FD")
+    return socket.socket(fileno=int(text)) if text else None
+
+
+def _bind_only(host: str, port: int) -> socket.socket:
+    """A socket bound with SO_REUSEPORT but not listening: it holds the port
+    (and picks one for port 0) while taking no connection itself."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6 and host in ("::", "") and socket.has_dualstack_ipv6():
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _supervise(args: argparse.Namespace, argv: List[str]) -> int:
+    """--workers N: run N workers on one port, restart those that die,
+    pass SIGINT/SIGTERM on, and exit once they are all done."""
+    log = logging.getLogger("wsloop.supervisor")
+    reuse_port = hasattr(socket, "SO_REUSEPORT")
+    try:
+        # With SO_REUSEPORT each worker listens on its own socket and the
+        # kernel spreads new connections evenly; elsewhere they all accept
+        # from one listening socket, inherited.
+        holder = _bind_only(args.host, args.port) if reuse_port else _listen(args.host, args.port, 1024)
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
+        print("wsloop: error: cannot listen on %s port %d: %s" % (args.host, args.port, why), file=sys.stderr)
+        return 2
+    port = holder.getsockname()[1]
+    command = [sys.executable, os.path.abspath(__file__)] + argv + ["--port", str(port), "--workers", "1"]
+    inherited = {"WSLOOP_REUSEPORT": "1"} if reuse_port else {"WSLOOP_LISTEN_FD": str(holder.fileno())}
+    children: Dict[int, "subprocess.Popen[bytes]"] = {}
+    started: Dict[int, float] = {}
+    backoff: Dict[int, float] = {}
+    restart_at: Dict[int, float] = {}
+    signals: List[int] = []
+
+    def start(index: int) -> None:
+        env = dict(os.environ, WSLOOP_WORKER=str(index), **inherited)
+        # A session of its own: Ctrl-C reaches the supervisor alone, which
+        # passes it on once (a worker takes a second signal as "now").
+        children[index] = subprocess.Popen(
+            command, env=env, pass_fds=() if reuse_port else (holder.fileno(),), start_new_session=True
+        )
+        started[index] = time.monotonic()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        signals.append(signum)
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
+    status = 0
+    try:
+        for index in range(1, args.workers + 1):
+            start(index)
+        log.info("%d workers on %s port %d", args.workers, args.host, port)
+        while children or (restart_at and not signals):
+            now = time.monotonic()
+            for index, child in list(children.items()):
+                code = child.poll()
+                if code is None:
+                    continue
+                del children[index]
+                if signals:
+                    status = status or (0 if code == 0 else 1)
+                    continue
+                why = "exit status %d" % code if code >= 0 else "signal %s" % signal.Signals(-code).name
+                # Back off while it keeps dying young; start afresh after a good run.
+                backoff[index] = 0.5 if now - started[index] > 30 else min(2 * backoff.get(index, 0.25), 30.0)
+                log.error("worker %d (pid %d) died: %s; restarting in %.1f s", index, child.pid, why, backoff[index])
+                restart_at[index] = now + backoff[index]
+            for index, when in list(restart_at.items()):
+                if signals:
+                    restart_at.clear()
+                elif when <= now:
+                    del restart_at[index]
+                    start(index)
+            time.sleep(0.1)  # a supervisor's watch: nothing here is latency-bound
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        holder.close()
+    log.info("all workers stopped")
+    return status
 
 
 def _raise_fd_limit() -> None:
@@ -4775,20 +4897,31 @@ def _main(argv: Optional[List[str]] = None) -> int:
                 no_context_takeover=args.compression_no_context_takeover,
                 threshold=args.compression_threshold,
             )
+        if args.workers < 1:
+            raise _UsageError("--workers must be at least 1")
+        if args.workers > 1 and args.broadcast and not args.redis:
+            # Each worker would hold its own chat: a message would reach only
+            # the clients of the worker that took it.
+            raise _UsageError("--workers with --broadcast needs --redis, or the chat splits into one per worker")
+        broker = None
+        if args.redis:
+            try:
+                broker = RedisBroker(args.redis, prefix=args.redis_prefix)
+            except ValueError as exc:
+                raise _UsageError("--redis: %s" % exc) from None
+        ssl_context = None
+        if args.certfile:
+            ssl_context = _server_ssl_context(args.certfile, args.keyfile)
     except _UsageError as exc:
         print("wsloop: error: %s" % exc, file=sys.stderr)
         return 2
+    worker = os.environ.get("WSLOOP_WORKER")
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        format="%(asctime)s " + ("worker %s " % worker if worker else "") + "%(name)s %(levelname)s %(message)s",
     )
-    ssl_context = None
-    if args.certfile:
-        try:
-            ssl_context = _server_ssl_context(args.certfile, args.keyfile)
-        except _UsageError as exc:
-            print("wsloop: error: %s" % exc, file=sys.stderr)
-            return 2
+    if args.workers > 1:
+        return _supervise(args, list(sys.argv[1:] if argv is None else argv))
     origins = None
     if args.origin:
         origins = list(args.origin) + ([None] if args.allow_no_origin else [])
@@ -4813,6 +4946,10 @@ def _main(argv: Optional[List[str]] = None) -> int:
             origins=origins,
             health_path=None if args.health_path.lower() == "none" else args.health_path,
             pages=pages,
+            broker=broker,
+            name="worker " + worker if worker else None,
+            sock=_inherited_listener(),
+            reuse_port=bool(os.environ.get("WSLOOP_REUSEPORT")),
         )
     except OSError as exc:
         # gaierror (an unknown host) carries its message in strerror; its
