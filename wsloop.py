@@ -921,7 +921,10 @@ def _accept_deflate(values: List[str], settings: Deflate) -> _PerMessageDeflate:
     def refuse(why: str) -> HandshakeError:
         return HandshakeError(101, "bad Sec-WebSocket-Extensions: " + why)
 
-    offers = _parse_extensions(values)
+    try:
+        offers = _parse_extensions(values)
+    except HandshakeError as exc:
+        raise refuse(exc.reason) from None
     if len(offers) != 1 or offers[0][0] != "permessage-deflate":
         raise refuse("only one permessage-deflate was offered")
     seen = set()
@@ -2029,12 +2032,15 @@ class _EventLoop:
             pass  # closed: the loop is gone
 
     def _handle_io(self, mask: int) -> None:
-        self._wake_pending = False
         try:
             while self._wake_reader.recv(4096):
                 pass
         except (BlockingIOError, InterruptedError):
             pass
+        # Cleared after draining, not before: a byte written in between
+        # would be drained with the flag left set, and every later wake-up
+        # skipped.  (What its writer queued runs in this turn anyway.)
+        self._wake_pending = False
 
     def stop(self) -> None:
         self._stopping = True
@@ -4200,15 +4206,16 @@ def _install_signal_handlers(server: Server) -> Dict[int, Any]:
 #
 # But a message is handled in order with what follows it: once the reader
 # has delivered a message, it handles nothing more (pause_reading) until the
-# application has taken it and then sent something, asked for the next one,
-# or been idle for _HOLD_GRACE.  So a protocol violation after a message
+# application has taken it and then sent something or asked for the next
+# one, or _HOLD_GRACE has passed.  So a protocol violation after a message
 # fails the connection only after the application has had that message and
 # answered it, as a server handling it in on_message would (Autobahn's
-# strict verdict), while an idle client still answers pings and closes; a
-# client that stops calling recv() holds one message, and TCP slows the
-# server down.
+# strict verdict).  After _HOLD_GRACE the reader goes on, answering pings
+# and closes, and queues up to _MAX_QUEUE messages the application has not
+# taken; then it stops, and TCP slows the server down.
 
-_HOLD_GRACE = 0.2
+_HOLD_GRACE = 1.0
+_MAX_QUEUE = 16
 
 
 class ClientConnection:
@@ -4232,7 +4239,7 @@ class ClientConnection:
         self._messages: Deque[Union[str, bytes]] = collections.deque()
         self._condition = threading.Condition()
         self._reading_held = False
-        self._taken = 0  # messages recv() has returned (under _condition)
+        self._delivered = 0  # messages the reader has queued (under _condition)
         self._done = False  # the connection is gone (under _condition)
         self._opened = threading.Event()  # open, or failed before it opened
         options.on_message = self._on_message
@@ -4258,9 +4265,17 @@ class ClientConnection:
     def _on_message(self, connection: Connection, message: Union[str, bytes]) -> None:
         with self._condition:
             self._messages.append(message)
+            self._delivered += 1
             self._reading_held = True
-            connection.pause_reading()  # until recv() asks for the next one
+            connection.pause_reading()  # until the application has answered it
             self._condition.notify()
+        self._loop.call_later(_HOLD_GRACE, self._hold_expired, self._delivered)
+
+    def _hold_expired(self, delivered: int) -> None:
+        with self._condition:
+            if self._reading_held and delivered == self._delivered and len(self._messages) < _MAX_QUEUE:
+                self._reading_held = False
+                self._connection.resume_reading()
 
     def _run(self) -> None:
         try:
@@ -4348,23 +4363,13 @@ class ClientConnection:
                 raise ConnectionClosed(
                     "connection closed: %s" % _describe_close(self.close_code or CloseCode.ABNORMAL, self.close_reason)
                 )
-            message = self._messages.popleft()
-            self._taken += 1
-            if not self._messages:
-                self._loop.call_later(_HOLD_GRACE, self._resume_if_idle, self._taken)
-            return message
+            return self._messages.popleft()
 
     def _resume_if_taken(self) -> None:
         with self._condition:
             if self._reading_held and not self._messages:
                 self._reading_held = False
                 self._connection.resume_reading()
-
-    def _resume_if_idle(self, taken: int) -> None:
-        # _HOLD_GRACE after recv() returned, nothing else asked: read on, so
-        # pings and the server's close are answered.
-        if taken == self._taken:
-            self._resume_if_taken()
 
     def __iter__(self) -> Iterator[Union[str, bytes]]:
         while True:
@@ -4458,8 +4463,10 @@ def connect(
     secure, host, port, host_header, target = _parse_ws_url(url)
     if ssl_context is not None and not secure:
         raise ValueError("ssl_context given for a ws:// URL")
+    # open_timeout is the client's own deadline (TimeoutError), not the
+    # connection's open timer, which would end it as if the server had.
     options = _Options(
-        Handler(), max_size, max_fragments, open_timeout, close_timeout, ping_interval,
+        Handler(), max_size, max_fragments, None, close_timeout, ping_interval,
         ping_timeout, write_high_water, 2**62, compression, None, None, (), None, (), None, None,
     )
     protocol = Protocol(max_size, max_fragments, options.compression, client=True)
@@ -4484,7 +4491,7 @@ def connect(
         sock.close()
         raise
     client = ClientConnection(sock, address, protocol, options)
-    client._wait_open(None if deadline is None else max(0.0, deadline - time.monotonic()) + 0.5)
+    client._wait_open(None if deadline is None else max(0.0, deadline - time.monotonic()))
     return client
 
 
