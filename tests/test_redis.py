@@ -1,0 +1,830 @@
+"""Fan-out between processes through a real redis-server.
+
+Servers run in this process, each on its own thread with its own
+``RedisBroker`` (so its own Redis connections and node id): to Redis they
+are as separate as two processes.  The CLI tests run ``python -m wsloop
+--workers 2`` for real.  redis-py appears only as the administrator's tool
+(PUBSUB NUMSUB, CLIENT KILL, CONFIG SET, ACL, INFO); everything wsloop says to
+Redis goes through its own RESP code.
+
+What is promised (and checked here): at most once between processes, in
+order per publisher per topic, byte-exact with text kept text and binary
+kept binary, no echo of a node's own messages, one Redis subscription per
+topic per process (first subscriber in, last one out), local delivery
+whatever Redis does, and after any reconnect the handler's
+``on_broker_gap(server, topics)`` on the loop's thread.
+
+Waits are on events (a message arriving, a callback running); where Redis's
+own state has no event (PUBSUB NUMSUB, CLIENT LIST, the broker's stats) it is
+polled with a deadline.  "Nothing else arrived" is shown with a marker sent
+after it on the same ordered path, never by waiting for silence.
+"""
+
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import ExitStack, contextmanager
+
+import wsloop
+from helpers import Client, running_server
+from redis_fixture import free_port, wait_until
+
+JOIN_TIMEOUT = 5.0
+RECOVERY_TIMEOUT = 15.0  # reconnect with backoff: generous, still bounded
+FAST_FAILURE = dict(ping_interval=0.3, ping_timeout=0.5, reconnect_max=0.5)
+
+
+# -- a handler and a cluster of servers -------------------------------------------
+
+
+def topic_of(conn):
+    """"/t" -> "t"; "/pub/t" -> "t" (a publisher that does not subscribe)."""
+    return conn.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+class TopicRelay(wsloop.Handler):
+    """Subscribes each client to its path's topic ("/t": topic "t", unless
+    the path is "/pub/t": publish only) and publishes what it sends there;
+    records on_broker_gap calls and the thread they ran on."""
+
+    def __init__(self):
+        self.gaps = []
+        self.gap_threads = []
+        self.gap_event = threading.Event()
+
+    def on_connect(self, conn):
+        if not conn.path.startswith("/pub/"):
+            conn.subscribe(topic_of(conn))
+
+    def on_message(self, conn, message):
+        conn.server.publish(topic_of(conn), message)
+
+    def on_broker_gap(self, server, topics):
+        self.gap_threads.append(threading.get_ident())
+        self.gaps.append(list(topics))
+        self.gap_event.set()
+
+    def wait_gap(self, topic, timeout=RECOVERY_TIMEOUT):
+        """Wait for an on_broker_gap call that names ``topic``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.gap_event.clear()
+            if any(topic in topics for topics in self.gaps):
+                return
+            remaining = deadline - time.monotonic()
+            assert remaining > 0 and self.gap_event.wait(remaining), (
+                "on_broker_gap never named %r (calls: %r)" % (topic, self.gaps)
+            )
+
+
+class Node:
+    """One server with its broker and handler, serving on its own thread."""
+
+    def __init__(self, server, handler):
+        self.server = server
+        self.handler = handler
+        self.clients = []
+
+    @property
+    def broker(self):
+        return self.server.broker
+
+    def stats(self):
+        return self.server.broker.stats()
+
+    def client(self, path="/t", **kw):
+        kw.setdefault("timeout", 10.0)
+        client = Client(self.server.port, path=path, **kw)
+        self.clients.append(client)
+        return client
+
+    def drop_clients(self):
+        """Close the clients' sockets, so the server stops without waiting
+        out close_timeout for each."""
+        for client in self.clients:
+            client.shutdown()
+
+    def loop_thread(self):
+        return in_loop(self.server, threading.get_ident)
+
+    def wait_state(self, predicate, what, timeout=RECOVERY_TIMEOUT):
+        last = []
+
+        def check():
+            last[:] = [self.stats()]
+            return predicate(last[0]["state"])
+
+        wait_until(check, timeout, message=lambda: "broker never %s; stats %r" % (what, last))
+
+
+@contextmanager
+def cluster(url_or_urls, count=2, prefix="wsloop", **broker_options):
+    """``count`` servers on Redis, each with its own RedisBroker, all
+    connected before the test goes on; stopped at the end."""
+    urls = url_or_urls if isinstance(url_or_urls, list) else [url_or_urls] * count
+    with ExitStack() as stack:
+        nodes = []
+        for url in urls:
+            handler = TopicRelay()
+            broker = wsloop.RedisBroker(url, prefix=prefix, **broker_options)
+            server = stack.enter_context(
+                running_server(handler, broker=broker, ping_interval=None, compression=False)
+            )
+            assert server.broker is broker
+            nodes.append(Node(server, handler))
+            stack.callback(nodes[-1].drop_clients)  # before the server stops
+        for node in nodes:
+            node.wait_state(lambda state: state == "connected", "connected")
+        yield nodes
+
+
+def in_loop(server, function, *args):
+    """Run ``function(*args)`` on the server's loop thread; return its result."""
+    done = threading.Event()
+    outcome = []
+    server.call_soon_threadsafe(lambda: (outcome.append(function(*args)), done.set()))
+    assert done.wait(JOIN_TIMEOUT), "the loop did not run the call"
+    return outcome[0]
+
+
+class Worker(threading.Thread):
+    """Run ``function(*args)`` on its own thread; keep its result or exception."""
+
+    def __init__(self, function, *args):
+        super().__init__(daemon=True)
+        self.function, self.args = function, args
+        self.result = None
+        self.exception = None
+
+    def run(self):
+        try:
+            self.result = self.function(*self.args)
+        except BaseException as exc:  # reported to the test, which decides
+            self.exception = exc
+
+
+def read_until(client, last, allowed=()):
+    """Read messages until ``last``; every one before it must be in
+    ``allowed`` (in order, each at most once).  Returns those before it."""
+    before = []
+    while True:
+        message = client.recv_message()
+        if message == last:
+            return before
+        assert message in allowed, "unexpected message %r before %r" % (message[:80], last)
+        before.append(message)
+        assert before == [m for m in allowed if m in before], "out of order or repeated: %r" % (before,)
+
+
+def flows(a, b, text):
+    """``a`` (subscribed on one node) sends ``text``; it arrives at ``a``
+    (local) and ``b`` (another node, through Redis)."""
+    a.send_text(text)
+    assert a.recv_message() == text
+    assert b.recv_message() == text
+
+
+# -- 1. across two servers, once ---------------------------------------------------
+
+
+def test_a_message_crosses_once_and_is_not_echoed(redis_server):
+    """Guards: a client on B subscribed to t gets exactly one copy of what a
+    client on A publishes; A's own subscribers get exactly one copy (A
+    delivers at once and drops its own message when Redis echoes it back).
+    No gap is reported on a first connection."""
+    with cluster(redis_server.url) as (A, B):
+        a, b = A.client("/t"), B.client("/t")
+        redis_server.wait_numsub("wsloop:t", 2)
+        a.send_text("hello")
+        assert a.recv_message() == "hello"
+        assert b.recv_message() == "hello"
+        # Markers on the same ordered paths: any echo or duplicate of
+        # "hello" through Redis would arrive before them.
+        b.send_text("marker")  # B publishes only after "hello" reached it
+        assert b.recv_message() == "marker", "B got a second copy (or an echo)"
+        assert a.recv_message() == "marker", "A's subscriber got its own message again through Redis"
+        a.send_text("end")
+        assert a.recv_message() == "end"
+        assert b.recv_message() == "end", "B got a second copy of A's message"
+        stats = A.stats()
+        assert stats["state"] == "connected"
+        assert stats["published"] >= 2 and stats["received"] >= 1 and stats["dropped"] == 0, stats
+        assert stats["reconnects"] == 0 and stats["gaps"] == 0, stats
+        assert A.handler.gaps == [] and B.handler.gaps == []
+
+
+def test_text_stays_text_and_binary_stays_binary_across_processes(redis_server):
+    """Guards: the kind of a message survives the trip through Redis."""
+    with cluster(redis_server.url) as (A, B):
+        a, b = A.client("/pub/t"), B.client("/t")
+        redis_server.wait_numsub("wsloop:t", 1)
+        a.send_text("text")
+        a.send_binary(b"binary")
+        a.send_text("")
+        a.send_binary(b"")
+        for expected in ["text", b"binary", "", b""]:
+            got = b.recv_message()
+            assert type(got) is type(expected) and got == expected, (got, expected)
+
+
+# -- 2. many, in order -------------------------------------------------------------
+
+
+def test_ten_thousand_messages_arrive_in_order(redis_server):
+    """Guards: 10,000 numbered messages published on A arrive on B, none
+    lost, none repeated, in order (Redis orders per channel; the bridge
+    must not reorder or drop under a steady stream)."""
+    count = 10000
+    with cluster(redis_server.url) as (A, B):
+        sender, b = A.client("/pub/t"), B.client("/t")
+        redis_server.wait_numsub("wsloop:t", 1)
+        sending = Worker(lambda: [sender.send_text("n%d" % n) for n in range(count)])
+        sending.start()
+        for n in range(count):
+            got = b.recv_message()
+            assert got == "n%d" % n, "message %d: got %r" % (n, got)
+        sending.join(JOIN_TIMEOUT)
+        assert sending.exception is None, repr(sending.exception)
+        assert A.stats()["published"] >= count
+        assert B.stats()["received"] >= count and B.stats()["dropped"] == 0
+
+
+# -- 3. subscriptions in Redis -------------------------------------------------------
+
+
+def test_numsub_follows_first_subscribe_and_last_unsubscribe(redis_server):
+    """Guards: a process SUBSCRIBEs prefix:t on its first local subscriber
+    and UNSUBSCRIBEs on its last, not on each one; conn.unsubscribe() counts
+    like a close."""
+    with cluster(redis_server.url, count=1, prefix="p1") as (A,):
+        assert redis_server.numsub("p1:t") == 0
+        first = A.client("/t")
+        redis_server.wait_numsub("p1:t", 1)
+        second = A.client("/t")
+        first.close(1000)
+        assert first.expect_close() == (1000, "")
+        # Commands on the subscriber link are done in order: once a later
+        # SUBSCRIBE shows, an UNSUBSCRIBE made before it would have too.
+        sync1 = A.client("/sync1")
+        redis_server.wait_numsub("p1:sync1", 1)
+        assert redis_server.numsub("p1:t") == 1, "unsubscribed while a local subscriber was left"
+        second.close(1000)
+        assert second.expect_close() == (1000, "")
+        redis_server.wait_numsub("p1:t", 0)
+        # Again with conn.unsubscribe(), from another thread.
+        third = A.client("/t")
+        redis_server.wait_numsub("p1:t", 1)
+        (conn,) = [c for c in A.server.connections if c.path == "/t"]
+        conn.unsubscribe("t")
+        redis_server.wait_numsub("p1:t", 0)
+        sync1.shutdown()
+        third.shutdown()
+        assert redis_server.numsub("p1:t") == 0
+
+
+def test_two_prefixes_on_one_redis_do_not_see_each_other(redis_server):
+    """Guards: the channel is prefix:topic, so two applications sharing a
+    Redis (prefixes p1 and p2) each hear only their own topic t."""
+    with cluster(redis_server.url, prefix="p1") as (A1, A2), cluster(redis_server.url, prefix="p2") as (B1, B2):
+        a1, a2, b1, b2 = A1.client(), A2.client(), B1.client(), B2.client()
+        redis_server.wait_numsub("p1:t", 2)
+        redis_server.wait_numsub("p2:t", 2)
+        flows(a1, a2, "for p1")
+        # "for p1" reached Redis before "for p2" was published: had it
+        # leaked into p2, it would come first.
+        flows(b2, b1, "for p2")
+        flows(a1, a2, "p1 again")  # likewise for a leak of "for p2" into p1
+        assert b"wsloop:t" not in redis_server.admin.pubsub_channels()
+
+
+# -- 4. Redis restarts --------------------------------------------------------------
+
+
+def test_redis_killed_and_restarted(redis_server):
+    """Guards: with Redis gone, local delivery goes on and the broker says it
+    is not connected; once Redis is back on the same port, the bridge
+    reconnects, resubscribes, calls on_broker_gap on the loop thread naming
+    the topic, and messages flow A -> B again."""
+    with cluster(redis_server.url, **FAST_FAILURE) as (A, B):
+        a1, a2, b = A.client("/t"), A.client("/t"), B.client("/t")
+        redis_server.wait_numsub("wsloop:t", 2)
+        a1.send_text("before")
+        for client in (a1, a2, b):
+            assert client.recv_message() == "before"
+
+        redis_server.kill()
+        for node in (A, B):
+            node.wait_state(lambda state: state != "connected", "noticed Redis had gone")
+        a1.send_text("while down")
+        assert a1.recv_message() == "while down"
+        assert a2.recv_message() == "while down"
+
+        redis_server.restart()
+        for node in (A, B):
+            node.handler.wait_gap("t")
+            node.wait_state(lambda state: state == "connected", "reconnected")
+        redis_server.wait_numsub("wsloop:t", 2)
+        assert set(A.handler.gap_threads) == {A.loop_thread()}, "on_broker_gap ran off the loop thread"
+        a1.send_text("after")
+        assert a1.recv_message() == "after"
+        assert a2.recv_message() == "after"
+        # "while down" may have waited in the bounded buffer and gone out
+        # on reconnect; nothing else may come before "after".
+        read_until(b, "after", allowed=["while down"])
+        for node in (A, B):
+            stats = node.stats()
+            assert stats["reconnects"] >= 1 and stats["gaps"] >= 1, stats
+
+
+def test_publishes_while_redis_is_down_are_bounded_and_counted(redis_server):
+    """Guards: while Redis is down, publishes wait in a buffer of at most
+    max_buffer bytes and the rest are dropped and counted; local subscribers
+    get every one; after the reconnect only some of the waiting ones (in
+    order, within the bound) may reach other nodes, then new ones flow."""
+    chunk, count, max_buffer = 16 * 1024, 20, 64 * 1024
+    with cluster(redis_server.url, max_buffer=max_buffer, **FAST_FAILURE) as (A, B):
+        a, b = A.client("/t"), B.client("/t")
+        redis_server.wait_numsub("wsloop:t", 2)
+        flows(a, b, "before")
+        redis_server.kill()
+        A.wait_state(lambda state: state != "connected", "noticed Redis had gone")
+        waiting = ["%02d" % n + "x" * (chunk - 2) for n in range(count)]
+        for message in waiting:
+            A.server.publish("t", message)
+        for message in waiting:  # local delivery is not bounded by the broker
+            assert a.recv_message() == message
+        dropped = A.stats()["dropped"]
+        assert dropped >= count - max_buffer // chunk, "only %d of %d dropped past a %d-byte buffer" % (dropped, count, max_buffer)
+        redis_server.restart()
+        for node in (A, B):
+            node.handler.wait_gap("t")
+        redis_server.wait_numsub("wsloop:t", 2)
+        a.send_text("after")
+        assert a.recv_message() == "after"
+        arrived = read_until(b, "after", allowed=waiting)
+        assert sum(len(message) for message in arrived) <= max_buffer, "more than max_buffer was kept"
+
+
+# -- 5. the connection to Redis goes bad ---------------------------------------------
+
+
+def test_subscriber_connection_killed_by_redis(redis_server):
+    """Guards: CLIENT KILL TYPE pubsub (what an admin or a failover does) is
+    noticed; the bridge reconnects, resubscribes, reports the gap, and
+    messages flow again."""
+    with cluster(redis_server.url, **FAST_FAILURE) as (A, B):
+        a, b = A.client("/t"), B.client("/t")
+        redis_server.wait_numsub("wsloop:t", 2)
+        flows(a, b, "before")
+        killed = redis_server.admin.client_kill_filter(_type="pubsub")
+        assert killed >= 2, "CLIENT KILL found %r subscriber connections" % killed
+        for node in (A, B):
+            node.handler.wait_gap("t")
+        redis_server.wait_numsub("wsloop:t", 2)
+        flows(a, b, "after")
+        assert A.stats()["reconnects"] >= 1 and B.stats()["reconnects"] >= 1
+
+
+def test_subscriber_over_the_output_buffer_limit(redis_server):
+    """Guards: a burst bigger than Redis's client-output-buffer-limit for
+    pub/sub makes Redis drop the subscriber connection (and what was
+    pending): the bridge notices, reconnects, reports the gap, and later
+    messages flow."""
+    admin = redis_server.admin
+    with cluster(redis_server.url, **FAST_FAILURE) as (A, B):
+        a, b = A.client("/t"), B.client("/t")
+        redis_server.wait_numsub("wsloop:t", 2)
+        flows(a, b, "before")
+        admin.config_set("client-output-buffer-limit", "pubsub 65536 32768 1")
+        burst = [bytes([n]) * (256 * 1024) for n in range(8)]  # each one alone is over the hard limit
+        for payload in burst:
+            A.server.publish("t", payload)
+        for payload in burst:  # local delivery is not affected
+            assert a.recv_message() == payload
+        for node in (A, B):
+            node.handler.wait_gap("t")
+        # Redis logs each such disconnection (7.2 also counts them in INFO).
+        assert "output buffer limits" in redis_server.log_tail(200), (
+            "Redis never hit the output buffer limit: the test proved nothing"
+        )
+        redis_server.wait_numsub("wsloop:t", 2)
+        a.send_text("after")
+        assert a.recv_message() == "after"
+        read_until(b, "after", allowed=burst)
+
+
+def test_idle_publisher_closed_by_redis_timeout(redis_server):
+    """Guards: Redis's `timeout` closes an idle publishing connection (pub/sub
+    subscribers are exempt); the next publish still arrives, reconnecting
+    if need be, rather than vanishing into a half-closed socket."""
+    admin = redis_server.admin
+    # Keepalive PINGs far apart, so the publisher really is idle.
+    with cluster(redis_server.url, ping_interval=30, ping_timeout=5, reconnect_max=0.5) as (A, B):
+        a, b = A.client("/t"), B.client("/t")
+        redis_server.wait_numsub("wsloop:t", 2)
+        flows(a, b, "before")
+        idle = {client["id"] for client in redis_server.clients() if client.get("sub") == "0" and client.get("psub") == "0"}
+        admin.config_set("timeout", 1)
+        # Redis closes idle clients in its cron: wait until those are gone.
+        wait_until(
+            lambda: not idle & {client["id"] for client in redis_server.clients()},
+            10,
+            message="Redis never closed the idle publishing connections",
+        )
+        a.send_text("after idle")
+        assert a.recv_message() == "after idle"
+        assert b.recv_message() == "after idle"
+        admin.config_set("timeout", 0)
+
+
+def test_stalled_redis_is_detected_by_ping(redis_server):
+    """Guards: a Redis that stops answering but keeps its sockets open
+    (SIGSTOP) is noticed through unanswered PINGs (state leaves
+    "connected"), local delivery goes on meanwhile, and after SIGCONT the
+    bridge recovers: gap reported, resubscribed, messages flow."""
+    with cluster(redis_server.url, **FAST_FAILURE) as (A, B):
+        a, b = A.client("/t"), B.client("/t")
+        redis_server.wait_numsub("wsloop:t", 2)
+        flows(a, b, "before")
+        redis_server.pause()
+        try:
+            for node in (A, B):
+                node.wait_state(lambda state: state != "connected", "noticed the stalled Redis", timeout=5)
+            a.send_text("while stalled")
+            assert a.recv_message() == "while stalled"
+        finally:
+            redis_server.resume()
+        for node in (A, B):
+            node.handler.wait_gap("t")
+            node.wait_state(lambda state: state == "connected", "reconnected")
+        redis_server.wait_numsub("wsloop:t", 2)
+        a.send_text("after")
+        assert a.recv_message() == "after"
+        read_until(b, "after", allowed=["while stalled"])
+
+
+# -- 6. authentication ---------------------------------------------------------------
+
+
+def test_requirepass(start_redis):
+    """Guards: redis://:password@host:port authenticates (AUTH password)."""
+    redis_server = start_redis(["--requirepass", "s3cret"], password="s3cret")
+    with cluster(redis_server.url_with(password="s3cret")) as (A, B):
+        a, b = A.client("/t"), B.client("/t")
+        redis_server.wait_numsub("wsloop:t", 2)
+        flows(a, b, "authenticated")
+
+
+def test_acl_user_and_a_database_number(start_redis):
+    """Guards: redis://user:password@host:port/db authenticates as that ACL
+    user (AUTH user password); the database number does not split pub/sub."""
+    redis_server = start_redis(["--requirepass", "adminpw"], password="adminpw")
+    redis_server.admin.execute_command("ACL", "SETUSER", "alice", "on", ">pw", "~*", "&*", "+@all")
+    urls = [redis_server.url_with("alice", "pw", db=3), redis_server.url_with("alice", "pw")]
+    with cluster(urls) as (A, B):
+        a, b = A.client("/t"), B.client("/t")
+        redis_server.wait_numsub("wsloop:t", 2)
+        flows(a, b, "as alice")
+        users = [client["user"] for client in redis_server.clients()]
+        assert users and set(users) == {"alice"}, "wsloop connected as %r" % users
+
+
+def test_wrong_password_is_one_clear_error_and_no_busy_loop(start_redis, caplog):
+    """Guards: a wrong password gives one ERROR log line that says
+    authentication failed (and does not show the password), the bridge
+    backs off instead of reconnecting in a loop, its state is not
+    "connected", and local delivery keeps working."""
+    redis_server = start_redis(["--requirepass", "right"], password="right")
+    caplog.set_level(logging.INFO, logger="wsloop")
+
+    def auth_errors():
+        return [
+            record for record in caplog.records
+            if record.name.startswith("wsloop") and record.levelno >= logging.ERROR
+            and "auth" in record.getMessage().lower()
+        ]
+
+    with cluster_unconnected(redis_server.url_with(password="wrong-pw-123")) as node:
+        wait_until(auth_errors, 5, message="no ERROR log line about authentication")
+        start = redis_server.connections_received()
+        logged = len(caplog.records)
+        time.sleep(3.0)  # a window to count in: a busy loop makes hundreds of attempts
+        attempts = redis_server.connections_received() - start
+        assert attempts <= 10, "%d connection attempts in 3 s: a busy reconnect loop" % attempts
+        assert len(caplog.records) - logged < 20, "the log fills up:\n" + caplog.text[-2000:]
+        assert len(auth_errors()) == 1, "not one clear error:\n" + caplog.text[-2000:]
+        assert "wrong-pw-123" not in caplog.text, "the password is in the log"
+        assert node.stats()["state"] != "connected"
+        client = node.client("/t")
+        client.send_text("local")
+        assert client.recv_message() == "local"
+
+
+@contextmanager
+def cluster_unconnected(url, **broker_options):
+    """One server whose broker may never connect (a bad password)."""
+    handler = TopicRelay()
+    broker = wsloop.RedisBroker(url, **broker_options)
+    with running_server(handler, broker=broker, ping_interval=None) as server:
+        node = Node(server, handler)
+        try:
+            yield node
+        finally:
+            node.drop_clients()
+
+
+# -- 7. payloads and threads --------------------------------------------------------
+
+
+PAYLOADS = [
+    b"a\r\nb",
+    "text with \r\n and \x00 inside",
+    b"\x00",
+    b"\r\n",
+    "$-1\r\n*1\r\n+OK\r\n",  # looks like RESP
+    b"*3\r\n$7\r\nmessage\r\n",
+    b"",
+    "",
+    "\u00e9\u4e2d\U0001f600",
+    bytes(range(256)) * 4096,  # 1 MiB, every byte value
+    "\u00e9" * (512 * 1024),  # 1 MiB of UTF-8, multi-byte
+]
+
+
+def test_binary_and_large_payloads_arrive_byte_exact(redis_server):
+    """Guards: the envelope is binary-safe: CR LF, NUL, RESP look-alikes,
+    empty messages and 1 MiB payloads cross Redis byte for byte, in order,
+    text as text and binary as binary."""
+    with cluster(redis_server.url) as (A, B):
+        b = B.client("/t")
+        redis_server.wait_numsub("wsloop:t", 1)
+        for payload in PAYLOADS:
+            A.server.publish("t", payload)
+        for index, expected in enumerate(PAYLOADS):
+            got = b.recv_message()
+            assert type(got) is type(expected), "payload %d: %s became %s" % (index, type(expected).__name__, type(got).__name__)
+            assert got == expected, "payload %d (%d bytes) changed on the way" % (index, len(expected))
+        assert B.stats()["dropped"] == 0
+
+
+def test_eight_threads_publishing_at_once(redis_server):
+    """Guards: eight threads publishing on A at once: every message reaches
+    a subscriber on A and one on B exactly once, in order per thread."""
+    threads, per_thread = 8, 250
+    with cluster(redis_server.url) as (A, B):
+        a, b = A.client("/t"), B.client("/t")
+        redis_server.wait_numsub("wsloop:t", 2)
+        count = threads * per_thread
+        reading = [Worker(lambda client=client: [client.recv_message() for _ in range(count)]) for client in (a, b)]
+        for worker in reading:
+            worker.start()
+        start = threading.Barrier(threads)
+
+        def publisher(i):
+            start.wait(JOIN_TIMEOUT)
+            for seq in range(per_thread):
+                A.server.publish("t", b"t%d-%d" % (i, seq) if seq % 2 else "t%d-%d" % (i, seq))
+
+        publishing = [Worker(publisher, i) for i in range(threads)]
+        for worker in publishing:
+            worker.start()
+        for worker in publishing + reading:
+            worker.join(30)
+            assert not worker.is_alive(), "a publisher or reader is stuck"
+            assert worker.exception is None, repr(worker.exception)
+        for name, worker in zip("AB", reading):
+            got = {}
+            for message in worker.result:
+                text = message.decode() if isinstance(message, bytes) else message
+                thread, seq = re.match(r"t(\d+)-(\d+)\Z", text).groups()
+                assert isinstance(message, bytes) == bool(int(seq) % 2), "kind changed: %r" % (message,)
+                got.setdefault(int(thread), []).append(int(seq))
+            assert got == {i: list(range(per_thread)) for i in range(threads)}, "on %s: lost, repeated or out of order" % name
+        # Nothing more: a marker from B comes next on both.
+        b.send_text("marker")
+        assert b.recv_message() == "marker" and a.recv_message() == "marker"
+
+
+# -- 8. --workers ---------------------------------------------------------------------
+
+
+COMMAND = [sys.executable, "-m", "wsloop"]
+
+
+def cli_env():
+    """The subprocess imports the same wsloop as this test run."""
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.abspath(wsloop.__file__))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
+    return env
+
+
+class LogReader:
+    """Reads a process's stderr on a thread; tests wait for lines in it."""
+
+    def __init__(self, stream):
+        self.lines = []
+        self.condition = threading.Condition()
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream):
+        for line in stream:
+            with self.condition:
+                self.lines.append(line)
+                self.condition.notify_all()
+        with self.condition:
+            self.lines.append(None)  # EOF
+            self.condition.notify_all()
+
+    def wait_for(self, pattern, timeout=10.0, start=0):
+        """The first match of ``pattern`` in a line from index ``start`` on."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self.condition:
+            index = start
+            while True:
+                while index < len(self.lines):
+                    line = self.lines[index]
+                    index += 1
+                    if line is None:
+                        raise AssertionError("stderr closed before %r:\n%s" % (pattern, self.text()))
+                    match = regex.search(line)
+                    if match:
+                        return match
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError("%r never logged:\n%s" % (pattern, self.text()))
+                self.condition.wait(remaining)
+
+    def wait_count(self, pattern, count, timeout=10.0):
+        """Wait until ``count`` lines match ``pattern``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self.condition:
+            while sum(1 for line in self.lines if line is not None and regex.search(line)) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.lines and self.lines[-1] is None):
+                    raise AssertionError("%r not logged %d times:\n%s" % (pattern, count, self.text()))
+                self.condition.wait(remaining)
+
+    def text(self):
+        return "".join(line for line in self.lines if line is not None)
+
+
+def http_get(port, path):
+    """A plain GET on its own TCP connection: (status, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" % path.encode())
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+
+
+def children_of(pid):
+    """The process ids of ``pid``'s children (Linux /proc)."""
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as children:
+            return set(int(child) for child in children.read().split())
+    except OSError:
+        return set()
+
+
+@contextmanager
+def workers_process(*args):
+    process = subprocess.Popen(COMMAND + list(args), stderr=subprocess.PIPE, text=True, env=cli_env())
+    log = LogReader(process.stderr)
+    try:
+        yield process, log
+    finally:
+        if process.poll() is None:
+            for child in children_of(process.pid):
+                try:
+                    os.kill(child, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            process.kill()
+        process.wait(10)
+        log.thread.join(5)
+        process.stderr.close()
+
+
+def wait_serving(port, process, log, timeout=15.0):
+    """Wait until the port answers /healthz."""
+    def answers():
+        assert process.poll() is None, "wsloop exited with %s:\n%s" % (process.returncode, log.text())
+        try:
+            return http_get(port, "/healthz")[0] == 200
+        except OSError:
+            return False
+
+    wait_until(answers, timeout, interval=0.05, message=lambda: "port %d never served:\n%s" % (port, log.text()))
+
+
+def clients_on_both_workers(port, log, least=10, most=40):
+    """Open clients until at least ``least`` are open and both workers hold
+    some; return (clients, worker of each).  A worker is known by the log
+    line that names it and the client's own port."""
+    clients, workers = [], []
+    while len(clients) < least or len(set(workers)) < 2:
+        assert len(clients) < most, "%d clients all landed on worker(s) %s:\n%s" % (len(clients), set(workers), log.text())
+        client = Client(port, timeout=10.0)
+        local_port = client.sock.getsockname()[1]
+        line = log.wait_for(r"open from 127\.0\.0\.1:%d\b.*" % local_port).string
+        worker = re.search(r"worker (\d+)", line)
+        assert worker, "the log line does not name its worker: %r" % line
+        clients.append(client)
+        workers.append(worker.group(1))
+    return clients, workers
+
+
+def test_workers_broadcast_needs_redis():
+    """Guards: --workers 2 --broadcast without --redis would split the chat
+    between processes: refused with one line on stderr and status 2."""
+    result = subprocess.run(
+        COMMAND + ["--port", str(free_port()), "--workers", "2", "--broadcast"],
+        capture_output=True, text=True, timeout=30, env=cli_env(),
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("wsloop: error: ") and "--redis" in lines[0]
+
+
+def test_workers_share_one_port_and_one_chat(redis_server):
+    """Guards: --workers 2 --broadcast --redis: two worker processes serve
+    one port (SO_REUSEPORT), their log lines name them, a chat message from
+    one client reaches every client on both workers, and SIGTERM to the
+    parent closes every client with 1001 and exits 0 in bounded time."""
+    port = free_port()
+    close_timeout = 2
+    args = ["--port", str(port), "--workers", "2", "--broadcast", "--close-timeout", str(close_timeout),
+            "--redis", redis_server.url, "--redis-prefix", "chatprefix"]
+    with workers_process(*args) as (process, log):
+        wait_serving(port, process, log)
+        log.wait_count(r"worker \d+.*listening on", 2)  # both, before clients are spread
+        clients, workers = clients_on_both_workers(port, log)
+        redis_server.wait_numsub("chatprefix:chat", 2, timeout=10)
+        clients[0].send_text("hello, all")
+        for index, client in enumerate(clients):
+            assert client.recv_message() == "hello, all", "client %d (worker %s)" % (index, workers[index])
+        clients[-1].send_text("and back")
+        for client in clients:
+            assert client.recv_message() == "and back"
+
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        for client in clients:
+            assert client.expect_close()[0] == 1001
+            client.close(1001)
+        process.wait(2 * close_timeout + 10)
+        elapsed = time.monotonic() - started
+        assert process.returncode == 0, log.text()
+        assert elapsed < 2 * close_timeout + 5, "took %.1f s to stop" % elapsed
+        for client in clients:
+            client.shutdown()
+
+
+def test_a_dead_worker_is_restarted(redis_server):
+    """Guards: the parent supervises: a worker killed with SIGKILL is
+    replaced, the new one joins the chat in Redis, and clients keep being
+    served on the port."""
+    port = free_port()
+    args = ["--port", str(port), "--workers", "2", "--broadcast", "--close-timeout", "2",
+            "--redis", redis_server.url, "--redis-prefix", "restartprefix"]
+    with workers_process(*args) as (process, log):
+        wait_serving(port, process, log)
+        log.wait_count(r"worker \d+.*listening on", 2)
+        workers = wait_until(lambda: len(children_of(process.pid)) == 2 and children_of(process.pid), 10,
+                             message="the parent does not have two worker processes")
+        victim = sorted(workers)[0]
+        os.kill(victim, signal.SIGKILL)
+        replaced = wait_until(
+            lambda: (lambda now: len(now) == 2 and victim not in now and now)(children_of(process.pid)),
+            15,
+            message=lambda: "the dead worker was not replaced:\n" + log.text(),
+        )
+        assert len(replaced - workers) == 1
+        log.wait_count(r"worker \d+.*listening on", 3, timeout=15)  # the new worker serves too
+        # Chat subscribes on a worker's first client: both must hold some.
+        clients, _ = clients_on_both_workers(port, log, least=4)
+        redis_server.wait_numsub("restartprefix:chat", 2, timeout=10)
+        clients[0].send_text("after the restart")
+        for client in clients:
+            assert client.recv_message() == "after the restart"
+        process.send_signal(signal.SIGTERM)
+        for client in clients:
+            assert client.expect_close()[0] == 1001
+            client.close(1001)
+        assert process.wait(15) == 0, log.text()
