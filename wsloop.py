@@ -75,6 +75,7 @@ import hashlib
 import heapq
 import importlib
 import inspect
+import ipaddress
 import logging
 import os
 import random
@@ -82,6 +83,7 @@ import selectors
 import signal
 import socket
 import ssl
+import stat
 import struct
 import subprocess
 import sys
@@ -122,6 +124,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("wsloop")
+# One line per handshake answered, on a logger of its own so that it can be
+# silenced alone: logging.getLogger("wsloop.access").setLevel(logging.WARNING).
+access_logger = logging.getLogger("wsloop.access")
 
 
 # =============================================================================
@@ -665,13 +670,16 @@ def _refusal(status: int, reason: str, headers: Iterable[Tuple[str, str]] = ()) 
     return response
 
 
-def _answer_request(request: Request, is_upgrade: bool, options: Any, shutting_down: bool) -> Optional[Response]:
+def _answer_request(
+    request: Request, is_upgrade: bool, options: Any, shutting_down: bool, scheme: Optional[str] = None
+) -> Optional[Response]:
     """The server's policy for a whole, valid request, before any handler runs.
 
     Returns the :class:`Response` to answer with (and then close), or None
     for an upgrade that may go on (subprotocol, ``on_handshake``, 101).
     ``options`` carries ``origins``, ``health_path``, ``pages`` and
-    ``ssl_context``; socket-free, so tested with bytes.
+    ``ssl_context``; ``scheme`` is what a trusted proxy says the client
+    used.  Socket-free, so tested with bytes.
     """
     if shutting_down:
         return _refusal(503, "server shutting down", [("Retry-After", "5")])
@@ -689,7 +697,8 @@ def _answer_request(request: Request, is_upgrade: bool, options: Any, shutting_d
         return Response(200, "ok %s\n" % name if name else "ok\n", [("Cache-Control", "no-store")])
     page = options.pages.get(path)
     if page is not None:
-        own_origin = ("https://" if options.ssl_context else "http://") + (request.headers.get("Host") or "")
+        secure = options.ssl_context is not None or scheme == "https"
+        own_origin = ("https://" if secure else "http://") + (request.headers.get("Host") or "")
         if origins is not None and own_origin not in origins:
             return _refusal(
                 403,
@@ -716,6 +725,110 @@ def _default_subprotocol(offered: List[str], supported: List[str]) -> Optional[s
         if name in supported:
             return name
     return None
+
+
+_Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+_LOOPBACK = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
+
+
+def _parse_networks(items: Iterable[str]) -> List[_Network]:
+    """Addresses and networks ("10.0.0.1", "10.0.0.0/8", "::1"); ValueError
+    names the bad one."""
+    networks = []
+    for item in items:
+        for text in item.split(","):
+            text = text.strip()
+            if text:
+                try:
+                    networks.append(ipaddress.ip_network(text, strict=False))
+                except ValueError:
+                    raise ValueError("not an address or network: %r" % text) from None
+    return networks
+
+
+def _in_networks(address: str, networks: List[_Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:10.0.0.1 from a dual-stack listener
+    return any(ip in network for network in networks)
+
+
+def _hop_address(text: str) -> Optional[Tuple[str, int]]:
+    """The IP and port (0 if none) of a Forwarded ``for=`` or X-Forwarded-For
+    entry, or None for "unknown", an obfuscated name or junk."""
+    text = text.strip().strip('"')
+    port = ""
+    if text.startswith("["):
+        text, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        text, _, port = text.partition(":")  # IPv4 with a port
+    try:
+        address = str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+    return address, int(port) if port.isdigit() and int(port) < 65536 else 0
+
+
+def _forwarded_client(
+    headers: Headers, peer: str, trusted: List[_Network]
+) -> Tuple[Tuple[str, int], Optional[str]]:
+    """The client's (address, port) and scheme as a trusted proxy reports them.
+
+    Reads ``Forwarded`` (RFC 7239) or else ``X-Forwarded-For`` and
+    ``X-Forwarded-Proto``, walking from the right: each hop was appended by
+    the one after it, so the right-most hop that is not itself a trusted
+    proxy is the client (anything left of it is whatever the client said).
+    The caller has checked that ``peer`` is trusted.
+    """
+    hops: List[str] = []
+    protos: List[Optional[str]] = []
+    forwarded = headers.get_all("Forwarded")
+    if forwarded:
+        for element in ",".join(forwarded).split(","):
+            fields = {}
+            for pair in element.split(";"):
+                key, _, value = pair.strip().partition("=")
+                fields[key.strip().lower()] = value.strip().strip('"')
+            hops.append(fields.get("for", ""))
+            protos.append(fields.get("proto"))
+    else:
+        for value in headers.get_all("X-Forwarded-For"):
+            hops.extend(value.split(","))
+        proto_values = ",".join(headers.get_all("X-Forwarded-Proto")).split(",")
+        protos = [value.strip() or None for value in proto_values]
+    client, proto = (peer, 0), None
+    for index in range(len(hops) - 1, -1, -1):
+        hop = _hop_address(hops[index])
+        if hop is None:
+            break
+        client = hop
+        # X-Forwarded-Proto may be a list like the addresses, or one value.
+        position = index - (len(hops) - len(protos))
+        proto = protos[position] if 0 <= position < len(protos) else (protos[0] if protos else None)
+        if not _in_networks(hop[0], trusted):
+            break
+    if proto is not None:
+        proto = proto.lower()
+        proto = proto if proto in ("http", "https", "ws", "wss") else None
+    return client, proto
+
+
+def _address_key(address: str) -> str:
+    """What a per-address limit counts by: an IPv4 address, or an IPv6
+    address's /64 (one subscriber usually holds a whole /64)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(address + "/64", strict=False))
+    return address
 
 
 # =============================================================================
@@ -1958,6 +2071,9 @@ class _EventLoop:
         self.selector = selectors.DefaultSelector()
         self._timers: List[_Timer] = []
         self.cancelled_timers = 0
+        # How late a timer ran, at most, since someone last asked: the
+        # loop's lag (a busy loop serves everything late).
+        self.lag_max = 0.0
         # The door: (callback, args) to run on the loop's thread.  deque
         # appends and pops are atomic, so other threads may append.
         self._ready: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = collections.deque()
@@ -2079,6 +2195,9 @@ class _EventLoop:
                 if self.cancelled_timers:
                     self.cancelled_timers -= 1
             else:
+                late = now - timer.when
+                if late > self.lag_max:
+                    self.lag_max = late
                 timer.callback = None
                 self._run_callback(callback, timer.args)
 
@@ -2847,6 +2966,39 @@ class _Options:
         self.health_path = health_path
         self.pages = dict(pages or {})
         self.name: Optional[str] = None  # the server's name, on its health check
+        # Operators' limits and visibility (set by Server, see its docstring).
+        self.max_connections: Optional[int] = None
+        self.max_connections_per_ip: Optional[int] = None
+        self.max_messages_per_second: Optional[float] = None
+        self.message_burst = 0.0
+        self.forwarded_allow: List[_Network] = []
+        self.metrics_path: Optional[str] = None
+        self.metrics_allow: List[_Network] = list(_LOOPBACK)
+
+
+class _Stats:
+    """A server's counters.  Connections add to them in the loop's thread;
+    Server.stats() and the metrics endpoint read them."""
+
+    __slots__ = ("accepted", "refused", "handshakes", "messages_in", "messages_out", "bytes_in",
+                 "bytes_out", "close_sent", "close_received", "slow_consumer_closes",
+                 "keepalive_timeouts")
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.refused: Dict[str, int] = {}  # by reason
+        self.handshakes: Dict[int, int] = {}  # answers by status
+        self.messages_in = 0
+        self.messages_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.close_sent: Dict[int, int] = {}
+        self.close_received: Dict[int, int] = {}
+        self.slow_consumer_closes = 0
+        self.keepalive_timeouts = 0
+
+    def count(self, table: Dict[Any, int], key: Any) -> None:
+        table[key] = table.get(key, 0) + 1
 
 
 class PreparedMessage:
@@ -2962,6 +3114,11 @@ class Connection:
         "_owner",
         "_reading_held",
         "_drain_callbacks",
+        "peer_address",
+        "scheme",
+        "_stats",
+        "_tokens",
+        "_tokens_at",
     )
 
     def __init__(
@@ -2973,13 +3130,22 @@ class Connection:
         options: _Options,
         loop: _EventLoop,
         protocol: Optional[Protocol] = None,
+        stats: Optional[_Stats] = None,
     ):
         self.id = connection_id
-        # The owner (a Server, or a client's ClientConnection) hears only
-        # "opened" and "closed", and says whether it is shutting down.
+        # The owner (a Server, or a client's ClientConnection) hears
+        # "opened" and "closed", answers what depends on its tables
+        # (limits, metrics), and says whether it is shutting down.
         self._owner = owner
         self.server: Optional[Server] = owner if isinstance(owner, Server) else None
+        # The TCP peer; remote_address becomes the client a trusted proxy
+        # names, and scheme what it used ("https" behind TLS).
+        self.peer_address = address
         self.remote_address = address
+        self.scheme = "https" if options.ssl_context is not None else "http"
+        self._stats = stats if stats is not None else _Stats()
+        self._tokens = options.message_burst  # the message-rate bucket
+        self._tokens_at = 0.0
         self.data: Any = None
         self._sock: Optional[socket.socket] = sock
         if protocol is None:
@@ -3087,6 +3253,7 @@ class Connection:
             return
         protocol = self._protocol
         extension = protocol.extension
+        self._stats.messages_out += 1
         if protocol.client:  # every frame masked with its own key: nothing shared
             if isinstance(message, PreparedMessage):
                 message = message.message
@@ -3220,6 +3387,7 @@ class Connection:
                     _format_address(self.remote_address),
                     limit,
                 )
+                self._stats.slow_consumer_closes += 1
                 self._close_now(CloseCode.POLICY_VIOLATION, "too slow to keep up")
                 raise ConnectionClosed("peer too slow: output limit reached")
         protocol.outgoing += frame
@@ -3259,6 +3427,7 @@ class Connection:
             self._drop("write failed: %s" % (exc.strerror or exc))
             return False
         del outgoing[:sent]
+        self._stats.bytes_out += sent
         return True
 
     def _update_interest(self) -> None:
@@ -3389,6 +3558,7 @@ class Connection:
         if not count:
             self._drop("peer closed TCP")
             return
+        self._stats.bytes_in += count
         if self._write_wants_read:
             self._write_wants_read = False
             self._schedule_flush()
@@ -3404,8 +3574,14 @@ class Connection:
         on_message = self._options.on_message
         budget = _TURN_BUDGET
         events = protocol.events()
+        rate = self._options.max_messages_per_second
+        received = 0
         for kind, value in events:
             if kind is _EV_TEXT or kind is _EV_BINARY:
+                received += 1
+                if rate is not None and not self._take_token(rate):
+                    events.close()
+                    break
                 if on_message is not None:
                     try:
                         on_message(self, value)
@@ -3433,7 +3609,23 @@ class Connection:
                 self._opened()
             elif kind is Event.CLOSE:
                 self._log_peer_close()
+        self._stats.messages_in += received
         self._after_protocol()
+
+    def _take_token(self, rate: float) -> bool:
+        """The message-rate limit: a token bucket of ``message_burst``
+        filled at ``rate`` a second; False (and a 1008) when it is empty."""
+        now = time.monotonic()
+        burst = self._options.message_burst
+        tokens = min(burst, self._tokens + (now - self._tokens_at) * rate) if self._tokens_at else burst
+        self._tokens_at = now
+        if tokens < 1.0:
+            logger.info("connection %d from %s: over %g messages a second: closed",
+                        self.id, _format_address(self.remote_address), rate)
+            self._close_now(CloseCode.POLICY_VIOLATION, "message rate limit exceeded")
+            return False
+        self._tokens = tokens - 1.0
+        return True
 
     def _continue_backlog(self) -> None:
         self._backlog = False
@@ -3473,7 +3665,12 @@ class Connection:
         protocol = self._protocol
         options = self._options
         self._cancel_open_timer()
-        answer = _answer_request(request, protocol.is_upgrade, options, self._owner.shutting_down)
+        if options.forwarded_allow and isinstance(self.peer_address, tuple):
+            if _in_networks(self.peer_address[0], options.forwarded_allow):
+                self._take_forwarded(request)
+        answer = self._owner._answer(self, request)
+        if answer is None:
+            answer = _answer_request(request, protocol.is_upgrade, options, self._owner.shutting_down, self.scheme)
         subprotocol = None
         if answer is None:
             subprotocol, answer = self._choose_subprotocol(request)
@@ -3497,6 +3694,7 @@ class Connection:
             self._respond(answer)
             return
         protocol.accept(headers, subprotocol)
+        self._log_access(101)
         self._opened()
 
     def _choose_subprotocol(self, request: Request) -> Tuple[Optional[str], Optional[Response]]:
@@ -3515,9 +3713,35 @@ class Connection:
         # RFC 6455 4.2.2: only a subprotocol the client offered may be named.
         return (chosen if chosen in offered else None), None
 
+    def _take_forwarded(self, request: Request) -> None:
+        """The peer is a trusted proxy: the client is the one it names."""
+        peer = self.peer_address
+        client, scheme = _forwarded_client(request.headers, peer[0], self._options.forwarded_allow)
+        self.remote_address = client if client[0] != peer[0] else peer
+        if scheme is not None:
+            self.scheme = "https" if scheme in ("https", "wss") else "http"
+
+    def _log_access(self, status: int) -> None:
+        self._stats.count(self._stats.handshakes, status)
+        if access_logger.isEnabledFor(logging.INFO):
+            request = self._protocol.request
+            headers = request.headers if request is not None else Headers()
+            extension = None if self._protocol.extension is None else "permessage-deflate"
+            access_logger.info(
+                '%s "%s %s" %d subprotocol=%s extension=%s "%s"',
+                _format_address(self.remote_address),
+                request.method if request else "-",
+                request.target if request else "-",
+                status,
+                self._protocol.subprotocol or "-",
+                extension or "-",
+                (headers.get("User-Agent") or "-").replace('"', "'"),
+            )
+
     def _respond(self, response: Response) -> None:
         protocol = self._protocol
         protocol.respond(response.status, response.headers, response.body)
+        self._log_access(response.status)
         if response.status >= 400 and logger.isEnabledFor(logging.INFO):
             request = protocol.request
             logger.info(
@@ -3617,6 +3841,7 @@ class Connection:
 
     def _keepalive_timeout(self) -> None:
         self._pong_timer = None
+        self._stats.keepalive_timeouts += 1
         logger.warning(
             "connection %d from %s: keepalive ping timeout",
             self.id,
@@ -3680,6 +3905,10 @@ class Connection:
                             error.status, error.reason)
             return
         code = protocol.close_code if protocol.close_code is not None else CloseCode.ABNORMAL
+        stats = self._stats
+        stats.count(stats.close_received, code)
+        if protocol.close_sent is not None:
+            stats.count(stats.close_sent, protocol.close_sent)
         if logger.isEnabledFor(logging.INFO):
             logger.info(
                 "connection %d %s %s closed: received %s, sent %s",
@@ -3776,8 +4005,17 @@ class Server:
         health_path: Optional[str] = None,
         pages: Optional[Dict[str, Tuple[str, bytes]]] = None,
         broker: Optional[RedisBroker] = None,
+        max_connections: Optional[int] = None,
+        max_connections_per_ip: Optional[int] = None,
+        max_messages_per_second: Optional[float] = None,
+        message_burst: Optional[float] = None,
+        forwarded_allow_ips: Optional[Iterable[str]] = None,
+        metrics_path: Optional[str] = None,
+        metrics_allow_ips: Optional[Iterable[str]] = None,
         name: Optional[str] = None,
-        sock: Optional[socket.socket] = None,
+        sock: Union[socket.socket, List[socket.socket], None] = None,
+        uds: Optional[str] = None,
+        uds_mode: int = 0o660,
         reuse_port: bool = False,
         backlog: int = 1024,
     ):
@@ -3806,20 +4044,51 @@ class Server:
         self._phase_lock = threading.Lock()
         self._done = threading.Event()
         self._loop = _EventLoop()
-        self.options.name = name
+        options = self.options
+        options.name = name
+        for limit_name, limit in (("max_connections", max_connections),
+                                  ("max_connections_per_ip", max_connections_per_ip)):
+            if limit is not None and limit < 1:
+                raise ValueError("%s must be at least 1" % limit_name)
+        options.max_connections = max_connections
+        options.max_connections_per_ip = max_connections_per_ip
+        if max_messages_per_second is not None:
+            if not max_messages_per_second > 0:
+                raise ValueError("max_messages_per_second must be positive")
+            burst = max_messages_per_second if message_burst is None else message_burst
+            if burst < 1:
+                raise ValueError("message_burst must be at least 1")
+            options.max_messages_per_second = float(max_messages_per_second)
+            options.message_burst = float(burst)
+        options.forwarded_allow = _parse_networks(forwarded_allow_ips or ())
+        options.metrics_path = metrics_path
+        if metrics_allow_ips is not None:
+            options.metrics_allow = _parse_networks(metrics_allow_ips)
+        self._stats = _Stats()
+        # Per client address (see _address_key): the open connections.
+        self._per_address: Dict[str, int] = {}
+        self._address_of: Dict[Connection, str] = {}
+        # Connections accepted past max_connections, being answered 503.
+        self._over_limit: Dict[Connection, None] = {}
+        self._listeners: List[_Listener] = []
         try:
-            if sock is None:
-                sock = _listen(host, port, backlog, reuse_port)
+            if uds is not None:
+                sockets = [_listen_unix(uds, backlog, uds_mode)]
+            elif sock is None:
+                sockets = [_listen(host, port, backlog, reuse_port)]
             else:
-                sock.listen(backlog)  # a no-op on one already listening
+                sockets = sock if isinstance(sock, list) else [sock]
+                for listener in sockets:
+                    listener.listen(backlog)  # a no-op on one already listening
         except BaseException:
             self._loop.close()
             raise
-        self._listener: Optional[socket.socket] = sock
-        sock.setblocking(False)
-        address = sock.getsockname()
+        for listener in sockets:
+            listener.setblocking(False)
+            self._listeners.append(_Listener(self, listener, uds))
+        address = sockets[0].getsockname()
         self._address = address[:2] if isinstance(address, tuple) else address
-        self._loop.selector.register(self._listener, selectors.EVENT_READ, self)
+        self._uds = uds
 
     # -- properties -----------------------------------------------------------
 
@@ -3830,8 +4099,10 @@ class Server:
 
     @property
     def port(self) -> int:
-        """The port the server listens on (the one chosen, for ``port=0``)."""
-        return self.address[1]
+        """The port the server listens on (the one chosen, for ``port=0``;
+        0 on a Unix socket)."""
+        address = self.address
+        return address[1] if isinstance(address, tuple) else 0
 
     @property
     def connections(self) -> List[Connection]:
@@ -3938,6 +4209,111 @@ class Server:
                 pass
         return delivered
 
+    # -- what operators see ---------------------------------------------------
+
+    def stats(self) -> Dict[str, Any]:
+        """The server's figures (those of the metrics endpoint) as a dict;
+        from any thread (a snapshot, read without locking)."""
+        counters = self._stats
+        pending = [connection.pending_output for connection in list(self._connections)]
+        lag = self._loop.lag_max
+        return {
+            "connections_open": len(self._open),
+            "connections_accepted": counters.accepted,
+            "connections_refused": dict(counters.refused),
+            "handshakes": dict(counters.handshakes),
+            "messages_in": counters.messages_in,
+            "messages_out": counters.messages_out,
+            "bytes_in": counters.bytes_in,
+            "bytes_out": counters.bytes_out,
+            "close_codes_sent": dict(counters.close_sent),
+            "close_codes_received": dict(counters.close_received),
+            "pending_output_total": sum(pending),
+            "pending_output_max": max(pending, default=0),
+            "slow_consumer_closes": counters.slow_consumer_closes,
+            "keepalive_timeouts": counters.keepalive_timeouts,
+            "loop_lag_max": lag,
+            "broker": None if self.broker is None else self.broker.stats(),
+        }
+
+    def _metrics_text(self) -> bytes:
+        """stats() in Prometheus' text format 0.0.4; the loop lag restarts."""
+        figures = self.stats()
+        self._loop.lag_max = 0.0
+        lines: List[str] = []
+
+        def metric(name: str, kind: str, text: str, samples: Iterable[Tuple[str, Any]]) -> None:
+            lines.append("# HELP wsloop_%s %s" % (name, text))
+            lines.append("# TYPE wsloop_%s %s" % (name, kind))
+            for labels, value in samples:
+                lines.append("wsloop_%s%s %s" % (name, labels, value))
+
+        def labelled(label: str, table: Dict[Any, int]) -> List[Tuple[str, Any]]:
+            return [('{%s="%s"}' % (label, key), value) for key, value in sorted(table.items())]
+
+        metric("connections_open", "gauge", "Open WebSocket connections.", [("", figures["connections_open"])])
+        metric("connections_accepted_total", "counter", "TCP connections accepted.",
+               [("", figures["connections_accepted"])])
+        metric("connections_refused_total", "counter", "Connections refused by a limit, by reason.",
+               labelled("reason", figures["connections_refused"]))
+        metric("handshakes_total", "counter", "Handshake answers, by HTTP status.",
+               labelled("status", figures["handshakes"]))
+        metric("messages_received_total", "counter", "Messages received.", [("", figures["messages_in"])])
+        metric("messages_sent_total", "counter", "Messages sent.", [("", figures["messages_out"])])
+        metric("bytes_received_total", "counter", "Bytes received.", [("", figures["bytes_in"])])
+        metric("bytes_sent_total", "counter", "Bytes sent.", [("", figures["bytes_out"])])
+        closes = [('{direction="sent",code="%d"}' % code, count)
+                  for code, count in sorted(figures["close_codes_sent"].items())]
+        closes += [('{direction="received",code="%d"}' % code, count)
+                   for code, count in sorted(figures["close_codes_received"].items())]
+        metric("close_codes_total", "counter", "Close codes, sent and received.", closes)
+        metric("pending_output_bytes", "gauge", "Bytes accepted for sending, not yet taken by peers.",
+               [("", figures["pending_output_total"])])
+        metric("pending_output_max_bytes", "gauge", "The largest output backlog of one connection.",
+               [("", figures["pending_output_max"])])
+        metric("slow_consumer_closes_total", "counter", "Connections closed for not keeping up (1008).",
+               [("", figures["slow_consumer_closes"])])
+        metric("keepalive_timeouts_total", "counter", "Connections closed for a missing pong.",
+               [("", figures["keepalive_timeouts"])])
+        metric("loop_lag_seconds", "gauge", "How late a timer ran, at most, since the last scrape.",
+               [("", "%.6f" % figures["loop_lag_max"])])
+        broker = figures["broker"]
+        if broker is not None:
+            metric("broker_connected", "gauge", "1 when both Redis links are up.",
+                   [("", int(broker["state"] == "connected"))])
+            metric("broker_gaps_total", "counter", "Reconnects after which messages may be lost.",
+                   [("", broker["gaps"])])
+            metric("broker_dropped_total", "counter", "Publishes dropped while Redis was away.",
+                   [("", broker["dropped"])])
+            metric("broker_published_total", "counter", "Messages published to Redis.", [("", broker["published"])])
+            metric("broker_received_total", "counter", "Messages received from Redis.", [("", broker["received"])])
+        return ("\n".join(lines) + "\n").encode("utf-8")
+
+    def _answer(self, connection: Connection, request: Request) -> Optional[Response]:
+        """What the server answers from its own tables: the limits on who
+        holds what, and the metrics endpoint."""
+        options = self.options
+        if connection in self._over_limit:
+            self._stats.count(self._stats.refused, "max_connections")
+            return _refusal(503, "too many connections", [("Retry-After", "5")])
+        address = connection.remote_address
+        if options.metrics_path is not None and request.path == options.metrics_path:
+            if request.method not in ("GET", "HEAD") or connection.state is not _CONNECTING:
+                return None
+            if not isinstance(address, tuple) or not _in_networks(address[0], options.metrics_allow):
+                return _refusal(403, "metrics are not served to %s" % _format_address(address))
+            return Response(200, self._metrics_text(),
+                            [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
+                             ("Cache-Control", "no-store")])
+        limit = options.max_connections_per_ip
+        if limit is not None and isinstance(address, tuple):
+            key = _address_key(address[0])
+            if self._per_address.get(key, 0) >= limit:
+                self._stats.count(self._stats.refused, "max_connections_per_ip")
+                # 429, not 503: this client holds too much; the server is fine.
+                return _refusal(429, "too many connections from %s" % key, [("Retry-After", "5")])
+        return None
+
     # -- topics ---------------------------------------------------------------
 
     def subscribe(self, connection: Connection, topic: str) -> None:
@@ -4033,10 +4409,23 @@ class Server:
 
     def _connection_opened(self, connection: Connection) -> None:
         self._open[connection] = None
+        address = connection.remote_address
+        if self.options.max_connections_per_ip is not None and isinstance(address, tuple):
+            key = _address_key(address[0])
+            self._per_address[key] = self._per_address.get(key, 0) + 1
+            self._address_of[connection] = key
 
     def _connection_closed(self, connection: Connection) -> None:
         self._connections.pop(connection, None)
         self._open.pop(connection, None)
+        self._over_limit.pop(connection, None)
+        key = self._address_of.pop(connection, None)
+        if key is not None:
+            left = self._per_address[key] - 1
+            if left:
+                self._per_address[key] = left
+            else:
+                del self._per_address[key]
         for topic in list(self._subscriptions.get(connection, ())):
             self.unsubscribe(connection, topic)
         if self._shutting_down and not self._connections:
@@ -4044,47 +4433,63 @@ class Server:
 
     # -- accepting ------------------------------------------------------------
 
-    def _handle_io(self, mask: int) -> None:
-        """The listening socket is readable: accept what is waiting."""
-        listener: Any = self._listener
+    def _accept(self, listener: _Listener) -> None:
+        """A listening socket is readable: accept what is waiting."""
         for _ in range(64):  # bounded, so a connection storm cannot starve the loop
             try:
-                sock, address = listener.accept()
+                sock, address = listener.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # Out of descriptors: pause accepting briefly instead of
-                    # spinning on a listener that stays readable.
-                    logger.error("cannot accept connections: %s; retrying in 0.5 s", exc.strerror)
+                    # spinning on a listener that stays readable; one line a pause.
+                    logger.error("cannot accept connections: %s; pausing for 0.5 s", exc.strerror)
                     self._pause_accepting(0.5)
                     return
                 logger.debug("accept failed: %s", exc)
                 continue
-            self._add_connection(sock, address)
+            self._add_connection(sock, address or "unix:" + (listener.path or "?"))
 
     def _pause_accepting(self, delay: float) -> None:
-        if self._accept_paused or self._listener is None:
+        if self._accept_paused:
             return
         self._accept_paused = True
-        self._loop.selector.unregister(self._listener)
+        for listener in self._listeners:
+            listener.unwatch()
         self._loop.call_later(delay, self._resume_accepting)
 
     def _resume_accepting(self) -> None:
         self._accept_paused = False
-        if self._listener is not None:
-            self._loop.selector.register(self._listener, selectors.EVENT_READ, self)
+        for listener in self._listeners:
+            listener.watch()
 
     def _add_connection(self, sock: socket.socket, address: Any) -> None:
+        options = self.options
+        self._stats.accepted += 1
+        over_limit = False
+        limit = options.max_connections
+        if limit is not None and len(self._connections) - len(self._over_limit) >= limit:
+            # Past the limit the client still gets its answer, a 503 (it
+            # costs a small Connection until its request arrives, not a
+            # stalled backlog), up to a bounded number at once; past that,
+            # a plain close.
+            if len(self._over_limit) >= 16 + limit // 4:
+                self._stats.count(self._stats.refused, "max_connections")
+                sock.close()
+                return
+            over_limit = True
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        ssl_context = self.options.ssl_context
+        ssl_context = options.ssl_context
         if ssl_context is not None:
             sock = ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        connection = Connection(self, sock, address, self._next_id, self.options, self._loop)
+        connection = Connection(self, sock, address, self._next_id, options, self._loop, None, self._stats)
         self._next_id += 1
         self._connections[connection] = None
+        if over_limit:
+            self._over_limit[connection] = None
 
     # -- stopping -------------------------------------------------------------
 
@@ -4093,7 +4498,7 @@ class Server:
             return
         self._shutting_down = True
         logger.info("shutting down: closing %d connection(s)", len(self._open))
-        self._close_listener()
+        self._close_listeners()
         for connection in list(self._connections):
             connection.close(CloseCode.GOING_AWAY, "server shutting down")
         if not self._connections:
@@ -4116,23 +4521,91 @@ class Server:
             connection.abort()
         if self.broker is not None and self.broker.loop is self._loop:
             self.broker._close()
-        self._close_listener()
+        self._close_listeners()
         self._loop.close()
         with self._phase_lock:
             self._phase = "done"
         self._done.set()
 
-    def _close_listener(self) -> None:
-        listener = self._listener
-        if listener is None:
-            return
-        self._listener = None
-        if not self._accept_paused:
+    def _close_listeners(self) -> None:
+        listeners = self._listeners
+        self._listeners = []
+        for listener in listeners:
+            listener.close()
+
+
+class _Listener:
+    """One listening socket of a server, watched by its loop."""
+
+    __slots__ = ("server", "sock", "path", "watched")
+
+    def __init__(self, server: Server, sock: socket.socket, path: Optional[str]):
+        self.server = server
+        self.sock = sock
+        self.path = path  # a Unix socket's file, removed on close
+        self.watched = False
+        self.watch()
+
+    def watch(self) -> None:
+        if not self.watched:
+            self.server._loop.selector.register(self.sock, selectors.EVENT_READ, self)
+            self.watched = True
+
+    def unwatch(self) -> None:
+        if self.watched:
+            self.server._loop.selector.unregister(self.sock)
+            self.watched = False
+
+    def _handle_io(self, mask: int) -> None:
+        self.server._accept(self)
+
+    def close(self) -> None:
+        try:
+            self.unwatch()
+        except (KeyError, ValueError, OSError):
+            pass
+        self.sock.close()
+        if self.path is not None:
             try:
-                self._loop.selector.unregister(listener)
-            except (KeyError, ValueError):
+                os.unlink(self.path)
+            except OSError:
                 pass
-        listener.close()
+
+
+def _listen_unix(path: str, backlog: int, mode: int) -> socket.socket:
+    """Listen on a Unix socket at ``path`` with permissions ``mode``.
+
+    A socket file left by a process that died is removed; one that something
+    still listens on is "in use" (OSError), and anything else is not touched.
+    """
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise OSError(errno.EEXIST, "%s exists and is not a socket" % path)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale: nothing listens
+        except OSError:
+            pass
+        else:
+            raise OSError(errno.EADDRINUSE, "%s is in use: something listens on it" % path)
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # The umask would widen the window before chmod: bind with the mode.
+        old_umask = os.umask(0o777 & ~mode)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _listen(host: str, port: int, backlog: int, reuse_port: bool = False) -> socket.socket:
@@ -4236,6 +4709,7 @@ class ClientConnection:
         options: _Options,
     ):
         self._loop = _EventLoop()
+        self._high_water = options.write_high_water
         self._messages: Deque[Union[str, bytes]] = collections.deque()
         self._condition = threading.Condition()
         self._reading_held = False
@@ -4343,7 +4817,7 @@ class ClientConnection:
         connection = self._connection
         connection.send(message)
         self._resume_if_taken()  # the last message is answered
-        if connection.pending_output > connection._options.write_high_water:
+        if connection.pending_output > self._high_water:
             drained = threading.Event()
             connection.when_drained(drained.set)
             drained.wait()
@@ -4590,6 +5064,33 @@ def _seconds(text: str) -> Optional[float]:
     return value
 
 
+def _positive(text: str) -> int:
+    value = _count(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("%s: must be at least 1" % text)
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number: %r" % text) from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("%s: must be positive" % text)
+    return value
+
+
+def _octal(text: str) -> int:
+    try:
+        value = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not an octal mode: %r (try 660)" % text) from None
+    if not 0 <= value <= 0o777:
+        raise argparse.ArgumentTypeError("%s: a mode is 000-777" % text)
+    return value
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -4629,6 +5130,17 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compression-threshold", type=_count, default=128, metavar="BYTES", help="send shorter messages uncompressed (default 128)")
     parser.add_argument("--log-level", default="info", type=str.lower, choices=["debug", "info", "warning", "error"], help="default info")
     parser.add_argument("--version", action="version", version="wsloop " + __version__)
+    ops = parser.add_argument_group("operations")
+    ops.add_argument("--max-connections", type=_positive, metavar="N", help="past N connections, new clients get 503 (default: no limit)")
+    ops.add_argument("--max-connections-per-ip", type=_positive, metavar="N", help="past N open connections from one address (IPv6: its /64), 429")
+    ops.add_argument("--max-messages-per-second", type=_positive_float, metavar="R", help="close (1008) a client sending faster than R messages a second (default: no limit)")
+    ops.add_argument("--message-burst", type=_positive_float, metavar="B", help="messages a client may send at once within that rate (default R)")
+    ops.add_argument("--forwarded-allow-ips", metavar="LIST", help="proxies (addresses, networks, comma-separated) whose Forwarded / X-Forwarded-For / X-Forwarded-Proto are believed")
+    ops.add_argument("--uds", metavar="PATH", help="listen on this Unix socket instead of TCP (for a proxy on the same host)")
+    ops.add_argument("--uds-mode", type=_octal, default=0o660, metavar="MODE", help="the Unix socket's permissions (default 660)")
+    ops.add_argument("--metrics-path", metavar="PATH", help="serve Prometheus metrics at this path (e.g. /metrics; default off)")
+    ops.add_argument("--metrics-allow-ips", metavar="LIST", help="who may read the metrics (default 127.0.0.0/8,::1)")
+    ops.add_argument("--no-access-log", action="store_true", help="no 'wsloop.access' line per handshake")
     scale = parser.add_argument_group("several processes")
     scale.add_argument("--workers", type=int, default=1, metavar="N", help="run N worker processes on the port (default 1)")
     scale.add_argument("--redis", metavar="URL", help="fan out topics (and --broadcast) through Redis: redis://[user:password@]host:port[/db] or rediss://")
@@ -4696,6 +5208,20 @@ def _pem_has_no_key(path: str) -> bool:
             return b"PRIVATE KEY-----" not in pem.read()
     except OSError:
         return False
+
+
+def _systemd_listeners() -> Optional[List[socket.socket]]:
+    """The sockets systemd passed (socket activation, sd_listen_fds(3)):
+    LISTEN_FDS of them from descriptor 3, if LISTEN_PID names us."""
+    count = os.environ.get("LISTEN_FDS", "")
+    if not count.isdigit() or os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # not for our children
+    try:
+        return [socket.socket(fileno=3 + index) for index in range(int(count))] or None
+    except OSError as exc:
+        raise _UsageError("systemd passed LISTEN_FDS=%s but: %s" % (count, exc.strerror or exc)) from None
 
 
 def _inherited_listener() -> Optional[socket.socket]:
@@ -4919,6 +5445,18 @@ def _main(argv: Optional[List[str]] = None) -> int:
         ssl_context = None
         if args.certfile:
             ssl_context = _server_ssl_context(args.certfile, args.keyfile)
+        if args.message_burst is not None and args.max_messages_per_second is None:
+            raise _UsageError("--message-burst goes with --max-messages-per-second")
+        networks = {}
+        for flag in ("forwarded_allow_ips", "metrics_allow_ips"):
+            value = getattr(args, flag)
+            try:
+                networks[flag] = None if value is None else [str(net) for net in _parse_networks([value])]
+            except ValueError as exc:
+                raise _UsageError("--%s: %s" % (flag.replace("_", "-"), exc)) from None
+        if args.uds and args.workers > 1:
+            raise _UsageError("--workers shares a TCP port; with --uds run one process per socket")
+        listeners = _systemd_listeners()
     except _UsageError as exc:
         print("wsloop: error: %s" % exc, file=sys.stderr)
         return 2
@@ -4954,16 +5492,28 @@ def _main(argv: Optional[List[str]] = None) -> int:
             health_path=None if args.health_path.lower() == "none" else args.health_path,
             pages=pages,
             broker=broker,
+            max_connections=args.max_connections,
+            max_connections_per_ip=args.max_connections_per_ip,
+            max_messages_per_second=args.max_messages_per_second,
+            message_burst=args.message_burst,
+            forwarded_allow_ips=networks["forwarded_allow_ips"],
+            metrics_path=args.metrics_path,
+            metrics_allow_ips=networks["metrics_allow_ips"],
             name="worker " + worker if worker else None,
-            sock=_inherited_listener(),
+            sock=listeners or _inherited_listener(),
+            uds=args.uds if not listeners else None,
+            uds_mode=args.uds_mode,
             reuse_port=bool(os.environ.get("WSLOOP_REUSEPORT")),
         )
     except OSError as exc:
         # gaierror (an unknown host) carries its message in strerror; its
         # errno is negative, which os.strerror() cannot name.
         why = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
-        print("wsloop: error: cannot listen on %s port %d: %s" % (args.host, args.port, why), file=sys.stderr)
+        where = args.uds if args.uds else "%s port %d" % (args.host, args.port)
+        print("wsloop: error: cannot listen on %s: %s" % (where, why), file=sys.stderr)
         return 2
+    if args.no_access_log:
+        access_logger.setLevel(logging.WARNING)
     _run_until_signalled(server)
     return 0
 

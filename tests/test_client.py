@@ -1253,12 +1253,15 @@ def test_every_frame_on_the_wire_is_masked():
     def script(peer):
         peer.accept()
         peer.send(server_frame(PING, b"x"))
+        peer.send(server_frame(TEXT, b"go"))
         frames = [peer.recv_frame() for _ in range(4)]  # parse_client_frame checks each mask
         assert sorted(frame.opcode for frame in frames) == [TEXT, TEXT, PING, PONG]
         assert len({frame.mask for frame in frames}) == 4
         peer.finish_close()
 
     with FakeServer(script) as server, wsloop.connect(server.url) as ws:
+        # The ping came before "go": answered before the client closes.
+        assert ws.recv(timeout=TIMEOUT) == "go"
         ws.send("same")
         ws.send("same")
         ws.ping(b"p")
