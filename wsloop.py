@@ -186,6 +186,8 @@ class Event(enum.IntEnum):
     CLOSE = 8  # value: (code, reason) from the peer's close frame
 
 
+MASK_LENGTH = 4  # the masking key every client frame carries (RFC 6455 5.3)
+
 # RFC 6455 section 1.3: the fixed GUID mixed into Sec-WebSocket-Accept.
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -277,19 +279,40 @@ def _header_tokens(value: Optional[str]) -> List[str]:
     return [token.strip().lower() for token in value.split(",") if token.strip()]
 
 
+# XOR tables for _unmask_python, one per key byte, made on first use.
+_XOR_TABLES: List[Optional[bytes]] = [None] * 256
+_TRANSLATE_FROM = 2048  # below this many bytes the big integer is faster
+
+
+def _xor_table(key_byte: int) -> bytes:
+    table = _XOR_TABLES[key_byte]
+    if table is None:
+        table = _XOR_TABLES[key_byte] = bytes(value ^ key_byte for value in range(256))
+    return table
+
+
 def _unmask_python(data: bytes, mask: bytes) -> bytes:
     """XOR ``data`` with the 4-byte ``mask`` repeated (RFC 6455 section 5.3).
 
-    One big-integer XOR does the whole payload in C, with no Python loop
-    (about 200 MB/s; the optional C helper below does gigabytes).
+    No Python loop over the bytes: short payloads go through one big-integer
+    XOR; longer ones through four strided bytes.translate() calls, one per
+    key byte, with a 256-byte XOR table each (about twice the big integer's
+    speed from a few KiB up, measured here).  The optional C helper below
+    does gigabytes a second.
     """
     length = len(data)
     if not length:
         return b""
-    key = bytes(mask) * (length >> 2) + mask[: length & 3]
-    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
-        length, "little"
-    )
+    if length < _TRANSLATE_FROM:
+        key = bytes(mask) * (length >> 2) + mask[: length & 3]
+        return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
+            length, "little"
+        )
+    source = bytes(data)
+    output = bytearray(source)
+    for offset in range(MASK_LENGTH):
+        output[offset::MASK_LENGTH] = source[offset::MASK_LENGTH].translate(_xor_table(mask[offset]))
+    return bytes(output)
 
 
 # The optional C helper (speedups/_wsloop_speedups.c), used when it was built
@@ -1193,7 +1216,6 @@ _LENGTH_BITS = 0x7F
 # RFC 6455 5.2: a 7-bit length of 126 or 127 says a 16- or 64-bit one follows.
 _LENGTH_16 = 126
 _LENGTH_64 = 127
-MASK_LENGTH = 4  # the masking key every client frame carries (RFC 6455 5.3)
 # What a client frame's header takes: two bytes, the extended length if
 # any, then the mask.
 _HEADER_7 = 2 + MASK_LENGTH

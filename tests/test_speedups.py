@@ -3,6 +3,7 @@
 import importlib.util
 import os
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -15,6 +16,17 @@ def test_active_unmask_matches_the_pure_python_one_and_the_definition(data, mask
     assert wsloop._unmask_python(data, mask) == expected
     assert wsloop._unmask(data, mask) == expected
     assert wsloop._unmask(bytearray(data), bytearray(mask)) == expected  # as the parser calls it
+
+
+@pytest.mark.parametrize("length", [1, 3, 4, 2047, 2048, 2049, 2050, 2051, 65537])
+def test_both_pure_python_ways_match_the_definition(length):
+    # Short payloads take the big integer, long ones the XOR tables: both
+    # sides of the switch, at every alignment of the last key byte.
+    data = os.urandom(length)
+    for mask in (b"\x00\x00\x00\x00", b"\xff\x01\x80\x7f", os.urandom(4)):
+        expected = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+        assert wsloop._unmask_python(data, mask) == expected
+        assert wsloop._unmask_python(memoryview(bytearray(data)), bytearray(mask)) == expected
 
 
 def test_the_accelerator_is_what_the_environment_says():
