@@ -338,6 +338,7 @@ _HTTP_REASONS = {
     405: "Method Not Allowed",
     414: "URI Too Long",
     426: "Upgrade Required",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
@@ -824,6 +825,8 @@ def _forwarded_client(
         proto_values = ",".join(headers.get_all("X-Forwarded-Proto")).split(",")
         protos = [value.strip() or None for value in proto_values]
     client, proto = (peer, 0), None
+    if not hops and protos:
+        proto = protos[-1]  # a proxy that names only the scheme
     for index in range(len(hops) - 1, -1, -1):
         hop = _hop_address(hops[index])
         if hop is None:
@@ -4083,6 +4086,8 @@ class Server:
             options.max_messages_per_second = float(max_messages_per_second)
             options.message_burst = float(burst)
         options.forwarded_allow = _parse_networks(forwarded_allow_ips or ())
+        if metrics_path is not None and not metrics_path.startswith("/"):
+            raise ValueError("metrics_path must start with /, got %r" % metrics_path)
         options.metrics_path = metrics_path
         if metrics_allow_ips is not None:
             options.metrics_allow = _parse_networks(metrics_allow_ips)
@@ -4315,7 +4320,11 @@ class Server:
         """What the server answers from its own tables: the limits on who
         holds what, and the metrics endpoint."""
         options = self.options
-        if connection in self._over_limit:
+        if connection in self._over_limit and not (
+            # The operator's own views stay open when the server is full.
+            "Upgrade" not in request.headers
+            and request.path in (options.health_path, options.metrics_path)
+        ):
             self._stats.count(self._stats.refused, "max_connections")
             return _refusal(503, "too many connections", [("Retry-After", "5")])
         address = connection.remote_address
@@ -5476,6 +5485,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
                 networks[flag] = None if value is None else [str(net) for net in _parse_networks([value])]
             except ValueError as exc:
                 raise _UsageError("--%s: %s" % (flag.replace("_", "-"), exc)) from None
+        if args.metrics_path is not None and not args.metrics_path.startswith("/"):
+            raise _UsageError("--metrics-path must start with /, got %r" % args.metrics_path)
         if args.uds and args.workers > 1:
             raise _UsageError("--workers shares a TCP port; with --uds run one process per socket")
         listeners = _systemd_listeners()
