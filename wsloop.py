@@ -1469,7 +1469,7 @@ class Protocol:
         self._mask_bit = 0 if client else _MASK_BIT
         self.response: Optional[Response] = None  # client: the server's answer
         self._key = ""  # client: the Sec-WebSocket-Key sent
-        self._offered_subprotocols: List[str] = []
+        self._offered_subprotocols: Iterable[str] = ()
         self._refusal: Optional[Tuple[Response, str]] = None  # client: a non-101 being read
         self.outgoing = bytearray()
         self.request: Optional[Request] = None
@@ -1726,7 +1726,7 @@ class Protocol:
         if not target.startswith("/") or any(not " " < char < "\x7f" for char in target):
             raise ValueError("request target must be a path and query, got %r" % target)
         self._key = base64.b64encode(os.urandom(16)).decode("ascii")
-        self._offered_subprotocols = list(subprotocols)
+        offered = self._offered_subprotocols = tuple(subprotocols)
         lines = [
             "GET %s HTTP/1.1" % target,
             _header_line("Host", host),
@@ -1737,8 +1737,8 @@ class Protocol:
         ]
         if origin is not None:
             lines.append(_header_line("Origin", origin))
-        if self._offered_subprotocols:
-            lines.append(_header_line("Sec-WebSocket-Protocol", ", ".join(self._offered_subprotocols)))
+        if offered:
+            lines.append(_header_line("Sec-WebSocket-Protocol", ", ".join(offered)))
         if self._compression is not None:
             lines.append("Sec-WebSocket-Extensions: " + _deflate_offer(self._compression))
         lines.extend(_header_line(name, value) for name, value in headers)
@@ -2099,6 +2099,13 @@ class _EventLoop:
         # How late a timer ran, at most, since someone last asked: the
         # loop's lag (a busy loop serves everything late).
         self.lag_max = 0.0
+        # Keepalive: one sweep over the connections that want pings, rather
+        # than a timer (and its heap entry and bound method) for each idle
+        # connection.  It runs every quarter of the shortest ping interval
+        # or timeout, so a ping or a timeout comes at most that late.
+        self._keepalive: Dict[Any, None] = {}
+        self._keepalive_tick = 0.0
+        self._keepalive_timer: Optional[_Timer] = None
         # The door: (callback, args) to run on the loop's thread.  deque
         # appends and pops are atomic, so other threads may append.
         self._ready: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = collections.deque()
@@ -2143,6 +2150,33 @@ class _EventLoop:
             heapq.heapify(timers)
             self.cancelled_timers = 0
         heapq.heappush(timers, timer)
+
+    def watch_keepalive(self, connection: Any, period: float) -> None:
+        """Have ``connection._keepalive_check(now)`` called about every
+        ``period / 4`` seconds (loop thread only)."""
+        self._keepalive[connection] = None
+        tick = max(period / 4, 0.01)
+        if self._keepalive_timer is None or tick < self._keepalive_tick:
+            if self._keepalive_timer is not None:
+                self._keepalive_timer.cancel()
+            self._keepalive_tick = tick
+            self._keepalive_timer = self.call_later(tick, self._sweep_keepalive)
+
+    def unwatch_keepalive(self, connection: Any) -> None:
+        self._keepalive.pop(connection, None)
+
+    def _sweep_keepalive(self) -> None:
+        self._keepalive_timer = None
+        if not self._keepalive:
+            self._keepalive_tick = 0.0
+            return  # started again by the next watch_keepalive()
+        now = time.monotonic()
+        for connection in list(self._keepalive):
+            try:
+                connection._keepalive_check(now)
+            except Exception:
+                logger.exception("error in keepalive of %r", connection)
+        self._keepalive_timer = self.call_later(self._keepalive_tick, self._sweep_keepalive)
 
     def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
         """Run ``callback(*args)`` on the next turn (loop thread only)."""
@@ -2973,7 +3007,8 @@ class _Options:
         if write_high_water < 1 or max_pending_output < 1:
             raise ValueError("write_high_water and max_pending_output must be at least 1")
         self.max_size = max_size
-        self.max_fragments = max_fragments
+        # Computed once: every connection shares this int, not one each.
+        self.max_fragments = max_fragments if max_fragments is not None else _default_max_fragments(max_size)
         self.open_timeout = _timeout("open_timeout", open_timeout)
         self.close_timeout = _timeout("close_timeout", close_timeout)
         self.ping_interval = _timeout("ping_interval", ping_interval)
@@ -3133,8 +3168,7 @@ class Connection:
         "_write_wants_read",
         "_open_timer",
         "_close_timer",
-        "_ping_timer",
-        "_pong_timer",
+        "_ping_at",
         "_ping_payload",
         "_owner",
         "_reading_held",
@@ -3190,8 +3224,9 @@ class Connection:
         self._tls_handshaking = self._tls and not protocol.client
         self._write_wants_read = False
         self._close_timer: Optional[_Timer] = None
-        self._ping_timer: Optional[_Timer] = None
-        self._pong_timer: Optional[_Timer] = None
+        # Keepalive, checked by the loop's sweep: when the last ping went,
+        # and its payload while its pong is awaited.
+        self._ping_at = 0.0
         self._ping_payload: Optional[bytes] = None
         self._events = _EVENT_READ
         loop.selector.register(sock, _EVENT_READ, self)
@@ -3840,32 +3875,33 @@ class Connection:
         self._close_socket(reset=bool(unsent))
 
     def _start_keepalive(self) -> None:
-        interval = self._options.ping_interval
+        options = self._options
+        interval = options.ping_interval
         if interval is not None:
-            self._ping_timer = self._loop.call_later(interval, self._keepalive_ping)
+            self._ping_at = time.monotonic()
+            self._loop.watch_keepalive(self, min(interval, options.ping_timeout or interval))
 
-    def _keepalive_ping(self) -> None:
-        self._ping_timer = None
+    def _keepalive_check(self, now: float) -> None:
+        """The loop's keepalive sweep: ping when due, fail a missing pong."""
         if self._protocol.state is not _OPEN:
             return
-        if self._ping_payload is None:
+        options = self._options
+        if self._ping_payload is not None:
+            timeout = options.ping_timeout
+            if timeout is not None and now - self._ping_at >= timeout:
+                self._keepalive_timeout()
+        elif now - self._ping_at >= options.ping_interval:  # type: ignore[operator]
             self._ping_payload = os.urandom(4)
+            self._ping_at = now
             self._protocol.ping(self._ping_payload)
             self._schedule_flush()
-            timeout = self._options.ping_timeout
-            if timeout is not None:
-                self._pong_timer = self._loop.call_later(timeout, self._keepalive_timeout)
-        self._start_keepalive()
 
     def _on_pong(self, payload: bytes) -> None:
         if payload == self._ping_payload:
-            self._ping_payload = None
-            if self._pong_timer is not None:
-                self._pong_timer.cancel()
-                self._pong_timer = None
+            self._ping_payload = None  # the next ping is due ping_interval after this one
 
     def _keepalive_timeout(self) -> None:
-        self._pong_timer = None
+        self._ping_payload = None
         self._stats.keepalive_timeouts += 1
         logger.warning(
             "connection %d from %s: keepalive ping timeout",
@@ -3875,12 +3911,7 @@ class Connection:
         self._close_now(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
 
     def _stop_keepalive(self) -> None:
-        if self._ping_timer is not None:
-            self._ping_timer.cancel()
-            self._ping_timer = None
-        if self._pong_timer is not None:
-            self._pong_timer.cancel()
-            self._pong_timer = None
+        self._loop.unwatch_keepalive(self)
 
     # -- the end --------------------------------------------------------------
 
