@@ -4,16 +4,18 @@ The client is written here, independently of wsloop's codec, so that tests
 check the server against the RFC rather than against itself.
 """
 
-import base64
-import os
 import socket
 import struct
 import threading
+import time
+import zlib
 from contextlib import contextmanager
 
 import wsloop
 
-KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 section 1.3's example key
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+TEXT, BINARY = 1, 2  # opcodes
+RSV1 = 0x40  # "compressed"  # RFC 6455 section 1.3's example key
 
 
 def request_bytes(path="/", headers=None, method="GET", version="HTTP/1.1", omit=()):
@@ -234,3 +236,70 @@ class Recorder(wsloop.Handler):
     def on_close(self, conn, code, reason):
         self.closed.append((conn, code, reason))
         self.close_event.set()
+
+
+class Worker(threading.Thread):
+    """Run ``function(*args)`` on its own thread; keep its result or exception."""
+
+    def __init__(self, function, *args, **kwargs):
+        super().__init__(daemon=True)
+        self.function, self.args, self.kwargs = function, args, kwargs
+        self.result = None
+        self.exception = None
+
+    def run(self):
+        try:
+            self.result = self.function(*self.args, **self.kwargs)
+        except BaseException as exc:  # reported to the test, which decides
+            self.exception = exc
+
+
+def connected(recorder, count):
+    """Wait until ``recorder`` has seen ``count`` connections; return them."""
+    deadline = time.monotonic() + 5.0
+    while len(recorder.connected) < count:
+        recorder.connect_event.clear()
+        if len(recorder.connected) >= count:
+            break
+        assert recorder.connect_event.wait(max(0.0, deadline - time.monotonic())), "connections did not open"
+    return recorder.connected[:count]
+
+
+class StrictReader:
+    """Reads server frames byte-exact and accepts only whole data messages.
+
+    Every frame must be final (FIN), unmasked, text or binary, with RSV1
+    only when ``compressed`` (then inflated with no context, as
+    ``server_no_context_takeover`` promises), and text must be valid UTF-8.
+    A fragment, continuation or control frame means frames were split or
+    interleaved, and fails.
+    """
+
+    def __init__(self, client, compressed=False):
+        self.client = client
+        self.compressed = compressed
+        self.buffer = bytearray(client.buffer)  # whatever followed the 101
+        client.buffer = b""
+        self.compressed_frames = 0
+
+    def messages(self, count):
+        """Read exactly ``count`` messages: str for text, bytes for binary."""
+        received = []
+        while len(received) < count:
+            parsed = parse_server_frame(bytes(self.buffer))
+            if parsed is None:
+                chunk = self.client.sock.recv(1 << 16)
+                if not chunk:
+                    raise EOFError("closed after %d of %d messages" % (len(received), count))
+                self.buffer += chunk
+                continue
+            (fin, opcode, payload, rsv), size = parsed
+            del self.buffer[:size]
+            assert fin, "fragmented frame: messages were split or interleaved"
+            assert opcode in (TEXT, BINARY), "opcode %d where a data frame was due" % opcode
+            if rsv:
+                assert self.compressed and rsv == RSV1, "unexpected RSV bits 0x%02x" % rsv
+                payload = zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
+                self.compressed_frames += 1
+            received.append(payload.decode("utf-8") if opcode == TEXT else payload)
+        return received

@@ -32,7 +32,7 @@ import time
 from contextlib import ExitStack, contextmanager
 
 import wsloop
-from helpers import Client, running_server
+from helpers import Client, Worker, running_server
 from redis_fixture import free_port, wait_until
 
 JOIN_TIMEOUT = 5.0
@@ -151,22 +151,6 @@ def in_loop(server, function, *args):
     server.call_soon_threadsafe(lambda: (outcome.append(function(*args)), done.set()))
     assert done.wait(JOIN_TIMEOUT), "the loop did not run the call"
     return outcome[0]
-
-
-class Worker(threading.Thread):
-    """Run ``function(*args)`` on its own thread; keep its result or exception."""
-
-    def __init__(self, function, *args):
-        super().__init__(daemon=True)
-        self.function, self.args = function, args
-        self.result = None
-        self.exception = None
-
-    def run(self):
-        try:
-            self.result = self.function(*self.args)
-        except BaseException as exc:  # reported to the test, which decides
-            self.exception = exc
 
 
 def read_until(client, last, allowed=()):

@@ -18,12 +18,11 @@ import sys
 import textwrap
 import threading
 import time
-import zlib
 
 import pytest
 
 import wsloop
-from helpers import Client, Recorder, parse_server_frame, running_server
+from helpers import Client, Recorder, StrictReader, Worker, connected, running_server
 
 TEXT = 1
 RSV1 = 0x40
@@ -31,22 +30,6 @@ JOIN_TIMEOUT = 5.0
 
 
 # -- helpers ------------------------------------------------------------------
-
-
-class Worker(threading.Thread):
-    """Run ``function(*args)`` on its own thread; keep its result or exception."""
-
-    def __init__(self, function, *args, **kwargs):
-        super().__init__(daemon=True)
-        self.function, self.args, self.kwargs = function, args, kwargs
-        self.result = None
-        self.exception = None
-
-    def run(self):
-        try:
-            self.result = self.function(*self.args, **self.kwargs)
-        except BaseException as exc:  # reported to the test, which decides
-            self.exception = exc
 
 
 def call_in_thread(function, *args, **kwargs):
@@ -66,60 +49,9 @@ def open_fds():
 needs_proc_fd = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
 
 
-def connected(recorder, count):
-    """Wait until ``recorder`` has seen ``count`` connections; return them."""
-    deadline = time.monotonic() + JOIN_TIMEOUT
-    while len(recorder.connected) < count:
-        recorder.connect_event.clear()
-        if len(recorder.connected) >= count:
-            break
-        assert recorder.connect_event.wait(max(0.0, deadline - time.monotonic())), "connections did not open"
-    return recorder.connected[:count]
-
-
 def echo_round_trip(client, text="still here"):
     client.send_text(text)
     assert client.recv_message() == text
-
-
-class StrictReader:
-    """Reads server frames byte-exact and rejects anything but whole text messages.
-
-    Every frame must be a final (FIN) text frame, unmasked, with RSV1 only
-    when ``compressed`` (then inflated with no context, as
-    ``server_no_context_takeover`` promises), and valid UTF-8 inside.  Any
-    fragment, continuation or control frame means frames were interleaved
-    or split, and fails.
-    """
-
-    def __init__(self, client, compressed):
-        self.client = client
-        self.compressed = compressed
-        self.buffer = bytearray(client.buffer)  # whatever followed the 101
-        client.buffer = b""
-        self.compressed_frames = 0
-
-    def messages(self, count):
-        """Read exactly ``count`` messages and return them as str."""
-        received = []
-        while len(received) < count:
-            parsed = parse_server_frame(bytes(self.buffer))
-            if parsed is None:
-                chunk = self.client.sock.recv(1 << 16)
-                if not chunk:
-                    raise EOFError("closed after %d of %d messages" % (len(received), count))
-                self.buffer += chunk
-                continue
-            (fin, opcode, payload, rsv), size = parsed
-            del self.buffer[:size]
-            assert fin, "fragmented frame: messages were split or interleaved"
-            assert opcode == TEXT, "opcode %d where a text frame was due" % opcode
-            if rsv:
-                assert self.compressed and rsv == RSV1, "unexpected RSV bits 0x%02x" % rsv
-                payload = zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
-                self.compressed_frames += 1
-            received.append(payload.decode("utf-8"))  # raises on invalid UTF-8
-        return received
 
 
 # -- the tables: read from any thread ----------------------------------------

@@ -18,12 +18,11 @@ import re
 import socket
 import threading
 import time
-import zlib
 
 import pytest
 
 import wsloop
-from helpers import Client, Recorder, parse_server_frame, running_server
+from helpers import Client, Recorder, StrictReader, Worker, connected, running_server
 
 TEXT, BINARY = 1, 2
 RSV1 = 0x40
@@ -31,22 +30,6 @@ JOIN_TIMEOUT = 5.0
 
 
 # -- helpers ------------------------------------------------------------------
-
-
-class Worker(threading.Thread):
-    """Run ``function(*args)`` on its own thread; keep its result or exception."""
-
-    def __init__(self, function, *args):
-        super().__init__(daemon=True)
-        self.function, self.args = function, args
-        self.result = None
-        self.exception = None
-
-    def run(self):
-        try:
-            self.result = self.function(*self.args)
-        except BaseException as exc:  # reported to the test, which decides
-            self.exception = exc
 
 
 def in_loop(server, function, *args):
@@ -74,17 +57,6 @@ def in_loop(server, function, *args):
     return result
 
 
-def connected(recorder, count):
-    """Wait until ``recorder`` has seen ``count`` connections; return them."""
-    deadline = time.monotonic() + JOIN_TIMEOUT
-    while len(recorder.connected) < count:
-        recorder.connect_event.clear()
-        if len(recorder.connected) >= count:
-            break
-        assert recorder.connect_event.wait(max(0.0, deadline - time.monotonic())), "connections did not open"
-    return recorder.connected[:count]
-
-
 def wait_closed(recorder, conn):
     """Wait until ``conn``'s on_close has run; return (code, reason)."""
     deadline = time.monotonic() + JOIN_TIMEOUT
@@ -95,46 +67,6 @@ def wait_closed(recorder, conn):
                 return code, reason
         remaining = deadline - time.monotonic()
         assert remaining > 0 and recorder.close_event.wait(remaining), "on_close never came"
-
-
-class StrictReader:
-    """Reads server frames byte-exact and accepts only whole data messages.
-
-    Every frame must be final (FIN), unmasked, text or binary, with RSV1
-    only when ``compressed`` (then inflated with no context, as
-    ``server_no_context_takeover`` promises), and text must be valid UTF-8.
-    A fragment, continuation or control frame means frames were split or
-    interleaved, and fails.
-    """
-
-    def __init__(self, client, compressed=False):
-        self.client = client
-        self.compressed = compressed
-        self.buffer = bytearray(client.buffer)  # whatever followed the 101
-        client.buffer = b""
-        self.compressed_frames = 0
-
-    def messages(self, count):
-        """Read exactly ``count`` messages: str for text, bytes for binary."""
-        received = []
-        while len(received) < count:
-            parsed = parse_server_frame(bytes(self.buffer))
-            if parsed is None:
-                chunk = self.client.sock.recv(1 << 16)
-                if not chunk:
-                    raise EOFError("closed after %d of %d messages" % (len(received), count))
-                self.buffer += chunk
-                continue
-            (fin, opcode, payload, rsv), size = parsed
-            del self.buffer[:size]
-            assert fin, "fragmented frame: messages were split or interleaved"
-            assert opcode in (TEXT, BINARY), "opcode %d where a data frame was due" % opcode
-            if rsv:
-                assert self.compressed and rsv == RSV1, "unexpected RSV bits 0x%02x" % rsv
-                payload = zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
-                self.compressed_frames += 1
-            received.append(payload.decode("utf-8") if opcode == TEXT else payload)
-        return received
 
 
 def subscribed_clients(server, recorder, topics_per_client):
