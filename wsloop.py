@@ -4753,12 +4753,18 @@ _HOLD_GRACE = 1.0
 _MAX_QUEUE = 16
 
 
+# The ends that iteration takes as normal: a close frame with 1000, 1001, or
+# no code at all (1005: the server closed on purpose, and said nothing more).
+_NORMAL_ENDS = (CloseCode.NORMAL, CloseCode.GOING_AWAY, CloseCode.NO_STATUS)
+
+
 class ClientConnection:
     """A WebSocket client connection, as :func:`connect` returns it.
 
     ``send()``, ``recv()``, ``ping()`` and ``close()`` may be called from any
     thread (one thread may wait in ``recv()`` while others send).  Iterating
-    yields messages until the server closes normally (1000 or 1001);
+    yields messages until the server closes normally (1000, 1001, or a
+    close frame without a code);
     another ending raises :class:`ConnectionClosed`.  Use it as a context
     manager to close it however the block ends.
     """
@@ -4912,7 +4918,7 @@ class ClientConnection:
             try:
                 yield self.recv()
             except ConnectionClosed:
-                if self.close_code in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
+                if self.close_code in _NORMAL_ENDS:
                     return
                 raise
 
@@ -5466,7 +5472,7 @@ def _console(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     print("connection closed: %s" % _describe_close(ws.close_code or CloseCode.ABNORMAL, ws.close_reason), file=sys.stderr)
-    return 0 if ws.close_code in (CloseCode.NORMAL, CloseCode.GOING_AWAY) else 1
+    return 0 if ws.close_code in _NORMAL_ENDS else 1
 
 
 def _main(argv: Optional[List[str]] = None) -> int:

@@ -856,6 +856,18 @@ def test_server_going_away_also_ends_iteration():
         assert ws.close_code == 1001
 
 
+def test_a_close_frame_without_a_code_also_ends_iteration():
+    def script(peer):
+        peer.accept()
+        peer.send(server_frame(TEXT, "bye soon"))
+        peer.send(server_frame(CLOSE, b""))  # 1005: closed on purpose, no code
+        peer.recv_frame_skipping_pings()  # the client's close reply
+
+    with FakeServer(script) as server, wsloop.connect(server.url) as ws:
+        assert list(ws) == ["bye soon"]
+        assert ws.close_code == 1005
+
+
 def test_tcp_dropped_without_a_close_frame_is_1006():
     def script(peer):
         peer.accept()
