@@ -148,3 +148,26 @@ def test_token_auth_example_refuses_to_start_without_a_token(tmp_path, environme
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "WS_TOKEN" in lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_readme_shows_the_client_example_verbatim():
+    assert "```python\n" + read("examples", "client.py") + "```" in read("README.md")
+
+
+def test_client_example_talks_to_a_server_until_it_closes():
+    import wsloop
+
+    class Room(wsloop.Handler):
+        def on_message(self, conn, message):
+            conn.send(message)  # the echo the example prints first
+            conn.send("bye, " + conn.query)
+            conn.close(1000)
+
+    with running_server(Room(), subprotocols=["chat.v1"]) as server:
+        url = "ws://127.0.0.1:%d/chat?room=1" % server.port
+        result = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "examples", "client.py"), url],
+            capture_output=True, text=True, timeout=30, cwd=ROOT,
+        )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["hello", "bye, room=1"]
