@@ -57,10 +57,15 @@ Also: wss:// with an ``ssl.SSLContext`` (the TLS handshake runs in the loop),
 a handshake hook (``Handler.on_handshake``), an Origin allow-list,
 subprotocols, and plain HTTP answers on the same port (a health check, pages).
 
+Beyond one process: topics (``conn.subscribe``, ``server.publish``),
+``--workers N`` on one port, and a Redis pub/sub bridge (:class:`RedisBroker`)
+spoken from the same loop.  And a client: :func:`connect`, and
+``python wsloop.py --connect URL``.
+
 The file is layered top to bottom, each section using only those above it:
 constants, exceptions, helpers, the HTTP handshake, permessage-deflate, the
-frame codec, the socket-free protocol, the selectors loop, the public API and
-the CLI.
+frame codec, the socket-free protocol (server and client roles), the
+selectors loop, the Redis bridge, the public API, the client and the CLI.
 """
 
 from __future__ import annotations
@@ -4783,6 +4788,7 @@ class ClientConnection:
         self._reading_held = False
         self._delivered = 0  # messages the reader has queued (under _condition)
         self._done = False  # the connection is gone (under _condition)
+        self._drain_waiters: List[threading.Event] = []  # senders held by flow control
         self._opened = threading.Event()  # open, or failed before it opened
         options.on_message = self._on_message
         self._connection = Connection(self, sock, address, 0, options, self._loop, protocol)
@@ -4801,6 +4807,8 @@ class ClientConnection:
         with self._condition:
             self._done = True
             self._condition.notify_all()
+            for waiter in self._drain_waiters:
+                waiter.set()
         self._opened.set()
         self._loop.stop()
 
@@ -4887,6 +4895,10 @@ class ClientConnection:
         self._resume_if_taken()  # the last message is answered
         if connection.pending_output > self._high_water:
             drained = threading.Event()
+            with self._condition:
+                if self._done:
+                    return  # gone: nothing will drain, and nothing need
+                self._drain_waiters.append(drained)  # set at the end, too
             connection.when_drained(drained.set)
             drained.wait()
 

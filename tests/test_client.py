@@ -1408,3 +1408,30 @@ def test_websockets_server_subprotocol_and_close_codes():
         ws.close(4000, "bye")
         assert handler_done.wait(TIMEOUT)
     assert closes == [4002, 4000]  # websockets' view: the code each close frame it got carried
+
+
+def test_a_sender_held_by_flow_control_is_let_go_when_the_connection_ends():
+    class ReadNothingThenDrop(wsloop.Handler):
+        def on_connect(self, conn):
+            conn.pause_reading()  # the client's output backs up
+            conn.server.call_later(0.5, conn.abort)
+
+    outcome = []
+
+    def send_until_stopped(ws):
+        try:
+            for _ in range(200):  # 50 MiB: far past what the buffers hold
+                ws.send(b"x" * 2**18)
+        except wsloop.ConnectionClosed:
+            outcome.append("closed")
+        else:
+            outcome.append("returned")
+
+    with running_server(ReadNothingThenDrop(), max_size=2**20) as server:
+        ws = wsloop.connect(ws_url(server), compression=False)
+        sender = threading.Thread(target=send_until_stopped, args=(ws,), daemon=True)
+        sender.start()
+        sender.join(TIMEOUT)
+        assert not sender.is_alive(), "send() stayed blocked after the connection ended"
+        assert outcome == ["closed"]
+        ws.close()
