@@ -3131,6 +3131,10 @@ def _check_ping(payload: Any) -> bytes:
     return data
 
 
+# From this size a binary message's payload is not joined to its header
+# before it is queued (below it, one small join is cheaper than two appends).
+_COPY_FREE_FROM = 16 * 2**10
+
 # Input a connection may handle in one turn of the loop before the others
 # get theirs: message bytes delivered (after inflating), plus a fixed cost
 # per message so that floods of tiny ones count too.  What is left waits in
@@ -3326,7 +3330,13 @@ class Connection:
         elif isinstance(message, PreparedMessage):
             self._send_frame(message._frame_for(extension))
         elif extension is None:
-            self._send_frame(encode_message(message))
+            if type(message) is bytes and len(message) >= _COPY_FREE_FROM:
+                # Large binary: header and payload go into the output
+                # buffer one after the other, not joined first (one copy
+                # of the payload less).
+                self._send_frame(_frame_header(_WHOLE_BINARY, len(message)), message)
+            else:
+                self._send_frame(encode_message(message))
         else:
             self._send_frame(_encode_compressed(message, extension))
 
@@ -3437,7 +3447,8 @@ class Connection:
             # Closed after the caller's check: the close says why.
             logger.debug("connection %d: message from another thread dropped: closed", self.id)
 
-    def _send_frame(self, frame: bytes) -> None:
+    def _send_frame(self, frame: bytes, payload: bytes = b"") -> None:
+        """Queue ``frame`` (and ``payload``, the rest of it, if given)."""
         protocol = self._protocol
         if protocol.state is not _OPEN:
             raise ConnectionClosed("connection is %s" % protocol.state.value)
@@ -3456,6 +3467,8 @@ class Connection:
                 self._close_now(CloseCode.POLICY_VIOLATION, "too slow to keep up")
                 raise ConnectionClosed("peer too slow: output limit reached")
         protocol.outgoing += frame
+        if payload:
+            protocol.outgoing += payload
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
