@@ -1233,6 +1233,8 @@ _HEADER_64 = 2 + 8 + MASK_LENGTH
 # binary.  Nearly every frame is one of these, so the parser tests for them
 # first (its fast path).
 _WHOLE_TEXT = _FIN | 0x1
+# Pieces of a message at least this large are kept whole until it ends.
+_WHOLE_PIECE = 4096
 _WHOLE_BINARY = _FIN | 0x2
 
 
@@ -1447,6 +1449,7 @@ class Protocol:
         "_in_payload",
         "_message_opcode",
         "_message_data",
+        "_message_parts",
         "_message_size",
         "_message_fragments",
         "_message_compressed",
@@ -1510,7 +1513,11 @@ class Protocol:
         self._frame_fin = True
         # The message being assembled (opcode 0: none).
         self._message_opcode = 0
+        # A message in pieces: large pieces kept as they are (joined once at
+        # the end: one copy), small ones gathered in a bytearray (so a peer
+        # that trickles bytes cannot make a list of tiny objects).
         self._message_data: Optional[bytearray] = None
+        self._message_parts: Optional[List[bytes]] = None
         self._message_size = 0
         self._message_fragments = 0
         self._message_compressed = False
@@ -1531,6 +1538,7 @@ class Protocol:
             self._buffer.clear()
             self._unbuffered = None
             self._message_data = None
+            self._message_parts = None
             peer_done = self.close_code is not None  # its close frame came, or EOF
             # A client leaves closing TCP to the server (RFC 6455 7.1.1): it
             # half-closes and waits for the server's EOF.
@@ -1942,11 +1950,21 @@ class Protocol:
         if message_done and self._message_data is None:
             # The whole message is in this one piece: the fast, common case.
             return self._deliver(data)
-        if self._message_data is None:
-            self._message_data = bytearray()
+        tail = self._message_data
+        if tail is None:
+            tail = self._message_data = bytearray()
             if self._message_opcode == _OP_TEXT:
                 self._utf8 = _utf8_decoder()
-        self._message_data += data
+        if len(data) >= _WHOLE_PIECE and type(data) is bytes:
+            parts = self._message_parts
+            if parts is None:
+                parts = self._message_parts = []
+            if tail:
+                parts.append(bytes(tail))
+                tail.clear()
+            parts.append(data)
+        else:
+            tail += data
         if self._utf8 is not None:
             # Check the text as it arrives, to fail at the first bad byte.
             try:
@@ -1955,10 +1973,15 @@ class Protocol:
                 raise ProtocolError("invalid UTF-8 in text message", CloseCode.INVALID_DATA) from None
         if not message_done:
             return None
-        whole = self._message_data
+        parts = self._message_parts
         self._message_data = None
+        self._message_parts = None
         self._utf8 = None
-        return self._deliver(whole)
+        if parts is None:
+            return self._deliver(tail)
+        if tail:
+            parts.append(bytes(tail))
+        return self._deliver(b"".join(parts))  # bytes: _deliver copies it no more
 
     def _deliver(self, data: Union[bytes, bytearray]) -> Optional[Tuple[Event, Any]]:
         opcode = self._message_opcode

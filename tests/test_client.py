@@ -1134,10 +1134,11 @@ def test_the_client_holds_one_message_while_the_application_does_not_read():
     with running_server(Flood()) as server, wsloop.connect(ws_url(server)) as ws:
         # ws._messages and ws._condition are private: the bound on that very
         # queue is what is tested.  The client's thread notifies the
-        # condition on each message, so this waits for an overflow, or 1 s.
+        # condition on each message, so this waits for an overflow, or for
+        # half the hold's grace (after it, up to _MAX_QUEUE may be read).
         with ws._condition:
             assert ws._condition.wait_for(lambda: ws._messages, TIMEOUT)
-            overflowed = ws._condition.wait_for(lambda: len(ws._messages) > 1, 1.0)
+            overflowed = ws._condition.wait_for(lambda: len(ws._messages) > 1, wsloop._HOLD_GRACE / 2)
             queued = len(ws._messages)
         assert not overflowed, "%d messages queued while the application read none" % queued
         assert [ws.recv(timeout=TIMEOUT) for _ in range(count)] == ["message %04d" % i for i in range(count)]
