@@ -3346,7 +3346,9 @@ class Connection:
         protocol = self._protocol
         extension = protocol.extension
         self._stats.messages_out += 1
-        if protocol.client:  # every frame masked with its own key: nothing shared
+        if type(message) is str and extension is None and not protocol.client:
+            self._send_frame(encode_message(message))  # the common case, first
+        elif protocol.client:  # every frame masked with its own key: nothing shared
             if isinstance(message, PreparedMessage):
                 message = message.message
             self._send_frame(protocol.encode(message))
@@ -4298,9 +4300,8 @@ class Server:
             self._loop.call_soon_threadsafe(self.broadcast, prepared, targets)
             return 0
         delivered = 0
+        # No state check per receiver: send() raises for the few closing ones.
         for connection in list(self._open) if connections is None else connections:
-            if connection.state is not _OPEN:
-                continue
             try:
                 connection.send(prepared)
                 delivered += 1
@@ -4487,7 +4488,7 @@ class Server:
         prepared = PreparedMessage(message)
         delivered = 0
         for connection in list(subscribers):
-            if connection is exclude or connection.state is not _OPEN:
+            if connection is exclude:
                 continue
             try:
                 connection.send(prepared)
