@@ -1436,3 +1436,22 @@ def test_a_sender_held_by_flow_control_is_let_go_when_the_connection_ends():
         assert not sender.is_alive(), "send() stayed blocked after the connection ended"
         assert outcome == ["closed"]
         ws.close()
+
+
+def test_past_the_hold_the_client_queues_at_most_max_queue_messages():
+    class Flood(wsloop.Handler):
+        def on_connect(self, conn):
+            for index in range(200):
+                conn.send("m%03d" % index)
+
+    with running_server(Flood()) as server, wsloop.connect(ws_url(server)) as ws:
+        limit = wsloop._MAX_QUEUE
+        # Private queue: its bound is what is tested.  Each hold lasts
+        # _HOLD_GRACE, so the queue fills one message a grace at most; wait
+        # for it to fill, then for a grace past that: it must not grow.
+        with ws._condition:
+            filled = ws._condition.wait_for(lambda: len(ws._messages) >= limit, (limit + 2) * wsloop._HOLD_GRACE + TIMEOUT)
+            assert filled, "the queue never reached its bound"
+            grew = ws._condition.wait_for(lambda: len(ws._messages) > limit, 2 * wsloop._HOLD_GRACE)
+        assert not grew, "%d messages queued past the bound" % len(ws._messages)
+        assert [ws.recv(timeout=TIMEOUT) for _ in range(200)] == ["m%03d" % i for i in range(200)]

@@ -31,6 +31,8 @@ import threading
 import time
 from contextlib import ExitStack, contextmanager
 
+import pytest
+
 import wsloop
 from helpers import Client, Worker, running_server
 from redis_fixture import free_port, wait_until
@@ -812,3 +814,34 @@ def test_a_dead_worker_is_restarted(redis_server):
             assert client.expect_close()[0] == 1001
             client.close(1001)
         assert process.wait(15) == 0, log.text()
+
+
+# -- the RESP reader's bounds, no Redis needed --------------------------------
+
+
+def test_resp_reader_takes_replies_split_anywhere():
+    data = b"+OK\r\n:42\r\n$5\r\nhe\r\nl\r\n*3\r\n$7\r\nmessage\r\n$1\r\nt\r\n$0\r\n\r\n-ERR x\r\n$-1\r\n"
+    for split in range(len(data) + 1):
+        parser = wsloop._RespParser(max_bulk=100)
+        replies = []
+        for piece in (data[:split], data[split:]):
+            parser.feed(piece)
+            replies.extend(parser.replies())
+        assert replies[:4] == ["OK", 42, b"he\r\nl", [b"message", b"t", b""]]
+        assert isinstance(replies[4], wsloop._RespError) and replies[5] is None
+
+
+def test_resp_reader_refuses_a_bulk_string_over_its_limit_from_the_header():
+    parser = wsloop._RespParser(max_bulk=1000)
+    parser.feed(b"$1001\r\n")  # refused before any of its bytes arrive
+    with pytest.raises(wsloop.ProtocolError):
+        list(parser.replies())
+
+
+def test_resp_reader_refuses_a_line_without_end_past_its_limit():
+    parser = wsloop._RespParser(max_bulk=1000)
+    parser.feed(b"+" + b"x" * (wsloop._RESP_MAX_LINE - 1))
+    assert list(parser.replies()) == []  # not over the limit yet: waits
+    parser.feed(b"xx")
+    with pytest.raises(wsloop.ProtocolError):
+        list(parser.replies())

@@ -4,14 +4,13 @@ backpressure, handler errors, shutdown, many connections."""
 import logging
 import resource
 import socket
-import struct
 import threading
 import time
 
 import pytest
 
 import wsloop
-from helpers import Client, Recorder, client_frame, close_payload, request_bytes, running_server
+from helpers import Client, Recorder, client_frame, request_bytes, running_server
 
 TEXT, BINARY, CLOSE, PING, PONG = 1, 2, 8, 9, 10
 
