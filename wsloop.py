@@ -2800,8 +2800,10 @@ class RedisBroker:
                 return
             publisher.outgoing += command
             publisher.expected.append("ignore")
-            publisher.flush()
+            # Counted before the write: a reader that has seen the message
+            # arrive elsewhere must also see it counted here.
             self._counts["published"] += 1
+            publisher.flush()
         elif len(self._waiting) + len(command) <= self.max_buffer:
             self._waiting += command  # sent once the publisher is back
             self._waiting_count += 1
@@ -3511,7 +3513,12 @@ class Connection:
             # Not known to be blocked: try now rather than wait for a wake-up.
             if not self._write():
                 return
-            if not protocol.outgoing and self._events == _EVENT_READ and protocol.state is _OPEN:
+            if (
+                not protocol.outgoing
+                and self._events == _EVENT_READ
+                and protocol.state is _OPEN
+                and self._drain_callbacks is None
+            ):
                 return  # all written, nothing to change: the common case
         self._update_interest()
 
@@ -4826,6 +4833,7 @@ class ClientConnection:
         self._delivered = 0  # messages the reader has queued (under _condition)
         self._done = False  # the connection is gone (under _condition)
         self._drain_waiters: List[threading.Event] = []  # senders held by flow control
+        self._crossing = 0  # bytes sent from threads, not yet in the loop (under _condition)
         self._opened = threading.Event()  # open, or failed before it opened
         options.on_message = self._on_message
         self._connection = Connection(self, sock, address, 0, options, self._loop, protocol)
@@ -4928,16 +4936,32 @@ class ClientConnection:
         once the connection is closing.
         """
         connection = self._connection
-        connection.send(message)
+        size = len(message)
+        connection.send(message)  # checks it, then crosses the loop's door
+        # Bytes still on their way through the door count against the high
+        # water too: a sender faster than the loop would otherwise never wait.
+        with self._condition:
+            self._crossing += size
+        self._loop.call_soon_threadsafe(self._taken, size)  # after the send
         self._resume_if_taken()  # the last message is answered
-        if connection.pending_output > self._high_water:
+        if connection.pending_output + self._crossing > self._high_water:
             drained = threading.Event()
             with self._condition:
+                if not self._done:
+                    self._drain_waiters.append(drained)  # set at the end, too
+                    waiting = True
+                else:
+                    waiting = False
+            if waiting:
+                connection.when_drained(drained.set)  # queued behind the send
+                drained.wait()
+            with self._condition:
                 if self._done:
-                    return  # gone: nothing will drain, and nothing need
-                self._drain_waiters.append(drained)  # set at the end, too
-            connection.when_drained(drained.set)
-            drained.wait()
+                    raise ConnectionClosed("connection closed before the message was taken")
+
+    def _taken(self, size: int) -> None:
+        with self._condition:
+            self._crossing -= size
 
     def recv(self, timeout: Optional[float] = None) -> Union[str, bytes]:
         """The next message: ``str`` for text, ``bytes`` for binary.

@@ -29,7 +29,7 @@ import pytest
 import trustme
 
 import wsloop
-from helpers import Recorder, client_frame, close_payload, mask_bytes, running_server
+from helpers import Recorder, Worker, client_frame, close_payload, mask_bytes, running_server
 
 Event = wsloop.Event
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0, 1, 2, 8, 9, 10
@@ -1409,6 +1409,45 @@ def test_websockets_server_subprotocol_and_close_codes():
         ws.close(4000, "bye")
         assert handler_done.wait(TIMEOUT)
     assert closes == [4002, 4000]  # websockets' view: the code each close frame it got carried
+
+
+def test_a_sender_faster_than_the_client_loop_is_held_at_the_high_water_mark():
+    """Messages handed over but not yet taken by the client's loop count
+    against the high-water mark: with the loop stalled, a sending thread
+    stops after about 256 KiB instead of queuing all 12 MiB in memory."""
+    received = []
+    done = threading.Event()
+
+    class Count(wsloop.Handler):
+        def on_message(self, conn, message):
+            received.append(len(message))
+            if len(received) == 48:
+                done.set()
+
+    with running_server(Count(), max_size=2**20) as server:
+        ws = wsloop.connect(ws_url(server), compression=False)
+        stall = threading.Event()
+        ws._loop.call_soon_threadsafe(stall.wait)  # the client's loop stops here
+        sent = []
+
+        def send_all():
+            for _ in range(48):
+                ws.send(b"x" * 2**18)
+                sent.append(1)
+
+        sender = Worker(send_all)
+        sender.start()
+        deadline = time.monotonic() + TIMEOUT
+        while not ws._drain_waiters and sender.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert ws._drain_waiters, "the sender never waited: %d of 48 sent" % len(sent)
+        assert len(sent) <= 1  # the first message alone is past 256 KiB
+        stall.set()
+        sender.join(TIMEOUT)
+        assert sender.exception is None
+        assert done.wait(TIMEOUT), (len(received), len(sent), ws.close_code, ws.close_reason)
+        assert received == [2**18] * 48
+        ws.close()
 
 
 def test_a_sender_held_by_flow_control_is_let_go_when_the_connection_ends():

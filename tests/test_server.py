@@ -273,6 +273,41 @@ def test_slow_receiver_of_broadcasts_is_closed_with_1008_others_keep_going(caplo
         assert reader.recv_message() == "still open"
 
 
+class SendThenWaitForDrain(wsloop.Handler):
+    """On "go <n>": send n bytes, then "drained" once when_drained says so."""
+
+    def on_message(self, conn, message):
+        if isinstance(message, str) and message.startswith("go "):
+            conn.send(b"x" * int(message[3:]))
+            conn.when_drained(lambda: conn.send("drained"))
+
+
+def test_when_drained_runs_at_once_when_little_is_pending():
+    with running_server(SendThenWaitForDrain()) as server:
+        client = Client(server.port)
+        client.send_text("go 10")
+        assert client.recv_message() == b"x" * 10
+        assert client.recv_message() == "drained"
+
+
+def test_when_drained_runs_after_output_past_high_water_is_taken_in_one_write():
+    """Past the high-water mark the callback waits; a kernel that then takes
+    everything in one write must still let it run (it once did not)."""
+    with running_server(SendThenWaitForDrain(), write_high_water=1024) as server:
+        client = Client(server.port)
+        client.send_text("go 4000")  # a loopback socket takes 4 KB at once
+        assert client.recv_message() == b"x" * 4000
+        assert client.recv_message() == "drained"
+
+
+def test_when_drained_waits_for_a_peer_that_is_not_reading():
+    with running_server(SendThenWaitForDrain(), max_pending_output=2**26) as server:
+        client = Client(server.port)
+        client.send_text("go %d" % 2**23)  # 8 MiB: more than the socket buffers hold
+        assert client.recv_message() == b"x" * 2**23
+        assert client.recv_message() == "drained"
+
+
 # -- handler errors -------------------------------------------------------------
 
 
