@@ -491,7 +491,7 @@ def _is_token_text(text: str) -> bool:
         return False
 
 
-def _check_partial_head(buffer: bytearray) -> None:
+def _check_partial_head(buffer: Union[bytes, bytearray]) -> None:
     """Enforce the head limits on a request that has not ended yet.
 
     Checked only while waiting for more bytes, so each limit costs little and
@@ -514,7 +514,7 @@ def _check_partial_head(buffer: bytearray) -> None:
             raise HandshakeError(431, "too many headers")
 
 
-def _parse_request_head(buffer: bytearray) -> Optional[Tuple[Request, int]]:
+def _parse_request_head(buffer: Union[bytes, bytearray]) -> Optional[Tuple[Request, int]]:
     """Parse a request head from the start of ``buffer``.
 
     Returns ``(request, head_length)``, ``None`` when more bytes are needed,
@@ -585,7 +585,7 @@ def _check_header_lines(lines: List[bytes], malformed: int, too_large: int) -> N
             raise HandshakeError(malformed, "control character in header value")
 
 
-def _parse_response_head(buffer: bytearray) -> Optional[Tuple[Response, str, int]]:
+def _parse_response_head(buffer: Union[bytes, bytearray]) -> Optional[Tuple[Response, str, int]]:
     """Parse a server's response head from the start of ``buffer`` (the
     client's side of the handshake, under the same limits as requests).
 
@@ -1502,7 +1502,10 @@ class Protocol:
         self._compression = compression
         self._negotiated: Optional[Tuple[str, _PerMessageDeflate]] = None
         self.extension: Optional[_PerMessageDeflate] = None
-        self._buffer = bytearray()
+        # Bytes received and kept for later: a bytearray while there are
+        # some, the shared b"" when there are none (an idle connection then
+        # holds no buffer of its own).
+        self._buffer: Union[bytes, bytearray] = bytearray()
         # Bytes received but not copied (see receive_data).
         self._unbuffered: Optional[Union[bytes, bytearray, memoryview]] = None
         # The frame whose payload is being consumed.
@@ -1535,7 +1538,7 @@ class Protocol:
             raise RuntimeError("cannot go from %s to %s" % (self.state.name, state.name))
         self.state = state
         if state is _CLOSED:
-            self._buffer.clear()
+            self._buffer = b""
             self._unbuffered = None
             self._message_data = None
             self._message_parts = None
@@ -1557,12 +1560,18 @@ class Protocol:
             return
         if self._unbuffered is not None:
             # Two receives before events(): keep the first one's bytes.
-            self._buffer += self._unbuffered
+            self._keep(self._unbuffered)
             self._unbuffered = None
         if self._buffer or self.state is _CONNECTING:
-            self._buffer += data
+            self._keep(data)
         else:
             self._unbuffered = data
+
+    def _keep(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        if self._buffer:
+            self._buffer += data
+        else:
+            self._buffer = bytearray(data)
 
     def events(self) -> Generator[Tuple[Event, Any], None, None]:
         """Yield the events in the bytes received so far, one at a time.
@@ -1687,12 +1696,15 @@ class Protocol:
             self._fail(exc.code, exc.reason)
         finally:
             if self.state is _CLOSED:
-                self._buffer.clear()
+                self._buffer = b""
             elif in_place:
                 if position < end:
-                    self._buffer += buffer[position:end]  # the caller may reuse its buffer
-            elif position:
-                del self._buffer[:position]  # `buffer` is self._buffer here
+                    self._keep(buffer[position:end])  # the caller may reuse its buffer
+            else:  # `buffer` is self._buffer here
+                if position:
+                    del self._buffer[:position]  # type: ignore[union-attr]  # a bytearray when not empty
+                if not self._buffer:
+                    self._buffer = b""
 
     def receive_eof(self) -> None:
         """The peer closed its side of TCP (or the connection dropped)."""
@@ -1765,7 +1777,7 @@ class Protocol:
                 if parsed is None:
                     return False
                 response, reason, head_length = parsed
-                del self._buffer[:head_length]
+                del self._buffer[:head_length]  # type: ignore[union-attr]  # a bytearray while connecting
                 self.response = response
                 if response.status == 101:
                     self._check_switch(Headers(response.headers))
@@ -1823,7 +1835,7 @@ class Protocol:
             if parsed is None:
                 return None
             request, head_length = parsed
-            del self._buffer[:head_length]
+            del self._buffer[:head_length]  # type: ignore[union-attr]  # a bytearray while connecting
             self.request = request
             self.is_upgrade = _check_upgrade_request(request)
             if self.is_upgrade and self._compression is not None:
@@ -3496,7 +3508,9 @@ class Connection:
         protocol.outgoing += frame
         if payload:
             protocol.outgoing += payload
-        self._schedule_flush()
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.schedule_flush(self)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -3636,15 +3650,14 @@ class Connection:
         else:
             selector.modify(self._sock, events, self)  # type: ignore[arg-type]
 
-    def _receive(self, view: memoryview) -> int:
+    def _receive_tls(self, view: memoryview) -> int:
         """Read into ``view``; 0 at EOF, -1 when nothing is ready."""
         sock: Any = self._sock
         try:
             count: int = sock.recv_into(view)
-            if self._tls:
-                # What TLS already decrypted does not wake the selector: take it now.
-                while count and count < len(view) and sock.pending():
-                    count += sock.recv_into(view[count:])
+            # What TLS already decrypted does not wake the selector: take it now.
+            while count and count < len(view) and sock.pending():
+                count += sock.recv_into(view[count:])
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return -1
         except OSError as exc:
@@ -3662,9 +3675,18 @@ class Connection:
         if self._sock is None or self._backlog or self._reading_held:
             return
         view = self._loop.receive_view
-        count = self._receive(view)
-        if count < 0:
-            return
+        if self._tls:
+            count = self._receive_tls(view)
+            if count < 0:
+                return
+        else:  # plain TCP, the hot path: the same without TLS's extra reads
+            try:
+                count = self._sock.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._drop("read failed: %s" % (exc.strerror or exc))
+                return
         if not count:
             self._drop("peer closed TCP")
             return
@@ -3754,8 +3776,9 @@ class Connection:
         if state is _CLOSING or state is _CLOSED:
             self._stop_keepalive()
             self._start_close_timer()
-        if protocol.outgoing or state is _CLOSED or self._backlog:
-            self._schedule_flush()
+        if (protocol.outgoing or state is _CLOSED or self._backlog) and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.schedule_flush(self)
 
     def _handler_failed(self, name: str) -> None:
         logger.exception("connection %d: error in %s", self.id, name)
