@@ -3179,6 +3179,10 @@ _COPY_FREE_FROM = 16 * 2**10
 _TURN_BUDGET = 2 * RECV_SIZE
 _MESSAGE_COST = 64
 
+# How many client host strings the server shares between connections before
+# it starts afresh (see Server._add_connection).
+_HOSTS_KEPT = 4096
+
 
 class Connection:
     """One client connection, as handlers see it.
@@ -4159,8 +4163,11 @@ class Server:
         # Owned by the loop's thread: the table of connections (every one
         # with a socket, oldest first) and the open ones (what broadcast
         # and `connections` see).
-        self._connections: Dict[Connection, None] = {}
-        self._open: Dict[Connection, None] = {}
+        # Every connection, mapped to whether it is open (one table, not two:
+        # an entry costs about 40 bytes a connection).
+        self._connections: Dict[Connection, bool] = {}
+        self._open_count = 0
+        self._hosts: Dict[str, str] = {}  # each client host's string, shared
         # Topics: each one's subscribers in the order they joined, and each
         # subscriber's topics (so a close unsubscribes it everywhere).
         self._topics: Dict[str, Dict[Connection, None]] = {}
@@ -4240,7 +4247,8 @@ class Server:
         """The open connections: a snapshot, safe to iterate from any thread."""
         # list() of a dict copies it in one step under the GIL, so the loop
         # thread cannot change it mid-copy.
-        return [connection for connection in list(self._open) if connection.state is _OPEN]
+        table = list(self._connections.items())
+        return [connection for connection, is_open in table if is_open and connection.state is _OPEN]
 
     @property
     def shutting_down(self) -> bool:
@@ -4331,7 +4339,9 @@ class Server:
             return 0
         delivered = 0
         # No state check per receiver: send() raises for the few closing ones.
-        for connection in list(self._open) if connections is None else connections:
+        if connections is None:
+            connections = [connection for connection, is_open in list(self._connections.items()) if is_open]
+        for connection in connections:
             try:
                 connection.send(prepared)
                 delivered += 1
@@ -4348,7 +4358,7 @@ class Server:
         pending = [connection.pending_output for connection in list(self._connections)]
         lag = self._loop.lag_max
         return {
-            "connections_open": len(self._open),
+            "connections_open": self._open_count,
             "connections_accepted": counters.accepted,
             "connections_refused": dict(counters.refused),
             "handshakes": dict(counters.handshakes),
@@ -4542,7 +4552,10 @@ class Server:
     # -- what connections tell the server -------------------------------------
 
     def _connection_opened(self, connection: Connection) -> None:
-        self._open[connection] = None
+        if connection not in self._connections:
+            return  # already gone
+        self._connections[connection] = True
+        self._open_count += 1
         address = connection.remote_address
         if self.options.max_connections_per_ip is not None and isinstance(address, tuple):
             key = _address_key(address[0])
@@ -4550,8 +4563,8 @@ class Server:
             self._address_of[connection] = key
 
     def _connection_closed(self, connection: Connection) -> None:
-        self._connections.pop(connection, None)
-        self._open.pop(connection, None)
+        if self._connections.pop(connection, False):
+            self._open_count -= 1
         self._over_limit.pop(connection, None)
         key = self._address_of.pop(connection, None)
         if key is not None:
@@ -4600,6 +4613,13 @@ class Server:
 
     def _add_connection(self, sock: socket.socket, address: Any) -> None:
         options = self.options
+        if type(address) is tuple:
+            # One string per client host, not one per connection: thousands
+            # of connections often come from a few addresses (a proxy, NAT).
+            hosts = self._hosts
+            if len(hosts) >= _HOSTS_KEPT:
+                hosts.clear()  # bounded, whatever addresses arrive
+            address = (hosts.setdefault(address[0], address[0]),) + address[1:]
         self._stats.accepted += 1
         over_limit = False
         limit = options.max_connections
@@ -4621,7 +4641,7 @@ class Server:
             sock = ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         connection = Connection(self, sock, address, self._next_id, options, self._loop, None, self._stats)
         self._next_id += 1
-        self._connections[connection] = None
+        self._connections[connection] = False
         if over_limit:
             self._over_limit[connection] = None
 
@@ -4631,7 +4651,7 @@ class Server:
         if self._shutting_down:
             return
         self._shutting_down = True
-        logger.info("shutting down: closing %d connection(s)", len(self._open))
+        logger.info("shutting down: closing %d connection(s)", self._open_count)
         self._close_listeners()
         for connection in list(self._connections):
             connection.close(CloseCode.GOING_AWAY, "server shutting down")

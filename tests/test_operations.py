@@ -29,7 +29,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import wsloop
-from helpers import Client, Recorder, client_frame, request_bytes, running_server
+from helpers import Client, Recorder, client_frame, connected, request_bytes, running_server
 from redis_fixture import free_port, wait_until
 
 TEXT = 0x1
@@ -450,6 +450,27 @@ def test_client_address_and_scheme(trusted, headers, address, scheme):
     assert conn.peer_address == own_address
     assert conn.remote_address == (own_address if address is None else address)
     assert conn.scheme == scheme
+
+
+def test_each_connection_keeps_its_own_peer_address_past_the_shared_host_table(monkeypatch):
+    """Connections from one host share its address string; the table of
+    them is bounded and starts afresh when full (here at 2 hosts), and every
+    connection still reports its own host and port.  Linux routes all of
+    127.0.0.0/8 to loopback, so four source addresses are four hosts."""
+    monkeypatch.setattr(wsloop, "_HOSTS_KEPT", 2)
+    recorder = Recorder()
+    hosts = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.2", "127.0.0.4", "127.0.0.1"]
+    with running_server(recorder) as server:
+        socks = []
+        for host in hosts:
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5, source_address=(host, 0))
+            sock.sendall(request_bytes())
+            socks.append(sock)
+        assert connected(recorder, len(hosts))
+        seen = sorted(conn.peer_address for conn in recorder.connected)
+        assert seen == sorted(sock.getsockname() for sock in socks)
+        for sock in socks:
+            sock.close()
 
 
 def test_spoofed_headers_from_an_untrusted_peer_do_not_dodge_the_per_ip_limit():
