@@ -136,6 +136,8 @@ def main():
     parser.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="some of: " + ", ".join(SCENARIOS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--minimal", action="store_true",
+                        help="also run bench/minimal_echo.py, the floor a pure-Python echo sets (not broadcast)")
     args = parser.parse_args()
     unknown = set(args.scenarios) - set(SCENARIOS)
     if unknown:
@@ -143,6 +145,10 @@ def main():
     args.scenarios = args.scenarios or list(SCENARIOS)
     if speedups_built():
         SERVERS["wsloop+C"] = (wsloop_command, {})
+    if args.minimal:
+        if "broadcast" in args.scenarios:
+            parser.error("--minimal echoes only: leave out broadcast")
+        SERVERS["minimal"] = (lambda port, mode: [PYTHON, os.path.join(HERE, "minimal_echo.py"), str(port)], {})
     variants = [name for name in SERVERS if name.startswith("wsloop")]
     print("wsloop variants: %s (pure Python%s)" % (", ".join(variants), "; +C: the optional unmask helper" if len(variants) > 1 else "; build the C helper with `python setup.py build_ext --inplace` to add wsloop+C"))
     print("python %s, %d CPUs, taskset %s" % (sys.version.split()[0], os.cpu_count(), "yes" if TASKSET else "no"))
@@ -164,8 +170,10 @@ def main():
                 name, medians[name], min(values), max(values),
                 "%.0f%%" % (100 * max(cpu[name])) if cpu[name][0] == cpu[name][0] else "n/a"))
         note = " (lower is better)" if scenario == "idle" else ""
-        for name in variants:
+        for name in variants + (["minimal"] if "minimal" in SERVERS else []):
             print("  ratio %s/websockets: %.2fx%s" % (name, medians[name] / medians["websockets"], note))
+        if "minimal" in SERVERS:
+            print("  ratio wsloop/minimal: %.2fx%s" % (medians["wsloop"] / medians["minimal"], note))
         rows.append((scenario, unit, medians))
     print("\n| scenario | websockets | %s | %s |" % (" | ".join(variants), " | ".join("%s / websockets" % name for name in variants)))
     print("|---|---|%s" % ("---|" * 2 * len(variants)))
