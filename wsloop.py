@@ -5432,6 +5432,10 @@ def _bind_only(host: str, port: int) -> socket.socket:
     return sock
 
 
+# How often a worker checks that its supervisor is still there (seconds).
+_SUPERVISOR_CHECK = 1.0
+
+
 def _supervise(args: argparse.Namespace, argv: List[str]) -> int:
     """--workers N: run N workers on one port, restart those that die,
     pass SIGINT/SIGTERM on, and exit once they are all done."""
@@ -5456,7 +5460,7 @@ def _supervise(args: argparse.Namespace, argv: List[str]) -> int:
     signals: List[int] = []
 
     def start(index: int) -> None:
-        env = dict(os.environ, WSLOOP_WORKER=str(index), **inherited)
+        env = dict(os.environ, WSLOOP_WORKER=str(index), WSLOOP_SUPERVISOR=str(os.getpid()), **inherited)
         # A session of its own: Ctrl-C reaches the supervisor alone, which
         # passes it on once (a worker takes a second signal as "now").
         children[index] = subprocess.Popen(
@@ -5700,8 +5704,25 @@ def _main(argv: Optional[List[str]] = None) -> int:
         return 2
     if args.no_access_log:
         access_logger.setLevel(logging.WARNING)
+    supervisor = os.environ.get("WSLOOP_SUPERVISOR")
+    if supervisor and supervisor.isdigit():
+        _watch_supervisor(server, int(supervisor))
     _run_until_signalled(server)
     return 0
+
+
+def _watch_supervisor(server: Server, supervisor: int) -> None:
+    """A worker whose supervisor is gone (killed with SIGKILL, which it
+    cannot pass on) shuts down gracefully rather than hold the port alone."""
+
+    def check() -> None:
+        if os.getppid() != supervisor:
+            logging.getLogger("wsloop.supervisor").warning("supervisor (pid %d) gone: shutting down", supervisor)
+            server.shutdown(wait=False)
+        else:
+            server.call_later(_SUPERVISOR_CHECK, check)
+
+    server.call_later(_SUPERVISOR_CHECK, check)
 
 
 if __name__ == "__main__":

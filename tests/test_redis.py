@@ -816,6 +816,39 @@ def test_a_dead_worker_is_restarted(redis_server):
         assert process.wait(15) == 0, log.text()
 
 
+def test_workers_of_a_killed_supervisor_shut_down(redis_server):
+    """Guards: a supervisor killed with SIGKILL cannot pass a signal on;
+    its workers notice within about a second, close their clients with 1001
+    and exit, instead of holding the port with nobody to restart them."""
+    port = free_port()
+    args = ["--port", str(port), "--workers", "2", "--broadcast", "--close-timeout", "2",
+            "--redis", redis_server.url, "--redis-prefix", "orphanprefix"]
+    with workers_process(*args) as (process, log):
+        wait_serving(port, process, log)
+        log.wait_count(r"worker \d+.*listening on", 2)
+        workers = wait_until(lambda: len(children_of(process.pid)) == 2 and children_of(process.pid), 10,
+                             message="the parent does not have two worker processes")
+        clients, _ = clients_on_both_workers(port, log, least=2)
+        process.kill()
+        process.wait(10)
+        for client in clients:
+            assert client.expect_close()[0] == 1001
+            client.close(1001)
+
+        def all_gone():
+            alive = []
+            for pid in workers:
+                try:
+                    os.kill(pid, 0)
+                    alive.append(pid)
+                except ProcessLookupError:
+                    pass
+            return not alive
+
+        wait_until(all_gone, 10, message=lambda: "workers still running:\n" + log.text())
+        log.wait_count(r"supervisor \(pid %d\) gone" % process.pid, 2)
+
+
 # -- the RESP reader's bounds, no Redis needed --------------------------------
 
 
