@@ -287,6 +287,26 @@ def test_refused_clients_are_answered_at_once_and_freed_slots_are_reused():
         assert server.stats()["connections_refused"] == {"max_connections": 5}
 
 
+def test_silent_clients_past_the_limit_are_held_only_up_to_a_bound():
+    """Each client past max_connections costs a Connection until its request
+    comes and its 503 goes out; 16 + max_connections / 4 such at most.  Past
+    that a new one is closed at once, with no answer, and the ones held are
+    still answered 503 when they speak."""
+    with running_server(max_connections=1) as server:
+        holder = ws_from(server.port)
+        silent = [tcp_from("127.0.0.1", server.port) for _ in range(16)]  # the bound for 1
+        wait_until(lambda: server.stats()["connections_accepted"] == 17, 5, message="not all accepted")
+        extra = tcp_from("127.0.0.1", server.port)
+        assert extra.recv(1024) == b""  # closed without a word
+        assert server.stats()["connections_refused"] == {"max_connections": 1}
+        for sock in silent:
+            refused = SocketClient(sock, handshake=False)
+            refused.sock.sendall(request_bytes())
+            assert refused.read_http_response()[0] == 503
+        assert echoes(holder)
+        assert server.stats()["connections_refused"] == {"max_connections": 17}
+
+
 def test_a_full_server_still_answers_its_health_check_and_metrics():
     with running_server(max_connections=1, health_path="/healthz", metrics_path="/metrics") as server:
         holder = ws_from(server.port)
