@@ -1573,6 +1573,40 @@ class Protocol:
         else:
             self._buffer = bytearray(data)
 
+    def whole_message(self, data: Union[bytes, bytearray, memoryview]) -> Optional[Tuple[Event, Any]]:
+        """The common case in one step: if ``data`` is exactly one short,
+        whole, uncompressed text or binary message and nothing else is
+        pending, return its event (TEXT or BINARY) as :meth:`events` would.
+        Otherwise return None and take nothing: pass ``data`` to
+        :meth:`receive_data` as usual.  (A shortcut, no more: anything it
+        does not recognise, such as invalid UTF-8, takes the full path.)
+        """
+        if (
+            self.state is not _OPEN
+            or self._message_opcode
+            or self._in_payload
+            or self._buffer
+            or self._unbuffered is not None
+        ):
+            return None
+        header_length = 2 + self._mask_length
+        length = len(data) - header_length
+        if length < 0 or length > 125 or data[1] != length | self._mask_bit or length > self.max_size:
+            return None
+        first = data[0]
+        if first != _WHOLE_TEXT and first != _WHOLE_BINARY:
+            return None
+        if self._mask_length:
+            payload = _unmask(data[header_length:], data[2:header_length])
+        else:
+            payload = bytes(data[header_length:])
+        if first == _WHOLE_BINARY:
+            return (_EV_BINARY, payload)
+        try:
+            return (_EV_TEXT, payload.decode("utf-8"))
+        except UnicodeDecodeError:
+            return None  # the full path fails the connection with 1007
+
     def events(self) -> Generator[Tuple[Event, Any], None, None]:
         """Yield the events in the bytes received so far, one at a time.
 
@@ -3701,33 +3735,42 @@ class Connection:
         protocol = self._protocol
         if protocol.state is _CLOSED:
             return  # waiting for the peer's EOF: ignore what it still sends
-        protocol.receive_data(view[:count])
-        self._process()
+        data = view[:count]
+        event = protocol.whole_message(data)  # one short message: the common case
+        if event is not None:
+            self._stats.messages_in += 1
+            self._take_message(event[1])
+            self._after_protocol()
+            return
+        protocol.receive_data(data)
+        self._process(protocol.events())
 
-    def _process(self) -> None:
-        """Act on the events in what was received, within this turn's budget."""
-        protocol = self._protocol
-        on_message = self._options.on_message
-        budget = _TURN_BUDGET
-        events = protocol.events()
+    def _take_message(self, message: Union[str, bytes]) -> bool:
+        """Hand a message to the handler; False when no more may follow now
+        (the rate limit closed the connection, or the handler paused reading)."""
         rate = self._options.max_messages_per_second
+        if rate is not None and not self._take_token(rate):
+            return False
+        on_message = self._options.on_message
+        if on_message is not None:
+            try:
+                on_message(self, message)
+            except Exception:
+                self._handler_failed("on_message")
+            if self._reading_held:
+                return False  # pause_reading(): not one more event until resume_reading()
+        return True
+
+    def _process(self, events: Generator[Tuple[Event, Any], None, None]) -> None:
+        """Act on the events in what was received, within this turn's budget."""
+        budget = _TURN_BUDGET
         received = 0
         for kind, value in events:
             if kind is _EV_TEXT or kind is _EV_BINARY:
                 received += 1
-                if rate is not None and not self._take_token(rate):
+                if not self._take_message(value):
                     events.close()
                     break
-                if on_message is not None:
-                    try:
-                        on_message(self, value)
-                    except Exception:
-                        self._handler_failed("on_message")
-                    if self._reading_held:
-                        # pause_reading() from the handler: not one more
-                        # event until resume_reading().
-                        events.close()
-                        break
                 budget -= len(value) + _MESSAGE_COST
                 if budget < 0:
                     # Fairness: the rest waits for the next turn, and the
@@ -3767,7 +3810,7 @@ class Connection:
         self._backlog = False
         if self._sock is None:
             return
-        self._process()
+        self._process(self._protocol.events())
         if not self._backlog:
             self._update_interest()  # read again
             if self._tls:

@@ -1411,6 +1411,17 @@ def test_websockets_server_subprotocol_and_close_codes():
     assert closes == [4002, 4000]  # websockets' view: the code each close frame it got carried
 
 
+def test_the_client_takes_a_short_server_message_in_one_step():
+    """Protocol.whole_message() in the client role: unmasked frames only."""
+    client = opened_client()
+    assert client.whole_message(server_frame(TEXT, "hi ✓")) == (Event.TEXT, "hi ✓")
+    assert client.whole_message(server_frame(BINARY, b"\x00\x01")) == (Event.BINARY, b"\x00\x01")
+    masked = client_frame(TEXT, "masked")
+    assert client.whole_message(masked) is None  # left to the full path, which fails it
+    assert feed(client, masked) == []
+    assert client.close_sent == 1002
+
+
 def test_a_sender_faster_than_the_client_loop_is_held_at_the_high_water_mark():
     """Messages handed over but not yet taken by the client's loop count
     against the high-water mark: with the loop stalled, a sending thread

@@ -137,6 +137,87 @@ def test_every_byte_by_byte_split_of_a_mixed_stream():
         assert run(protocol, stream[:cut]) + run(protocol, stream[cut:]) == expected
 
 
+# -- whole_message(): the one-step shortcut for one short message -----------
+
+
+def full_path(protocol, data):
+    """What receive_data() and events() make of ``data``."""
+    protocol.receive_data(data)
+    return list(protocol.events())
+
+
+@given(
+    opcode=st.sampled_from([TEXT, BINARY]),
+    payload=st.one_of(st.text(max_size=30), st.binary(max_size=125)),
+    mask=st.binary(min_size=4, max_size=4),
+)
+@settings(max_examples=300, deadline=None)
+def test_whole_message_gives_what_the_full_path_gives(opcode, payload, mask):
+    data = client_frame(opcode, payload, mask=mask)
+    event = open_protocol().whole_message(data)
+    expected = full_path(open_protocol(), data)
+    if event is None:
+        # Only a text payload that is not valid UTF-8 is left to the full path.
+        assert opcode == TEXT and expected == [] and not isinstance(payload, str)
+    else:
+        assert [event] == expected
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(client_frame(TEXT, "part", fin=False), id="not-final"),
+        pytest.param(client_frame(PING, b"x"), id="control"),
+        pytest.param(client_frame(TEXT, b"x", rsv=4), id="compressed-bit"),
+        pytest.param(client_frame(BINARY, b"x" * 126), id="16-bit-length"),
+        pytest.param(client_frame(TEXT, "a") + client_frame(TEXT, "b"), id="two-frames"),
+        pytest.param(client_frame(TEXT, "abc")[:-1], id="incomplete"),
+        pytest.param(client_frame(TEXT, b"\xff"), id="invalid-utf8"),
+        pytest.param(client_frame(TEXT, "abc", masked=False), id="unmasked"),
+    ],
+)
+def test_whole_message_takes_nothing_it_does_not_recognise(data):
+    protocol, untouched = open_protocol(), open_protocol()
+    assert protocol.whole_message(data) is None
+    # Nothing was taken: the full path then sees every byte, as it does on
+    # a protocol never asked.
+    assert full_path(protocol, data) == full_path(untouched, data)
+    assert protocol.data_to_send() == untouched.data_to_send()
+    assert protocol.state is untouched.state
+
+
+def test_whole_message_leaves_a_message_in_progress_to_the_full_path():
+    protocol = open_protocol()
+    assert run(protocol, client_frame(TEXT, "frag", fin=False)) == []
+    data = client_frame(0, "ment")
+    assert protocol.whole_message(data) is None
+    assert run(protocol, data) == [(E.TEXT, "fragment")]
+
+
+def test_whole_message_leaves_buffered_bytes_first():
+    protocol = open_protocol()
+    first = client_frame(TEXT, "first")
+    assert run(protocol, first[:3]) == []  # a frame's start, kept
+    assert protocol.whole_message(client_frame(TEXT, "second")) is None
+    assert run(protocol, first[3:] + client_frame(TEXT, "second")) == [(E.TEXT, "first"), (E.TEXT, "second")]
+
+
+def test_whole_message_holds_max_size():
+    protocol = open_protocol(max_size=4)
+    data = client_frame(BINARY, b"12345")
+    assert protocol.whole_message(data) is None
+    assert run(protocol, data) == []
+    closed_with(protocol, 1009)
+
+
+def test_whole_message_only_while_open():
+    protocol = wsloop.Protocol()
+    assert protocol.whole_message(client_frame(TEXT, "early")) is None  # still connecting
+    protocol = open_protocol()
+    protocol.close()
+    assert protocol.whole_message(client_frame(TEXT, "late")) is None  # closing: nothing delivered
+
+
 # -- protocol errors get the right close code --------------------------------
 
 
