@@ -137,7 +137,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--minimal", action="store_true",
-                        help="also run bench/minimal_echo.py, the floor a pure-Python echo sets (not broadcast)")
+                        help="also run bench/minimal_echo.py, what a bare pure-Python echo reaches (echo scenarios only)")
     args = parser.parse_args()
     unknown = set(args.scenarios) - set(SCENARIOS)
     if unknown:
@@ -146,8 +146,6 @@ def main():
     if speedups_built():
         SERVERS["wsloop+C"] = (wsloop_command, {})
     if args.minimal:
-        if "broadcast" in args.scenarios:
-            parser.error("--minimal echoes only: leave out broadcast")
         SERVERS["minimal"] = (lambda port, mode: [PYTHON, os.path.join(HERE, "minimal_echo.py"), str(port)], {})
     variants = [name for name in SERVERS if name.startswith("wsloop")]
     print("wsloop variants: %s (pure Python%s)" % (", ".join(variants), "; +C: the optional unmask helper" if len(variants) > 1 else "; build the C helper with `python setup.py build_ext --inplace` to add wsloop+C"))
@@ -155,33 +153,36 @@ def main():
     rows = []
     for scenario in args.scenarios:
         figure, unit = SCENARIOS[scenario][3], SCENARIOS[scenario][4]
-        results = {name: [] for name in SERVERS}
-        cpu = {name: [] for name in SERVERS}
+        # The bare echo cannot broadcast.
+        servers = [name for name in SERVERS if not (name == "minimal" and SCENARIOS[scenario][1] != "echo")]
+        results = {name: [] for name in servers}
+        cpu = {name: [] for name in servers}
         for _ in range(args.rounds):
-            for name in SERVERS:
+            for name in servers:
                 result = run_once(name, scenario, args.seconds)
                 results[name].append(result[figure])
                 cpu[name].append(result.get("client_cpu", float("nan")))
         medians = {name: statistics.median(values) for name, values in results.items()}
         print("\n%s: %s (%s)" % (scenario, DESCRIPTIONS[scenario], unit))
-        for name in SERVERS:
+        for name in servers:
             values = results[name]
             print("  %-10s median %12.1f  min-max %.1f-%.1f  client CPU %s" % (
                 name, medians[name], min(values), max(values),
                 "%.0f%%" % (100 * max(cpu[name])) if cpu[name][0] == cpu[name][0] else "n/a"))
         note = " (lower is better)" if scenario == "idle" else ""
-        for name in variants + (["minimal"] if "minimal" in SERVERS else []):
+        for name in variants + (["minimal"] if "minimal" in servers else []):
             print("  ratio %s/websockets: %.2fx%s" % (name, medians[name] / medians["websockets"], note))
-        if "minimal" in SERVERS:
+        if "minimal" in servers:
             print("  ratio wsloop/minimal: %.2fx%s" % (medians["wsloop"] / medians["minimal"], note))
         rows.append((scenario, unit, medians))
-    print("\n| scenario | websockets | %s | %s |" % (" | ".join(variants), " | ".join("%s / websockets" % name for name in variants)))
-    print("|---|---|%s" % ("---|" * 2 * len(variants)))
+    ratios = variants + (["minimal"] if args.minimal else [])
+    print("\n| scenario | websockets | %s | %s |" % (" | ".join(variants), " | ".join("%s / websockets" % name for name in ratios)))
+    print("|---|---|%s" % ("---|" * (len(variants) + len(ratios))))
     for scenario, unit, medians in rows:
         print("| %s | %.1f %s | %s | %s |" % (
             DESCRIPTIONS[scenario], medians["websockets"], unit,
             " | ".join("%.1f %s" % (medians[name], unit) for name in variants),
-            " | ".join("%.2fx" % (medians[name] / medians["websockets"]) for name in variants)))
+            " | ".join("%.2fx" % (medians[name] / medians["websockets"]) if name in medians else "n/a" for name in ratios)))
 
 
 if __name__ == "__main__":
