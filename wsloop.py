@@ -3546,7 +3546,7 @@ class Connection:
         protocol.outgoing += frame
         if payload:
             protocol.outgoing += payload
-        if not self._flush_scheduled:
+        if not self._flush_scheduled:  # _schedule_flush(), inlined: the hot path
             self._flush_scheduled = True
             self._loop.schedule_flush(self)
 
@@ -3824,6 +3824,7 @@ class Connection:
             self._stop_keepalive()
             self._start_close_timer()
         if (protocol.outgoing or state is _CLOSED or self._backlog) and not self._flush_scheduled:
+            # _schedule_flush(), inlined: the hot path
             self._flush_scheduled = True
             self._loop.schedule_flush(self)
 
@@ -4204,10 +4205,9 @@ class Server:
             response_headers, health_path, pages,
         )
         # Owned by the loop's thread: the table of connections (every one
-        # with a socket, oldest first) and the open ones (what broadcast
-        # and `connections` see).
-        # Every connection, mapped to whether it is open (one table, not two:
-        # an entry costs about 40 bytes a connection).
+        # with a socket, oldest first), each mapped to whether it is open
+        # (what broadcast and `connections` see).  One table, not two: an
+        # entry costs about 40 bytes a connection.
         self._connections: Dict[Connection, bool] = {}
         self._open_count = 0
         self._hosts: Dict[str, str] = {}  # each client host's string, shared
@@ -5033,12 +5033,10 @@ class ClientConnection:
         if connection.pending_output + self._crossing > self._high_water:
             drained = threading.Event()
             with self._condition:
-                if not self._done:
+                done = self._done
+                if not done:
                     self._drain_waiters.append(drained)  # set at the end, too
-                    waiting = True
-                else:
-                    waiting = False
-            if waiting:
+            if not done:
                 connection.when_drained(drained.set)  # queued behind the send
                 drained.wait()
             with self._condition:

@@ -782,18 +782,26 @@ def test_workers_share_one_port_and_one_chat(redis_server):
             client.shutdown()
 
 
-def test_a_dead_worker_is_restarted(redis_server):
-    """Guards: the parent supervises: a worker killed with SIGKILL is
-    replaced, the new one joins the chat in Redis, and clients keep being
-    served on the port."""
+@contextmanager
+def two_workers_serving(redis_server, prefix):
+    """``--workers 2 --broadcast --redis``, serving: (process, log, port,
+    the workers' process ids)."""
     port = free_port()
     args = ["--port", str(port), "--workers", "2", "--broadcast", "--close-timeout", "2",
-            "--redis", redis_server.url, "--redis-prefix", "restartprefix"]
+            "--redis", redis_server.url, "--redis-prefix", prefix]
     with workers_process(*args) as (process, log):
         wait_serving(port, process, log)
         log.wait_count(r"worker \d+.*listening on", 2)
         workers = wait_until(lambda: len(children_of(process.pid)) == 2 and children_of(process.pid), 10,
                              message="the parent does not have two worker processes")
+        yield process, log, port, workers
+
+
+def test_a_dead_worker_is_restarted(redis_server):
+    """Guards: the parent supervises: a worker killed with SIGKILL is
+    replaced, the new one joins the chat in Redis, and clients keep being
+    served on the port."""
+    with two_workers_serving(redis_server, "restartprefix") as (process, log, port, workers):
         victim = sorted(workers)[0]
         os.kill(victim, signal.SIGKILL)
         replaced = wait_until(
@@ -820,14 +828,7 @@ def test_workers_of_a_killed_supervisor_shut_down(redis_server):
     """Guards: a supervisor killed with SIGKILL cannot pass a signal on;
     its workers notice within about a second, close their clients with 1001
     and exit, instead of holding the port with nobody to restart them."""
-    port = free_port()
-    args = ["--port", str(port), "--workers", "2", "--broadcast", "--close-timeout", "2",
-            "--redis", redis_server.url, "--redis-prefix", "orphanprefix"]
-    with workers_process(*args) as (process, log):
-        wait_serving(port, process, log)
-        log.wait_count(r"worker \d+.*listening on", 2)
-        workers = wait_until(lambda: len(children_of(process.pid)) == 2 and children_of(process.pid), 10,
-                             message="the parent does not have two worker processes")
+    with two_workers_serving(redis_server, "orphanprefix") as (process, log, port, workers):
         clients, _ = clients_on_both_workers(port, log, least=2)
         process.kill()
         process.wait(10)
