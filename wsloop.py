@@ -1409,6 +1409,47 @@ _OP_TEXT = int(Opcode.TEXT)
 _OP_CONTINUATION = int(Opcode.CONTINUATION)
 
 
+class _Incoming:
+    """A data message arriving in pieces (fragments, or reads that split a
+    frame), and the frame being read.  A Protocol holds one only while such
+    a message is in progress."""
+
+    __slots__ = (
+        "opcode",
+        "compressed",
+        "size",
+        "fragments",
+        "inflated",
+        "data",
+        "parts",
+        "utf8",
+        "frame_fin",
+        "frame_mask",
+        "frame_offset",
+        "frame_remaining",
+        "in_payload",
+    )
+
+    def __init__(self, opcode: int, compressed: bool):
+        self.opcode = opcode
+        self.compressed = compressed  # RSV1 on the first frame (permessage-deflate)
+        self.size = 0  # payload bytes announced so far (before inflating)
+        self.fragments = 0
+        self.inflated = 0
+        # The pieces: large ones kept as they are (joined once at the end:
+        # one copy), small ones gathered in a bytearray (so a peer that
+        # trickles bytes cannot make a list of tiny objects).
+        self.data: Optional[bytearray] = None
+        self.parts: Optional[List[bytes]] = None
+        self.utf8: Any = None  # an incremental UTF-8 decoder, for text in pieces
+        # The frame whose payload is being read.
+        self.frame_fin = True
+        self.frame_mask: Optional[bytes] = None
+        self.frame_offset = 0
+        self.frame_remaining = 0
+        self.in_payload = False
+
+
 class Protocol:
     """One side of a WebSocket connection, without I/O (RFC 6455).
 
@@ -1442,19 +1483,7 @@ class Protocol:
         "_negotiated",
         "_buffer",
         "_unbuffered",
-        "_frame_remaining",
-        "_frame_mask",
-        "_frame_offset",
-        "_frame_fin",
-        "_in_payload",
-        "_message_opcode",
-        "_message_data",
-        "_message_parts",
-        "_message_size",
-        "_message_fragments",
-        "_message_compressed",
-        "_message_inflated",
-        "_utf8",
+        "_incoming",
         "_mask_length",
         "_mask_bit",
         "_key",
@@ -1509,23 +1538,9 @@ class Protocol:
         # Bytes received but not copied (see receive_data).
         self._unbuffered: Optional[Union[bytes, bytearray, memoryview]] = None
         # The frame whose payload is being consumed.
-        self._in_payload = False
-        self._frame_remaining = 0
-        self._frame_mask: Optional[bytes] = None
-        self._frame_offset = 0
-        self._frame_fin = True
-        # The message being assembled (opcode 0: none).
-        self._message_opcode = 0
-        # A message in pieces: large pieces kept as they are (joined once at
-        # the end: one copy), small ones gathered in a bytearray (so a peer
-        # that trickles bytes cannot make a list of tiny objects).
-        self._message_data: Optional[bytearray] = None
-        self._message_parts: Optional[List[bytes]] = None
-        self._message_size = 0
-        self._message_fragments = 0
-        self._message_compressed = False
-        self._message_inflated = 0
-        self._utf8: Any = None  # an incremental UTF-8 decoder, for text in pieces
+        # The data message being received in pieces, and its frame being
+        # read: only while there is one (an idle connection holds none).
+        self._incoming: Optional[_Incoming] = None
 
     def __repr__(self) -> str:
         return "<Protocol %s>" % self.state.value
@@ -1540,8 +1555,7 @@ class Protocol:
         if state is _CLOSED:
             self._buffer = b""
             self._unbuffered = None
-            self._message_data = None
-            self._message_parts = None
+            self._incoming = None
             peer_done = self.close_code is not None  # its close frame came, or EOF
             # A client leaves closing TCP to the server (RFC 6455 7.1.1): it
             # half-closes and waits for the server's EOF.
@@ -1583,8 +1597,7 @@ class Protocol:
         """
         if (
             self.state is not _OPEN
-            or self._message_opcode
-            or self._in_payload
+            or self._incoming is not None
             or self._buffer
             or self._unbuffered is not None
         ):
@@ -1637,22 +1650,23 @@ class Protocol:
         mask_length = self._mask_length  # MASK_LENGTH from clients, 0 from servers
         try:
             while self.state is _OPEN or self.state is _CLOSING:
-                if self._in_payload:
+                incoming = self._incoming
+                if incoming is not None and incoming.in_payload:
                     available = end - position
-                    remaining = self._frame_remaining
+                    remaining = incoming.frame_remaining
                     if available < remaining:
                         if not available:
                             break
                         chunk = buffer[position:end]
                         position = end
-                        self._frame_remaining = remaining - available
-                        event = self._receive_payload(chunk, False)
+                        incoming.frame_remaining = remaining - available
+                        event = self._receive_payload(incoming, chunk, False)
                     else:
                         chunk = buffer[position : position + remaining]
                         position += remaining
-                        self._frame_remaining = 0
-                        self._in_payload = False
-                        event = self._receive_payload(chunk, True)
+                        incoming.frame_remaining = 0
+                        incoming.in_payload = False
+                        event = self._receive_payload(incoming, chunk, True)
                     if event is not None:
                         yield event
                     continue
@@ -1677,7 +1691,7 @@ class Protocol:
                 if (
                     (first == _WHOLE_TEXT or first == _WHOLE_BINARY)
                     and second & _MASK_BIT == self._mask_bit
-                    and not self._message_opcode
+                    and incoming is None
                     and end - position >= header_length + length
                     and length <= self.max_size
                     and self.state is _OPEN
@@ -1720,11 +1734,11 @@ class Protocol:
                     yield self._receive_control(opcode, payload)
                     continue
                 position += header_length
-                self._start_data_frame(opcode, first, length)
-                self._frame_mask = mask
-                self._frame_offset = 0
-                self._frame_remaining = length
-                self._in_payload = True
+                incoming = self._start_data_frame(opcode, first, length)
+                incoming.frame_mask = mask
+                incoming.frame_offset = 0
+                incoming.frame_remaining = length
+                incoming.in_payload = True
         except ProtocolError as exc:
             # The one place where a violation becomes a close frame.
             self._fail(exc.code, exc.reason)
@@ -1948,91 +1962,89 @@ class Protocol:
             raise ProtocolError("reserved opcode %d" % opcode)
         if length >> 63:
             raise ProtocolError("frame length with the most significant bit set")
+        incoming = self._incoming
         if opcode == _OP_CONTINUATION:
-            if not self._message_opcode:
+            if incoming is None:
                 raise ProtocolError("continuation frame with nothing to continue")
-        elif self._message_opcode:
+        elif incoming is not None:
             raise ProtocolError("new data frame inside a fragmented message")
         limit = self.max_size
-        if first & _RSV1 or (opcode == _OP_CONTINUATION and self._message_compressed):
+        if first & _RSV1 or (incoming is not None and incoming.compressed):
             # Deflate may grow incompressible data a little; the inflated
             # size is held to max_size itself as it is produced.
             limit += (limit >> 6) + 1024
-        if self._message_size + length > limit:
+        if (0 if incoming is None else incoming.size) + length > limit:
             raise ProtocolError(
                 "message over %d bytes" % self.max_size, CloseCode.MESSAGE_TOO_BIG
             )
 
-    def _start_data_frame(self, opcode: int, first: int, length: int) -> None:
-        if opcode != _OP_CONTINUATION:
-            self._message_opcode = opcode
-            self._message_fragments = 0
-            self._message_compressed = bool(first & _RSV1)
-            self._message_inflated = 0
-        self._message_fragments += 1
-        if self._message_fragments > self.max_fragments:
+    def _start_data_frame(self, opcode: int, first: int, length: int) -> _Incoming:
+        incoming = self._incoming
+        if incoming is None:  # not a continuation: _check_header made sure
+            incoming = self._incoming = _Incoming(opcode, bool(first & _RSV1))
+        incoming.fragments += 1
+        if incoming.fragments > self.max_fragments:
             raise ProtocolError(
                 "message in over %d fragments" % self.max_fragments, CloseCode.MESSAGE_TOO_BIG
             )
-        self._message_size += length
-        self._frame_fin = bool(first & _FIN)
+        incoming.size += length
+        incoming.frame_fin = bool(first & _FIN)
+        return incoming
 
-    def _receive_payload(self, chunk: Union[bytes, bytearray, memoryview], frame_done: bool) -> Optional[Tuple[Event, Any]]:
+    def _receive_payload(
+        self, incoming: _Incoming, chunk: Union[bytes, bytearray, memoryview], frame_done: bool
+    ) -> Optional[Tuple[Event, Any]]:
         """Take the next piece of a data frame's payload."""
-        mask = self._frame_mask
+        mask = incoming.frame_mask
         if mask is None:
             data = bytes(chunk)
         else:
-            offset = self._frame_offset
+            offset = incoming.frame_offset
             if offset & 3:  # offset % MASK_LENGTH: the mask continues mid-key
                 mask = mask[offset & 3 :] + mask[: offset & 3]
-            self._frame_offset = offset + len(chunk)
+            incoming.frame_offset = offset + len(chunk)
             data = _unmask(chunk, mask)
-        message_done = frame_done and self._frame_fin
-        if self._message_compressed:
+        message_done = frame_done and incoming.frame_fin
+        if incoming.compressed:
             extension: Any = self.extension  # set whenever a message is compressed
-            data = extension.decompress(data, message_done, self.max_size - self._message_inflated)
-            self._message_inflated += len(data)
-        if message_done and self._message_data is None:
+            data = extension.decompress(data, message_done, self.max_size - incoming.inflated)
+            incoming.inflated += len(data)
+        tail = incoming.data
+        if message_done and tail is None:
             # The whole message is in this one piece: the fast, common case.
-            return self._deliver(data)
-        tail = self._message_data
+            return self._deliver(incoming.opcode, data)
         if tail is None:
-            tail = self._message_data = bytearray()
-            if self._message_opcode == _OP_TEXT:
-                self._utf8 = _utf8_decoder()
+            tail = incoming.data = bytearray()
+            if incoming.opcode == _OP_TEXT:
+                incoming.utf8 = _utf8_decoder()
         if len(data) >= _WHOLE_PIECE and type(data) is bytes:
-            parts = self._message_parts
+            parts = incoming.parts
             if parts is None:
-                parts = self._message_parts = []
+                parts = incoming.parts = []
             if tail:
                 parts.append(bytes(tail))
                 tail.clear()
             parts.append(data)
         else:
             tail += data
-        if self._utf8 is not None:
+        if incoming.utf8 is not None:
             # Check the text as it arrives, to fail at the first bad byte.
             try:
-                self._utf8.decode(data, message_done)
+                incoming.utf8.decode(data, message_done)
             except UnicodeDecodeError:
                 raise ProtocolError("invalid UTF-8 in text message", CloseCode.INVALID_DATA) from None
         if not message_done:
             return None
-        parts = self._message_parts
-        self._message_data = None
-        self._message_parts = None
-        self._utf8 = None
+        parts = incoming.parts
         if parts is None:
-            return self._deliver(tail)
+            return self._deliver(incoming.opcode, tail)
         if tail:
             parts.append(bytes(tail))
-        return self._deliver(b"".join(parts))  # bytes: _deliver copies it no more
+        return self._deliver(incoming.opcode, b"".join(parts))  # bytes: _deliver copies it no more
 
-    def _deliver(self, data: Union[bytes, bytearray]) -> Optional[Tuple[Event, Any]]:
-        opcode = self._message_opcode
-        self._message_opcode = 0
-        self._message_size = 0
+    def _deliver(self, opcode: int, data: Union[bytes, bytearray]) -> Optional[Tuple[Event, Any]]:
+        """The message is complete: hand it on (``data`` is all of it)."""
+        self._incoming = None
         if self.state is not _OPEN:
             return None  # we sent a close: nothing more is delivered
         if opcode == _OP_TEXT:
