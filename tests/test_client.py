@@ -1448,14 +1448,16 @@ def test_a_sender_faster_than_the_client_loop_is_held_at_the_high_water_mark():
 
         sender = Worker(send_all)
         sender.start()
-        deadline = time.monotonic() + TIMEOUT
-        while not ws._drain_waiters and sender.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert ws._drain_waiters, "the sender never waited: %d of 48 sent" % len(sent)
-        assert len(sent) <= 1  # the first message alone is past 256 KiB
-        stall.set()
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while not ws._drain_waiters and sender.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert ws._drain_waiters, "the sender never waited: %d of 48 sent" % len(sent)
+            assert len(sent) == 1  # the first fills the 256 KiB; the second waits
+        finally:
+            stall.set()
         sender.join(TIMEOUT)
-        assert sender.exception is None
+        assert not sender.is_alive() and sender.exception is None
         assert done.wait(TIMEOUT), (len(received), len(sent), ws.close_code, ws.close_reason)
         assert received == [2**18] * 48
         ws.close()
