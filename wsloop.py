@@ -1233,9 +1233,10 @@ _HEADER_64 = 2 + 8 + MASK_LENGTH
 # binary.  Nearly every frame is one of these, so the parser tests for them
 # first (its fast path).
 _WHOLE_TEXT = _FIN | 0x1
+_WHOLE_BINARY = _FIN | 0x2
+
 # Pieces of a message at least this large are kept whole until it ends.
 _WHOLE_PIECE = 4096
-_WHOLE_BINARY = _FIN | 0x2
 
 
 def _frame_header(first_byte: int, length: int) -> bytes:
@@ -1582,6 +1583,7 @@ class Protocol:
             self._unbuffered = data
 
     def _keep(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        """Append ``data`` to the kept bytes (a bytearray of their own)."""
         if self._buffer:
             self._buffer += data
         else:
@@ -1609,16 +1611,27 @@ class Protocol:
         first = data[0]
         if first != _WHOLE_TEXT and first != _WHOLE_BINARY:
             return None
+        try:
+            return self._whole_event(first, data, header_length, len(data))
+        except ProtocolError:
+            return None  # invalid UTF-8: the full path fails the connection with 1007
+
+    def _whole_event(
+        self, first: int, data: Union[bytes, bytearray, memoryview], start: int, end: int
+    ) -> Tuple[Event, Any]:
+        """The event of a whole, unfragmented, uncompressed message whose
+        payload is ``data[start:end]`` (its masking key just before it when
+        the peer masks); ProtocolError (1007) for text that is not UTF-8."""
         if self._mask_length:
-            payload = _unmask(data[header_length:], data[2:header_length])
+            payload = _unmask(data[start:end], data[start - MASK_LENGTH : start])
         else:
-            payload = bytes(data[header_length:])
+            payload = bytes(data[start:end])
         if first == _WHOLE_BINARY:
             return (_EV_BINARY, payload)
         try:
             return (_EV_TEXT, payload.decode("utf-8"))
         except UnicodeDecodeError:
-            return None  # the full path fails the connection with 1007
+            raise ProtocolError("invalid UTF-8 in text message", CloseCode.INVALID_DATA) from None
 
     def events(self) -> Generator[Tuple[Event, Any], None, None]:
         """Yield the events in the bytes received so far, one at a time.
@@ -1707,18 +1720,7 @@ class Protocol:
                     # one call straight out of the received bytes.
                     payload_start = position + header_length
                     position = payload_start + length
-                    if mask_length:
-                        payload = _unmask(buffer[payload_start:position], buffer[payload_start - MASK_LENGTH : payload_start])
-                    else:
-                        payload = bytes(buffer[payload_start:position])
-                    if first == _WHOLE_BINARY:
-                        yield (_EV_BINARY, payload)
-                        continue
-                    try:
-                        text = payload.decode("utf-8")
-                    except UnicodeDecodeError:
-                        raise ProtocolError("invalid UTF-8 in text message", CloseCode.INVALID_DATA) from None
-                    yield (_EV_TEXT, text)
+                    yield self._whole_event(first, buffer, payload_start, position)
                     continue
                 opcode = first & 0x0F
                 self._check_header(first, second, opcode, length)
@@ -2199,6 +2201,9 @@ class _EventLoop:
         # The door: (callback, args) to run on the loop's thread.  deque
         # appends and pops are atomic, so other threads may append.
         self._ready: Deque[Tuple[Callable[..., Any], Tuple[Any, ...]]] = collections.deque()
+        # Guards each connection's count of message bytes other threads have
+        # put through the door and the loop has not queued yet.
+        self.crossing_lock = threading.Lock()
         self._flush_queue: List[Connection] = []
         # One receive buffer for every connection: the loop reads one socket
         # at a time, and the protocol copies out what it keeps.
@@ -3273,6 +3278,7 @@ class Connection:
         "_owner",
         "_reading_held",
         "_drain_callbacks",
+        "_crossing",
         "peer_address",
         "scheme",
         "_stats",
@@ -3317,6 +3323,7 @@ class Connection:
         self._backlog = False  # input left for the next turn (see _TURN_BUDGET)
         self._flush_scheduled = False
         self._drain_callbacks: Optional[List[Callable[[], None]]] = None
+        self._crossing = 0  # sent from other threads, still in the door (under loop.crossing_lock)
         # The TLS handshake is driven by the loop (want-read/want-write) once
         # the client's hello arrives, never here.  (A client's socket comes
         # with its handshake done.)
@@ -3389,8 +3396,9 @@ class Connection:
 
     @property
     def pending_output(self) -> int:
-        """Bytes accepted for sending that the peer has not taken yet."""
-        return len(self._protocol.outgoing)
+        """Bytes accepted for sending that the peer has not taken yet
+        (messages from other threads count from the moment send() returns)."""
+        return len(self._protocol.outgoing) + self._crossing
 
     # -- what handlers do -----------------------------------------------------
 
@@ -3409,7 +3417,12 @@ class Connection:
                 message = _checked_message(message)
             if self._protocol.state is not _OPEN:
                 raise ConnectionClosed("connection is %s" % self._protocol.state.value)
-            self._loop.call_soon_threadsafe(self._send_from_thread, message)
+            # Counted in pending_output from now on: a thread that sends
+            # faster than the loop takes its messages sees them back up.
+            size = len(message.message if isinstance(message, PreparedMessage) else message)
+            with self._loop.crossing_lock:
+                self._crossing += size
+            self._loop.call_soon_threadsafe(self._send_from_thread, message, size)
             return
         protocol = self._protocol
         extension = protocol.extension
@@ -3533,7 +3546,9 @@ class Connection:
         elif protocol.state is _CONNECTING and self._sock is not None:
             self._respond(_refusal(503, reason or "closed before the handshake completed"))
 
-    def _send_from_thread(self, message: Union[str, bytes, PreparedMessage]) -> None:
+    def _send_from_thread(self, message: Union[str, bytes, PreparedMessage], size: int) -> None:
+        with self._loop.crossing_lock:
+            self._crossing -= size
         try:
             self.send(message)
         except ConnectionClosed:
@@ -3562,9 +3577,7 @@ class Connection:
         protocol.outgoing += frame
         if payload:
             protocol.outgoing += payload
-        if not self._flush_scheduled:  # _schedule_flush(), inlined: the hot path
-            self._flush_scheduled = True
-            self._loop.schedule_flush(self)
+        self._schedule_flush()
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -3840,9 +3853,7 @@ class Connection:
             self._stop_keepalive()
             self._start_close_timer()
         if (protocol.outgoing or state is _CLOSED or self._backlog) and not self._flush_scheduled:
-            # _schedule_flush(), inlined: the hot path
-            self._flush_scheduled = True
-            self._loop.schedule_flush(self)
+            self._schedule_flush()  # (the flag test saves a call per message: the hot path)
 
     def _handler_failed(self, name: str) -> None:
         logger.exception("connection %d: error in %s", self.id, name)
@@ -4225,7 +4236,6 @@ class Server:
         # (what broadcast and `connections` see).  One table, not two: an
         # entry costs about 40 bytes a connection.
         self._connections: Dict[Connection, bool] = {}
-        self._open_count = 0
         self._hosts: Dict[str, str] = {}  # each client host's string, shared
         # Topics: each one's subscribers in the order they joined, and each
         # subscriber's topics (so a close unsubscribes it everywhere).
@@ -4304,10 +4314,13 @@ class Server:
     @property
     def connections(self) -> List[Connection]:
         """The open connections: a snapshot, safe to iterate from any thread."""
+        return [connection for connection in self._open_connections() if connection.state is _OPEN]
+
+    def _open_connections(self) -> List[Connection]:
+        """The connections whose handshake completed (some may be closing)."""
         # list() of a dict copies it in one step under the GIL, so the loop
-        # thread cannot change it mid-copy.
-        table = list(self._connections.items())
-        return [connection for connection, is_open in table if is_open and connection.state is _OPEN]
+        # thread cannot change it mid-copy (this runs in other threads too).
+        return [connection for connection, is_open in list(self._connections.items()) if is_open]
 
     @property
     def shutting_down(self) -> bool:
@@ -4398,9 +4411,7 @@ class Server:
             return 0
         delivered = 0
         # No state check per receiver: send() raises for the few closing ones.
-        if connections is None:
-            connections = [connection for connection, is_open in list(self._connections.items()) if is_open]
-        for connection in connections:
+        for connection in self._open_connections() if connections is None else connections:
             try:
                 connection.send(prepared)
                 delivered += 1
@@ -4417,7 +4428,7 @@ class Server:
         pending = [connection.pending_output for connection in list(self._connections)]
         lag = self._loop.lag_max
         return {
-            "connections_open": self._open_count,
+            "connections_open": len(self._open_connections()),
             "connections_accepted": counters.accepted,
             "connections_refused": dict(counters.refused),
             "handshakes": dict(counters.handshakes),
@@ -4611,10 +4622,7 @@ class Server:
     # -- what connections tell the server -------------------------------------
 
     def _connection_opened(self, connection: Connection) -> None:
-        if connection not in self._connections:
-            return  # already gone
         self._connections[connection] = True
-        self._open_count += 1
         address = connection.remote_address
         if self.options.max_connections_per_ip is not None and isinstance(address, tuple):
             key = _address_key(address[0])
@@ -4622,8 +4630,7 @@ class Server:
             self._address_of[connection] = key
 
     def _connection_closed(self, connection: Connection) -> None:
-        if self._connections.pop(connection, False):
-            self._open_count -= 1
+        self._connections.pop(connection, None)
         self._over_limit.pop(connection, None)
         key = self._address_of.pop(connection, None)
         if key is not None:
@@ -4710,7 +4717,7 @@ class Server:
         if self._shutting_down:
             return
         self._shutting_down = True
-        logger.info("shutting down: closing %d connection(s)", self._open_count)
+        logger.info("shutting down: closing %d connection(s)", len(self._open_connections()))
         self._close_listeners()
         for connection in list(self._connections):
             connection.close(CloseCode.GOING_AWAY, "server shutting down")
@@ -4935,7 +4942,6 @@ class ClientConnection:
         self._delivered = 0  # messages the reader has queued (under _condition)
         self._done = False  # the connection is gone (under _condition)
         self._drain_waiters: List[threading.Event] = []  # senders held by flow control
-        self._crossing = 0  # bytes sent from threads, not yet in the loop (under _condition)
         self._opened = threading.Event()  # open, or failed before it opened
         options.on_message = self._on_message
         self._connection = Connection(self, sock, address, 0, options, self._loop, protocol)
@@ -5038,15 +5044,9 @@ class ClientConnection:
         once the connection is closing.
         """
         connection = self._connection
-        size = len(message)
         connection.send(message)  # checks it, then crosses the loop's door
-        # Bytes still on their way through the door count against the high
-        # water too: a sender faster than the loop would otherwise never wait.
-        with self._condition:
-            self._crossing += size
-        self._loop.call_soon_threadsafe(self._taken, size)  # after the send
         self._resume_if_taken()  # the last message is answered
-        if connection.pending_output + self._crossing > self._high_water:
+        if connection.pending_output > self._high_water:
             drained = threading.Event()
             with self._condition:
                 done = self._done
@@ -5058,10 +5058,6 @@ class ClientConnection:
             with self._condition:
                 if self._done:
                     raise ConnectionClosed("connection closed before the message was taken")
-
-    def _taken(self, size: int) -> None:
-        with self._condition:
-            self._crossing -= size
 
     def recv(self, timeout: Optional[float] = None) -> Union[str, bytes]:
         """The next message: ``str`` for text, ``bytes`` for binary.

@@ -38,6 +38,20 @@ def test_echo_large_message_with_64_bit_length():
         assert client.recv_message() == payload
 
 
+@pytest.mark.parametrize("offset", [-1, 0, 1])
+def test_binary_echo_either_side_of_the_copy_free_size(offset):
+    """From wsloop._COPY_FREE_FROM up a binary message's header and payload
+    are queued one after the other instead of joined: the same bytes."""
+    payload = bytes(range(256)) * (wsloop._COPY_FREE_FROM // 256)
+    payload = payload[: wsloop._COPY_FREE_FROM + offset] if offset <= 0 else payload + b"\x7f" * offset
+    with running_server(wsloop.Echo()) as server:
+        client = Client(server.port)
+        client.send_binary(payload)
+        assert client.recv_message() == payload
+        client.send_text("after")  # the frame boundary held
+        assert client.recv_message() == "after"
+
+
 def test_frames_dribbled_one_byte_per_segment():
     with running_server(wsloop.Echo()) as server:
         client = Client(server.port)
@@ -274,12 +288,20 @@ def test_slow_receiver_of_broadcasts_is_closed_with_1008_others_keep_going(caplo
 
 
 class SendThenWaitForDrain(wsloop.Handler):
-    """On "go <n>": send n bytes, then "drained" once when_drained says so."""
+    """On "go <n>": send n bytes, then, once when_drained says so, "drained
+    <bytes still pending then>"."""
 
     def on_message(self, conn, message):
         if isinstance(message, str) and message.startswith("go "):
             conn.send(b"x" * int(message[3:]))
-            conn.when_drained(lambda: conn.send("drained"))
+            conn.when_drained(lambda: conn.send("drained %d" % conn.pending_output))
+
+
+def drained_with(message):
+    """The bytes pending when the callback ran, from its "drained <n>"."""
+    word, pending = message.split()
+    assert word == "drained"
+    return int(pending)
 
 
 def test_when_drained_runs_at_once_when_little_is_pending():
@@ -287,7 +309,7 @@ def test_when_drained_runs_at_once_when_little_is_pending():
         client = Client(server.port)
         client.send_text("go 10")
         assert client.recv_message() == b"x" * 10
-        assert client.recv_message() == "drained"
+        assert drained_with(client.recv_message()) <= wsloop.DEFAULT_WRITE_HIGH_WATER
 
 
 def test_when_drained_runs_after_output_past_high_water_is_taken_in_one_write():
@@ -297,15 +319,18 @@ def test_when_drained_runs_after_output_past_high_water_is_taken_in_one_write():
         client = Client(server.port)
         client.send_text("go 4000")  # a loopback socket takes 4 KB at once
         assert client.recv_message() == b"x" * 4000
-        assert client.recv_message() == "drained"
+        assert drained_with(client.recv_message()) <= 1024
 
 
 def test_when_drained_waits_for_a_peer_that_is_not_reading():
-    with running_server(SendThenWaitForDrain(), max_pending_output=2**26) as server:
+    """The client reads nothing until the 8 MiB are sent, far more than the
+    socket buffers hold: the callback must wait until what is pending is
+    back under the high-water mark, not run at once."""
+    with running_server(SendThenWaitForDrain(), max_pending_output=2**26, write_high_water=2**16) as server:
         client = Client(server.port)
-        client.send_text("go %d" % 2**23)  # 8 MiB: more than the socket buffers hold
+        client.send_text("go %d" % 2**23)
         assert client.recv_message() == b"x" * 2**23
-        assert client.recv_message() == "drained"
+        assert drained_with(client.recv_message()) <= 2**16
 
 
 # -- handler errors -------------------------------------------------------------

@@ -301,6 +301,33 @@ def test_send_after_close_raises_in_the_calling_thread():
         client.shutdown()
 
 
+def test_messages_from_another_thread_count_as_pending_at_once():
+    """Guards: what another thread sent counts in pending_output from the
+    moment send() returns, before the loop has taken it (a thread that
+    paces itself on pending_output would otherwise never wait); and no
+    longer once the loop has queued it and the peer has read it."""
+    recorder = Recorder()
+    with running_server(recorder, ping_interval=None) as server:
+        client = Client(server.port)
+        (conn,) = connected(recorder, 1)
+        stall, stalled = threading.Event(), threading.Event()
+        server.call_soon_threadsafe(lambda: (stalled.set(), stall.wait(JOIN_TIMEOUT)))
+        assert stalled.wait(JOIN_TIMEOUT)
+        try:
+            for n in range(3):
+                conn.send(b"x" * 1000)
+                assert conn.pending_output == 1000 * (n + 1)
+        finally:
+            stall.set()
+        for _ in range(3):
+            assert client.recv_message() == b"x" * 1000
+        drained = threading.Event()
+        conn.when_drained(drained.set)
+        assert drained.wait(JOIN_TIMEOUT)
+        assert conn.pending_output == 0
+        client.shutdown()
+
+
 # -- lifecycle ----------------------------------------------------------------
 
 
