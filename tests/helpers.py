@@ -13,9 +13,9 @@ from contextlib import contextmanager
 
 import wsloop
 
-KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 section 1.3's example key
 TEXT, BINARY = 1, 2  # opcodes
-RSV1 = 0x40  # "compressed"  # RFC 6455 section 1.3's example key
+RSV1 = 0x40  # "compressed"
 
 
 def request_bytes(path="/", headers=None, method="GET", version="HTTP/1.1", omit=()):

@@ -137,6 +137,28 @@ def test_every_byte_by_byte_split_of_a_mixed_stream():
         assert run(protocol, stream[:cut]) + run(protocol, stream[cut:]) == expected
 
 
+# -- a message in pieces: small pieces gathered, large ones kept whole ------
+
+
+@pytest.mark.parametrize("opcode", [TEXT, BINARY])
+def test_pieces_either_side_of_the_whole_piece_size_join_in_order(opcode):
+    """Pieces from wsloop._WHOLE_PIECE up are kept as they are and small ones
+    gathered; any mix must join back in order (text split mid-character
+    too)."""
+    limit = wsloop._WHOLE_PIECE
+    sizes = [10, limit, 3, limit - 1, limit + 1, 1, 2 * limit, 7]  # the rest is the last piece
+    whole = ("ça✓" * 6000).encode("utf-8") if opcode == TEXT else bytes(range(256)) * 100
+    cuts = [sum(sizes[:n]) for n in range(len(sizes) + 1)] + [len(whole)]
+    pieces = [whole[a:b] for a, b in zip(cuts, cuts[1:])]
+    frames = [client_frame(0 if n else opcode, piece, fin=n == len(pieces) - 1) for n, piece in enumerate(pieces)]
+    protocol = open_protocol()
+    events = []
+    for frame in frames:
+        events += run(protocol, frame)
+    expected = whole.decode("utf-8") if opcode == TEXT else whole
+    assert events == [(E.TEXT if opcode == TEXT else E.BINARY, expected)]
+
+
 # -- whole_message(): the one-step shortcut for one short message -----------
 
 
