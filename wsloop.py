@@ -4318,9 +4318,12 @@ class Server:
 
     def _open_connections(self) -> List[Connection]:
         """The connections whose handshake completed (some may be closing)."""
-        # list() of a dict copies it in one step under the GIL, so the loop
-        # thread cannot change it mid-copy (this runs in other threads too).
-        return [connection for connection, is_open in list(self._connections.items()) if is_open]
+        # This runs in other threads too.  dict.copy() copies in one step
+        # under the GIL, so the loop thread cannot change the table mid-copy;
+        # list(table.items()) is not one step (it makes a tuple per entry,
+        # which can start the garbage collector and let another thread in).
+        table = self._connections.copy()
+        return [connection for connection, is_open in table.items() if is_open]
 
     @property
     def shutting_down(self) -> bool:
