@@ -5464,10 +5464,11 @@ def _systemd_listeners() -> Optional[List[socket.socket]]:
         raise _UsageError("systemd passed LISTEN_FDS=%s but: %s" % (count, exc.strerror or exc)) from None
 
 
-def _inherited_listener() -> Optional[socket.socket]:
-    """The listening socket a supervisor handed down, if any."""
+def _inherited_listeners() -> Optional[List[socket.socket]]:
+    """The listening sockets a supervisor handed down (descriptor numbers,
+    comma-separated), if any."""
     text = os.environ.get("WSLOOP_LISTEN_FD")
-    return socket.socket(fileno=int(text)) if text else None
+    return [socket.socket(fileno=int(fd)) for fd in text.split(",")] if text else None
 
 
 def _bind_only(host: str, port: int) -> socket.socket:
@@ -5492,23 +5493,33 @@ def _bind_only(host: str, port: int) -> socket.socket:
 _SUPERVISOR_CHECK = 1.0
 
 
-def _supervise(args: argparse.Namespace, argv: List[str]) -> int:
+def _supervise(args: argparse.Namespace, argv: List[str], passed: Optional[List[socket.socket]] = None) -> int:
     """--workers N: run N workers on one port, restart those that die,
-    pass SIGINT/SIGTERM on, and exit once they are all done."""
+    pass SIGINT/SIGTERM on, and exit once they are all done.  ``passed``:
+    the sockets systemd passed (socket activation), handed down to every
+    worker instead of a port of our own."""
     log = logging.getLogger("wsloop.supervisor")
-    reuse_port = hasattr(socket, "SO_REUSEPORT")
-    try:
-        # With SO_REUSEPORT each worker listens on its own socket and the
-        # kernel spreads new connections evenly; elsewhere they all accept
-        # from one listening socket, inherited.
-        holder = _bind_only(args.host, args.port) if reuse_port else _listen(args.host, args.port, 1024)
-    except OSError as exc:
-        why = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
-        print("wsloop: error: cannot listen on %s port %d: %s" % (args.host, args.port, why), file=sys.stderr)
-        return 2
-    port = holder.getsockname()[1]
+    reuse_port = hasattr(socket, "SO_REUSEPORT") and not passed
+    if passed:
+        # Socket activation: systemd listens; every worker accepts from the
+        # same sockets, inherited (the kernel wakes one accepting worker).
+        holders = passed
+    else:
+        try:
+            # With SO_REUSEPORT each worker listens on its own socket and the
+            # kernel spreads new connections evenly; elsewhere they all accept
+            # from one listening socket, inherited.
+            holders = [_bind_only(args.host, args.port) if reuse_port else _listen(args.host, args.port, 1024)]
+        except OSError as exc:
+            why = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
+            print("wsloop: error: cannot listen on %s port %d: %s" % (args.host, args.port, why), file=sys.stderr)
+            return 2
+    address = holders[0].getsockname()
+    port = address[1] if isinstance(address, tuple) else args.port
+    where = _format_address(address) if passed else "%s port %d" % (args.host, port)
     command = [sys.executable, os.path.abspath(__file__)] + argv + ["--port", str(port), "--workers", "1"]
-    inherited = {"WSLOOP_REUSEPORT": "1"} if reuse_port else {"WSLOOP_LISTEN_FD": str(holder.fileno())}
+    fds = () if reuse_port else tuple(holder.fileno() for holder in holders)
+    inherited = {"WSLOOP_REUSEPORT": "1"} if reuse_port else {"WSLOOP_LISTEN_FD": ",".join(map(str, fds))}
     children: Dict[int, "subprocess.Popen[bytes]"] = {}
     started: Dict[int, float] = {}
     backoff: Dict[int, float] = {}
@@ -5520,7 +5531,7 @@ def _supervise(args: argparse.Namespace, argv: List[str]) -> int:
         # A session of its own: Ctrl-C reaches the supervisor alone, which
         # passes it on once (a worker takes a second signal as "now").
         children[index] = subprocess.Popen(
-            command, env=env, pass_fds=() if reuse_port else (holder.fileno(),), start_new_session=True
+            command, env=env, pass_fds=fds, start_new_session=True
         )
         started[index] = time.monotonic()
 
@@ -5535,7 +5546,7 @@ def _supervise(args: argparse.Namespace, argv: List[str]) -> int:
     try:
         for index in range(1, args.workers + 1):
             start(index)
-        log.info("%d workers on %s port %d", args.workers, args.host, port)
+        log.info("%d workers on %s", args.workers, where)
         while children or (restart_at and not signals):
             now = time.monotonic()
             for index, child in list(children.items()):
@@ -5561,7 +5572,8 @@ def _supervise(args: argparse.Namespace, argv: List[str]) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        holder.close()
+        for holder in holders:
+            holder.close()
     log.info("all workers stopped")
     return status
 
@@ -5712,7 +5724,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
         format="%(asctime)s " + ("worker %s " % worker if worker else "") + "%(name)s %(levelname)s %(message)s",
     )
     if args.workers > 1:
-        return _supervise(args, list(sys.argv[1:] if argv is None else argv))
+        return _supervise(args, list(sys.argv[1:] if argv is None else argv), listeners)
     origins = None
     if args.origin:
         origins = list(args.origin) + ([None] if args.allow_no_origin else [])
@@ -5746,7 +5758,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
             metrics_path=args.metrics_path,
             metrics_allow_ips=networks["metrics_allow_ips"],
             name="worker " + worker if worker else None,
-            sock=listeners or _inherited_listener(),
+            sock=listeners or _inherited_listeners(),
             uds=args.uds if not listeners else None,
             uds_mode=args.uds_mode,
             reuse_port=bool(os.environ.get("WSLOOP_REUSEPORT")),

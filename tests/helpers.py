@@ -4,14 +4,19 @@ The client is written here, independently of wsloop's codec, so that tests
 check the server against the RFC rather than against itself.
 """
 
+import os
+import re
+import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 import zlib
 from contextlib import contextmanager
 
 import wsloop
+from redis_fixture import wait_until
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 section 1.3's example key
 TEXT, BINARY = 1, 2  # opcodes
@@ -303,3 +308,152 @@ class StrictReader:
                 self.compressed_frames += 1
             received.append(payload.decode("utf-8") if opcode == TEXT else payload)
         return received
+
+
+# -- processes: the CLI, --workers ----------------------------------------------------
+
+
+def cli_env():
+    """The subprocess imports the same wsloop as this test run."""
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.abspath(wsloop.__file__))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
+    return env
+
+
+class LogReader:
+    """Reads a process's stderr on a thread; tests wait for lines in it."""
+
+    def __init__(self, stream):
+        self.lines = []
+        self.condition = threading.Condition()
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream):
+        for line in stream:
+            with self.condition:
+                self.lines.append(line)
+                self.condition.notify_all()
+        with self.condition:
+            self.lines.append(None)  # EOF
+            self.condition.notify_all()
+
+    def wait_for(self, pattern, timeout=10.0, start=0):
+        """The first match of ``pattern`` in a line from index ``start`` on."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self.condition:
+            index = start
+            while True:
+                while index < len(self.lines):
+                    line = self.lines[index]
+                    index += 1
+                    if line is None:
+                        raise AssertionError("stderr closed before %r:\n%s" % (pattern, self.text()))
+                    match = regex.search(line)
+                    if match:
+                        return match
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError("%r never logged:\n%s" % (pattern, self.text()))
+                self.condition.wait(remaining)
+
+    def wait_count(self, pattern, count, timeout=10.0):
+        """Wait until ``count`` lines match ``pattern``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self.condition:
+            while sum(1 for line in self.lines if line is not None and regex.search(line)) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.lines and self.lines[-1] is None):
+                    raise AssertionError("%r not logged %d times:\n%s" % (pattern, count, self.text()))
+                self.condition.wait(remaining)
+
+    def text(self):
+        return "".join(line for line in self.lines if line is not None)
+
+
+def plain_get(port, path):
+    """A plain GET on its own TCP connection: (status, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" % path.encode())
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), body
+
+
+def children_of(pid):
+    """The process ids of ``pid``'s children (Linux /proc)."""
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as children:
+            return set(int(child) for child in children.read().split())
+    except OSError:
+        return set()
+
+
+def descendants_of(pid):
+    """``pid``'s children, their children, and so on."""
+    found = set()
+    todo = [pid]
+    while todo:
+        for child in children_of(todo.pop()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+@contextmanager
+def workers_process(argv):
+    """Run ``argv`` (wsloop, or something that execs it) with its stderr read
+    by a LogReader: yields (process, log); kills what is left at the end."""
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=cli_env())
+    log = LogReader(process.stderr)
+    try:
+        yield process, log
+    finally:
+        if process.poll() is None:
+            for child in descendants_of(process.pid):
+                try:
+                    os.kill(child, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            process.kill()
+        process.wait(10)
+        log.thread.join(5)
+        process.stderr.close()
+
+
+def wait_serving(port, process, log, timeout=15.0):
+    """Wait until the port answers /healthz."""
+    def answers():
+        assert process.poll() is None, "wsloop exited with %s:\n%s" % (process.returncode, log.text())
+        try:
+            return plain_get(port, "/healthz")[0] == 200
+        except OSError:
+            return False
+
+    wait_until(answers, timeout, interval=0.05, message=lambda: "port %d never served:\n%s" % (port, log.text()))
+
+
+def clients_on_both_workers(port, log, least=10, most=40):
+    """Open clients until at least ``least`` are open and both workers hold
+    some; return (clients, worker of each).  A worker is known by the log
+    line that names it and the client's own port."""
+    clients, workers = [], []
+    while len(clients) < least or len(set(workers)) < 2:
+        assert len(clients) < most, "%d clients all landed on worker(s) %s:\n%s" % (len(clients), set(workers), log.text())
+        client = Client(port, timeout=10.0)
+        local_port = client.sock.getsockname()[1]
+        line = log.wait_for(r"open from 127\.0\.0\.1:%d\b.*" % local_port).string
+        worker = re.search(r"worker (\d+)", line)
+        assert worker, "the log line does not name its worker: %r" % line
+        clients.append(client)
+        workers.append(worker.group(1))
+    return clients, workers
