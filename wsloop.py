@@ -5383,6 +5383,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ops.add_argument("--no-access-log", action="store_true", help="no 'wsloop.access' line per handshake")
     scale = parser.add_argument_group("several processes")
     scale.add_argument("--workers", type=int, default=1, metavar="N", help="run N worker processes on the port (default 1)")
+    scale.add_argument("--worker-timeout", type=_seconds, default=30.0, metavar="SECONDS", help="kill and restart a worker whose loop has not turned for this long (default 30; 'none' disables)")
     scale.add_argument("--redis", metavar="URL", help="fan out topics (and --broadcast) through Redis: redis://[user:password@]host:port[/db] or rediss://")
     scale.add_argument("--redis-prefix", default="wsloop", metavar="PREFIX", help="Redis channel prefix (default wsloop)")
     client = parser.add_argument_group("client console")
@@ -5492,12 +5493,61 @@ def _bind_only(host: str, port: int) -> socket.socket:
 # How often a worker checks that its supervisor is still there (seconds).
 _SUPERVISOR_CHECK = 1.0
 
+# The watchdog: a worker's loop writes a byte to its supervisor's pipe this
+# many times per --worker-timeout (and at least once a second), from a timer,
+# so beats stop when the loop stops turning.
+_BEATS_PER_TIMEOUT = 4
+# How long a stuck worker has, after SIGUSR1, to write its stack to stderr
+# before SIGKILL.
+_STACK_GRACE = 0.2
+# After SIGTERM, how long past close_timeout a worker may take to exit
+# before the supervisor kills it.
+_STOP_GRACE = 2.0
+
+
+class _Worker:
+    """One worker process of a supervisor, and what the supervisor knows of it."""
+
+    __slots__ = ("index", "process", "heartbeat", "started", "last_beat", "backoff", "restart_at", "kill_at")
+
+    def __init__(self, index: int):
+        self.index = index
+        self.process: Optional["subprocess.Popen[bytes]"] = None
+        self.heartbeat: Optional[int] = None  # the read end of its heartbeat pipe
+        self.started = 0.0
+        self.last_beat = 0.0
+        self.backoff = 0.25  # doubled at each quick death, up to 30 s
+        self.restart_at: Optional[float] = None
+        self.kill_at: Optional[float] = None  # SIGKILL due (stuck, or slow to stop)
+
+    def heard_from(self) -> bool:
+        """Drain the heartbeat pipe: True if the worker's loop turned."""
+        heard = False
+        while self.heartbeat is not None:
+            try:
+                data = os.read(self.heartbeat, 4096)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not data:
+                break
+            heard = True
+        return heard
+
+    def ended(self) -> None:
+        self.process = None
+        self.kill_at = None
+        if self.heartbeat is not None:
+            os.close(self.heartbeat)
+            self.heartbeat = None
+
 
 def _supervise(args: argparse.Namespace, argv: List[str], passed: Optional[List[socket.socket]] = None) -> int:
-    """--workers N: run N workers on one port, restart those that die,
-    pass SIGINT/SIGTERM on, and exit once they are all done.  ``passed``:
-    the sockets systemd passed (socket activation), handed down to every
-    worker instead of a port of our own."""
+    """--workers N: run N workers on one port, restart those that die or
+    whose loop stops turning for --worker-timeout, pass SIGINT/SIGTERM on,
+    and exit once they are all done (killing those still running
+    close_timeout plus _STOP_GRACE after).  ``passed``: the sockets systemd
+    passed (socket activation), handed down to every worker instead of a
+    port of our own."""
     log = logging.getLogger("wsloop.supervisor")
     reuse_port = hasattr(socket, "SO_REUSEPORT") and not passed
     if passed:
@@ -5520,62 +5570,122 @@ def _supervise(args: argparse.Namespace, argv: List[str], passed: Optional[List[
     command = [sys.executable, os.path.abspath(__file__)] + argv + ["--port", str(port), "--workers", "1"]
     fds = () if reuse_port else tuple(holder.fileno() for holder in holders)
     inherited = {"WSLOOP_REUSEPORT": "1"} if reuse_port else {"WSLOOP_LISTEN_FD": ",".join(map(str, fds))}
-    children: Dict[int, "subprocess.Popen[bytes]"] = {}
-    started: Dict[int, float] = {}
-    backoff: Dict[int, float] = {}
-    restart_at: Dict[int, float] = {}
+    timeout = args.worker_timeout
+    workers = [_Worker(index) for index in range(1, args.workers + 1)]
     signals: List[int] = []
 
-    def start(index: int) -> None:
-        env = dict(os.environ, WSLOOP_WORKER=str(index), WSLOOP_SUPERVISOR=str(os.getpid()), **inherited)
-        # A session of its own: Ctrl-C reaches the supervisor alone, which
-        # passes it on once (a worker takes a second signal as "now").
-        children[index] = subprocess.Popen(
-            command, env=env, pass_fds=fds, start_new_session=True
-        )
-        started[index] = time.monotonic()
+    def start(worker: _Worker) -> None:
+        env = dict(os.environ, WSLOOP_WORKER=str(worker.index), WSLOOP_SUPERVISOR=str(os.getpid()), **inherited)
+        pass_fds = fds
+        writer = None
+        if timeout is not None:
+            reader, writer = os.pipe()
+            os.set_blocking(reader, False)
+            worker.heartbeat = reader
+            env["WSLOOP_HEARTBEAT_FD"] = str(writer)
+            pass_fds = fds + (writer,)
+        try:
+            # A session of its own: Ctrl-C reaches the supervisor alone, which
+            # passes it on once (a worker takes a second signal as "now").
+            worker.process = subprocess.Popen(command, env=env, pass_fds=pass_fds, start_new_session=True)
+        finally:
+            if writer is not None:
+                os.close(writer)  # the worker's end: EOF here once it is gone
+        worker.started = worker.last_beat = time.monotonic()
+        worker.restart_at = None
 
     def on_signal(signum: int, frame: Any) -> None:
         signals.append(signum)
-        for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signum)
+        for worker in workers:
+            if worker.process is not None and worker.process.poll() is None:
+                worker.process.send_signal(signum)
 
     previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     status = 0
+    stop_by: Optional[float] = None
     try:
-        for index in range(1, args.workers + 1):
-            start(index)
+        for worker in workers:
+            start(worker)
         log.info("%d workers on %s", args.workers, where)
-        while children or (restart_at and not signals):
+        while any(worker.process is not None or (worker.restart_at is not None and not signals) for worker in workers):
             now = time.monotonic()
-            for index, child in list(children.items()):
-                code = child.poll()
-                if code is None:
+            if signals and stop_by is None and args.close_timeout is not None:
+                stop_by = now + args.close_timeout + _STOP_GRACE
+            for worker in workers:
+                process = worker.process
+                if process is None:
+                    if worker.restart_at is not None and worker.restart_at <= now and not signals:
+                        start(worker)
                     continue
-                del children[index]
+                code = process.poll()
+                if code is None:
+                    if worker.heard_from():
+                        worker.last_beat = now
+                    if worker.kill_at is None:
+                        if timeout is not None and now - worker.last_beat > timeout:
+                            log.error("worker %d (pid %d): its loop has not turned for %.1f s; killing it"
+                                      " (its stack follows)", worker.index, process.pid, now - worker.last_beat)
+                            worker.kill_at = _dump_stack(process, now)
+                        elif stop_by is not None and now >= stop_by:
+                            log.error("worker %d (pid %d) still running %.1f s after SIGTERM; killing it"
+                                      " (its stack follows)", worker.index, process.pid,
+                                      args.close_timeout + _STOP_GRACE)
+                            worker.kill_at = _dump_stack(process, now)
+                    elif now >= worker.kill_at:
+                        process.kill()
+                    continue
+                worker.ended()
                 if signals:
                     status = status or (0 if code == 0 else 1)
                     continue
                 why = "exit status %d" % code if code >= 0 else "signal %s" % signal.Signals(-code).name
                 # Back off while it keeps dying young; start afresh after a good run.
-                backoff[index] = 0.5 if now - started[index] > 30 else min(2 * backoff.get(index, 0.25), 30.0)
-                log.error("worker %d (pid %d) died: %s; restarting in %.1f s", index, child.pid, why, backoff[index])
-                restart_at[index] = now + backoff[index]
-            for index, when in list(restart_at.items()):
-                if signals:
-                    restart_at.clear()
-                elif when <= now:
-                    del restart_at[index]
-                    start(index)
-            time.sleep(0.1)  # a supervisor's watch: nothing here is latency-bound
+                worker.backoff = 0.5 if now - worker.started > 30 else min(2 * worker.backoff, 30.0)
+                log.error("worker %d (pid %d) died: %s; restarting in %.1f s",
+                          worker.index, process.pid, why, worker.backoff)
+                worker.restart_at = now + worker.backoff
+            time.sleep(0.05)  # a supervisor's watch: nothing here is latency-bound
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        for worker in workers:
+            worker.ended()
         for holder in holders:
             holder.close()
     log.info("all workers stopped")
     return status
+
+
+def _dump_stack(process: "subprocess.Popen[bytes]", now: float) -> float:
+    """Ask a worker to write its stack to stderr (SIGUSR1, which it hands to
+    faulthandler: that works even while its loop is stuck in a handler);
+    returns when to kill it."""
+    usr1 = getattr(signal, "SIGUSR1", None)
+    if usr1 is None:
+        return now
+    try:
+        process.send_signal(usr1)
+    except OSError:
+        pass
+    return now + _STACK_GRACE
+
+
+def _beat_to_supervisor(server: Server, fd: int, period: float) -> None:
+    """The worker's side of the watchdog: a byte to the supervisor every
+    ``period`` seconds, from the loop's own timer, so the beats stop when
+    the loop stops turning."""
+    os.set_blocking(fd, False)
+
+    def beat() -> None:
+        try:
+            os.write(fd, b".")
+        except (BlockingIOError, InterruptedError):
+            pass  # the pipe is full: the supervisor has beats enough to read
+        except OSError:
+            return  # the supervisor is gone (_watch_supervisor acts on that)
+        server.call_later(period, beat)
+
+    server.call_later(0, beat)
 
 
 def _raise_fd_limit() -> None:
@@ -5775,6 +5885,15 @@ def _main(argv: Optional[List[str]] = None) -> int:
     supervisor = os.environ.get("WSLOOP_SUPERVISOR")
     if supervisor and supervisor.isdigit():
         _watch_supervisor(server, int(supervisor))
+        if hasattr(signal, "SIGUSR1"):
+            # What a stuck worker was doing, when its supervisor asks
+            # (_dump_stack): faulthandler writes it even mid-handler.
+            import faulthandler
+
+            faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    heartbeat = os.environ.get("WSLOOP_HEARTBEAT_FD")
+    if heartbeat and heartbeat.isdigit() and args.worker_timeout is not None:
+        _beat_to_supervisor(server, int(heartbeat), min(1.0, args.worker_timeout / _BEATS_PER_TIMEOUT))
     _run_until_signalled(server)
     return 0
 

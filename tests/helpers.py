@@ -410,10 +410,10 @@ def descendants_of(pid):
 
 
 @contextmanager
-def workers_process(argv):
+def workers_process(argv, cwd=None):
     """Run ``argv`` (wsloop, or something that execs it) with its stderr read
     by a LogReader: yields (process, log); kills what is left at the end."""
-    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=cli_env())
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=cwd)
     log = LogReader(process.stderr)
     try:
         yield process, log

@@ -10,15 +10,14 @@ polled with a deadline.
 """
 
 import os
-import shutil
 import signal
-import socket
+import subprocess
 import sys
 import time
 
 import pytest
 
-from helpers import Client, clients_on_both_workers, children_of, wait_serving, workers_process
+from helpers import children_of, cli_env, clients_on_both_workers, wait_serving, workers_process
 from redis_fixture import free_port, wait_until
 
 COMMAND = [sys.executable, "-m", "wsloop"]
@@ -58,3 +57,112 @@ def test_socket_activation_with_two_workers_serves_on_the_passed_socket():
         process.send_signal(signal.SIGTERM)
         assert process.wait(15) == 0, log.text()
         log.wait_for(r"all workers stopped")
+
+
+# =============================================================================
+# The watchdog: a worker whose loop stops turning is killed and replaced
+# =============================================================================
+
+# An app whose handler never returns when told to "spin": its worker's loop
+# stops turning (a CPU-bound bug, a blocking call, a deadlock).
+SPIN_APP = '''
+def on_message(conn, message):
+    if message == "spin":
+        while True:
+            pass
+    conn.send(message)
+'''
+
+
+@pytest.fixture
+def spin_app(tmp_path):
+    (tmp_path / "spinapp.py").write_text(SPIN_APP)
+    return str(tmp_path)
+
+
+def spinning_workers(spin_app, *args):
+    port = free_port()
+    argv = COMMAND + ["--port", str(port), "--workers", "2", "--app", "spinapp:on_message"] + list(args)
+    return port, workers_process(argv, cwd=spin_app)
+
+
+def echoes(client, text):
+    client.send_text(text)
+    return client.recv_message() == text
+
+
+def test_a_stuck_worker_is_killed_and_replaced_within_its_timeout(spin_app):
+    """Guards: with --worker-timeout 1 a worker whose handler spins stops
+    beating; the supervisor logs it with its stack (the handler's name),
+    kills it with SIGKILL within about a second of the timeout, and starts
+    another; the other worker serves all along; the stuck worker's clients
+    see the TCP connection end with no close frame (1006 to a browser)."""
+    timeout = 1.0
+    port, running = spinning_workers(spin_app, "--worker-timeout", str(timeout), "--close-timeout", "2")
+    with running as (process, log):
+        wait_serving(port, process, log)
+        log.wait_count(r"worker \d+.*listening on", 2)
+        clients, workers = clients_on_both_workers(port, log, least=2)
+        stuck = workers[0]
+        other = next(client for client, worker in zip(clients, workers) if worker != stuck)
+        pids = children_of(process.pid)
+        started = time.monotonic()
+        clients[0].send_text("spin")
+        assert echoes(other, "the other worker serves")  # while the first spins
+        log.wait_for(r"worker %s \(pid \d+\): its loop has not turned for [\d.]+ s; killing it" % stuck, timeout=10)
+        noticed = time.monotonic() - started
+        log.wait_for(r"in on_message")  # its stack, from faulthandler
+        log.wait_for(r"worker %s \(pid \d+\) died: signal SIGKILL; restarting" % stuck)
+        assert timeout - 0.3 < noticed < timeout + 1.0, "noticed after %.2f s" % noticed
+        assert clients[0].expect_eof()  # no close frame: it was killed
+        assert echoes(other, "still serving")
+        log.wait_count(r"worker %s .*listening on" % stuck, 2)  # the replacement
+        replaced = wait_until(lambda: (lambda now: len(now) == 2 and now != pids and now)(children_of(process.pid)), 10,
+                              message=lambda: "not replaced:\n" + log.text())
+        assert len(replaced & pids) == 1
+        more, _ = clients_on_both_workers(port, log, least=2)
+        for client in more:
+            assert echoes(client, "after the restart")
+        close_all(more + [other])
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0, log.text()
+        clients[0].shutdown()
+
+
+def test_sigterm_ends_within_close_timeout_and_grace_with_a_stuck_worker(spin_app):
+    """Guards: with the watchdog off, SIGTERM to the supervisor still ends
+    in close_timeout plus the supervisor's 2 s grace: the healthy worker
+    closes its clients with 1001, the stuck one is killed with SIGKILL
+    (logged, with its stack), and the exit status says not all was clean."""
+    close_timeout = 0.5
+    port, running = spinning_workers(spin_app, "--worker-timeout", "none", "--close-timeout", str(close_timeout))
+    with running as (process, log):
+        wait_serving(port, process, log)
+        log.wait_count(r"worker \d+.*listening on", 2)
+        clients, workers = clients_on_both_workers(port, log, least=2)
+        stuck = workers[0]
+        other = next(client for client, worker in zip(clients, workers) if worker != stuck)
+        clients[0].send_text("spin")
+        assert echoes(other, "before the signal")
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert other.expect_close()[0] == 1001
+        other.close(1001)
+        code = process.wait(10)
+        elapsed = time.monotonic() - started
+        assert code == 1, log.text()
+        assert elapsed < close_timeout + 2.0 + 1.0, "took %.1f s" % elapsed
+        assert "worker %s (pid" % stuck in log.wait_for(r"still running [\d.]+ s after SIGTERM; killing it").string
+        log.wait_for(r"in on_message")
+        assert clients[0].expect_eof()
+        for client in clients:
+            client.shutdown()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon"])
+def test_a_bad_worker_timeout_is_one_line(value):
+    result = subprocess.run(COMMAND + ["--workers", "2", "--worker-timeout", value],
+                            capture_output=True, text=True, timeout=30, env=cli_env())
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wsloop: error: ") and "--worker-timeout" in lines[0], result.stderr
