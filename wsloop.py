@@ -4449,57 +4449,82 @@ class Server:
             "broker": None if self.broker is None else self.broker.stats(),
         }
 
-    def _metrics_text(self) -> bytes:
-        """stats() in Prometheus' text format 0.0.4; the loop lag restarts."""
+    def _metrics_rows(self) -> List[Tuple[str, Dict[str, Any]]]:
+        """The figures the metrics endpoint shows, as (worker, stats()) rows:
+        this process's alone here; a worker of ``--workers`` shows them all
+        (see _WorkerServer).  The loop lag restarts."""
         figures = self.stats()
         self._loop.lag_max = 0.0
-        lines: List[str] = []
+        return [("", figures)]
 
-        def metric(name: str, kind: str, text: str, samples: Iterable[Tuple[str, Any]]) -> None:
+    def _metrics_text(self) -> bytes:
+        """The figures in Prometheus' text format 0.0.4.  With several rows
+        (workers), each sample comes once unlabelled, for the service, and
+        once per worker with a ``worker`` label."""
+        rows = self._metrics_rows()
+        lines: List[str] = []
+        Samples = Callable[[Dict[str, Any]], List[Tuple[str, Any]]]
+
+        def metric(name: str, kind: str, text: str, samples: Samples, combine: Callable[..., Any] = sum) -> None:
             lines.append("# HELP wsloop_%s %s" % (name, text))
             lines.append("# TYPE wsloop_%s %s" % (name, kind))
-            for labels, value in samples:
-                lines.append("wsloop_%s%s %s" % (name, labels, value))
+            per_row = [(worker, samples(figures)) for worker, figures in rows]
+            if len(rows) > 1:
+                # The service's figure: sum (or max, min) over the workers.
+                values: Dict[str, List[Any]] = {}
+                for _, found in per_row:
+                    for labels, value in found:
+                        values.setdefault(labels, []).append(value)
+                per_row.insert(0, ("", [(labels, combine(found)) for labels, found in sorted(values.items())]))
+            for worker, found in per_row:
+                for labels, value in found:
+                    both = ",".join(filter(None, ['worker="%s"' % worker if worker else "", labels]))
+                    shown = "%.6f" % value if isinstance(value, float) else value
+                    lines.append("wsloop_%s%s %s" % (name, "{%s}" % both if both else "", shown))
 
-        def labelled(label: str, table: Dict[Any, int]) -> List[Tuple[str, Any]]:
-            return [('{%s="%s"}' % (label, key), value) for key, value in sorted(table.items())]
+        def one(key: str) -> Samples:
+            return lambda figures: [("", figures[key])]
 
-        metric("connections_open", "gauge", "Open WebSocket connections.", [("", figures["connections_open"])])
-        metric("connections_accepted_total", "counter", "TCP connections accepted.",
-               [("", figures["connections_accepted"])])
+        def labelled(label: str, key: str) -> Samples:
+            return lambda figures: [('%s="%s"' % (label, name), value) for name, value in sorted(figures[key].items())]
+
+        def closes(figures: Dict[str, Any]) -> List[Tuple[str, Any]]:
+            found = [('direction="sent",code="%s"' % code, count)
+                     for code, count in sorted(figures["close_codes_sent"].items())]
+            return found + [('direction="received",code="%s"' % code, count)
+                            for code, count in sorted(figures["close_codes_received"].items())]
+
+        metric("connections_open", "gauge", "Open WebSocket connections.", one("connections_open"))
+        metric("connections_accepted_total", "counter", "TCP connections accepted.", one("connections_accepted"))
         metric("connections_refused_total", "counter", "Connections refused by a limit, by reason.",
-               labelled("reason", figures["connections_refused"]))
-        metric("handshakes_total", "counter", "Handshake answers, by HTTP status.",
-               labelled("status", figures["handshakes"]))
-        metric("messages_received_total", "counter", "Messages received.", [("", figures["messages_in"])])
-        metric("messages_sent_total", "counter", "Messages sent.", [("", figures["messages_out"])])
-        metric("bytes_received_total", "counter", "Bytes received.", [("", figures["bytes_in"])])
-        metric("bytes_sent_total", "counter", "Bytes sent.", [("", figures["bytes_out"])])
-        closes = [('{direction="sent",code="%d"}' % code, count)
-                  for code, count in sorted(figures["close_codes_sent"].items())]
-        closes += [('{direction="received",code="%d"}' % code, count)
-                   for code, count in sorted(figures["close_codes_received"].items())]
+               labelled("reason", "connections_refused"))
+        metric("handshakes_total", "counter", "Handshake answers, by HTTP status.", labelled("status", "handshakes"))
+        metric("messages_received_total", "counter", "Messages received.", one("messages_in"))
+        metric("messages_sent_total", "counter", "Messages sent.", one("messages_out"))
+        metric("bytes_received_total", "counter", "Bytes received.", one("bytes_in"))
+        metric("bytes_sent_total", "counter", "Bytes sent.", one("bytes_out"))
         metric("close_codes_total", "counter", "Close codes, sent and received.", closes)
         metric("pending_output_bytes", "gauge", "Bytes accepted for sending, not yet taken by peers.",
-               [("", figures["pending_output_total"])])
+               one("pending_output_total"))
         metric("pending_output_max_bytes", "gauge", "The largest output backlog of one connection.",
-               [("", figures["pending_output_max"])])
+               one("pending_output_max"), max)
         metric("slow_consumer_closes_total", "counter", "Connections closed for not keeping up (1008).",
-               [("", figures["slow_consumer_closes"])])
-        metric("keepalive_timeouts_total", "counter", "Connections closed for a missing pong.",
-               [("", figures["keepalive_timeouts"])])
+               one("slow_consumer_closes"))
+        metric("keepalive_timeouts_total", "counter", "Connections closed for a missing pong.", one("keepalive_timeouts"))
         metric("loop_lag_seconds", "gauge", "How late a timer ran, at most, since the last scrape.",
-               [("", "%.6f" % figures["loop_lag_max"])])
-        broker = figures["broker"]
-        if broker is not None:
+               lambda figures: [("", float(figures["loop_lag_max"]))], max)
+        if any(figures["broker"] is not None for _, figures in rows):
+
+            def broker(key: str) -> Samples:
+                return lambda figures: [] if figures["broker"] is None else [("", figures["broker"][key])]
+
             metric("broker_connected", "gauge", "1 when both Redis links are up.",
-                   [("", int(broker["state"] == "connected"))])
-            metric("broker_gaps_total", "counter", "Reconnects after which messages may be lost.",
-                   [("", broker["gaps"])])
-            metric("broker_dropped_total", "counter", "Publishes dropped while Redis was away.",
-                   [("", broker["dropped"])])
-            metric("broker_published_total", "counter", "Messages published to Redis.", [("", broker["published"])])
-            metric("broker_received_total", "counter", "Messages received from Redis.", [("", broker["received"])])
+                   lambda figures: [] if figures["broker"] is None else
+                   [("", int(figures["broker"]["state"] == "connected"))], min)
+            metric("broker_gaps_total", "counter", "Reconnects after which messages may be lost.", broker("gaps"))
+            metric("broker_dropped_total", "counter", "Publishes dropped while Redis was away.", broker("dropped"))
+            metric("broker_published_total", "counter", "Messages published to Redis.", broker("published"))
+            metric("broker_received_total", "counter", "Messages received from Redis.", broker("received"))
         return ("\n".join(lines) + "\n").encode("utf-8")
 
     def _answer(self, connection: Connection, request: Request) -> Optional[Response]:
@@ -5570,6 +5595,13 @@ def _supervise(args: argparse.Namespace, argv: List[str], passed: Optional[List[
     command = [sys.executable, os.path.abspath(__file__)] + argv + ["--port", str(port), "--workers", "1"]
     fds = () if reuse_port else tuple(holder.fileno() for holder in holders)
     inherited = {"WSLOOP_REUSEPORT": "1"} if reuse_port else {"WSLOOP_LISTEN_FD": ",".join(map(str, fds))}
+    if args.metrics_path is not None:
+        import tempfile
+
+        # Where workers publish their figures for each other (mode 700).
+        made = tempfile.mkdtemp(prefix="wsloop-metrics-")
+        inherited["WSLOOP_METRICS_DIR"] = made
+    figures_dir = made if args.metrics_path is not None else None
     timeout = args.worker_timeout
     workers = [_Worker(index) for index in range(1, args.workers + 1)]
     signals: List[int] = []
@@ -5635,6 +5667,8 @@ def _supervise(args: argparse.Namespace, argv: List[str], passed: Optional[List[
                         process.kill()
                     continue
                 worker.ended()
+                if figures_dir is not None:
+                    _retire_figures(figures_dir, worker.index)
                 if signals:
                     status = status or (0 if code == 0 else 1)
                     continue
@@ -5652,6 +5686,10 @@ def _supervise(args: argparse.Namespace, argv: List[str], passed: Optional[List[
             worker.ended()
         for holder in holders:
             holder.close()
+        if figures_dir is not None:
+            import shutil
+
+            shutil.rmtree(figures_dir, ignore_errors=True)
     log.info("all workers stopped")
     return status
 
@@ -5668,6 +5706,114 @@ def _dump_stack(process: "subprocess.Popen[bytes]", now: float) -> float:
     except OSError:
         pass
     return now + _STACK_GRACE
+
+
+# Metrics across workers.  Each worker writes its figures to
+# worker-INDEX.json in a directory its supervisor made for them (private,
+# removed at exit) about once a second, and again just before it answers a
+# scrape; the worker that answers reads every file.  Counters carry over a
+# restart: a new worker starts from its predecessor's last figures, so the
+# service's totals and each worker="INDEX" series never go down (at most
+# the dead worker's last second of counts is lost); gauges are the live
+# worker's own (zero while it is down).
+_METRICS_PERIOD = 1.0
+_COUNTED = ("connections_accepted", "connections_refused", "handshakes", "messages_in", "messages_out",
+            "bytes_in", "bytes_out", "close_codes_sent", "close_codes_received", "slow_consumer_closes",
+            "keepalive_timeouts")
+_COUNTED_TABLES = ("connections_refused", "handshakes", "close_codes_sent", "close_codes_received")
+_BROKER_COUNTED = ("published", "received", "dropped", "reconnects", "gaps")
+
+
+def _counted(figures: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """``figures`` as JSON keeps them (table keys as strings), with the
+    counters of ``base`` (a predecessor's) added and, without a base,
+    the gauges zeroed: what a dead worker leaves to its successor."""
+    live = base is not None
+    carried: Dict[str, Any] = dict(figures) if live else {
+        "connections_open": 0, "pending_output_total": 0, "pending_output_max": 0, "loop_lag_max": 0.0}
+    base = base or {}
+    for key in _COUNTED:
+        if key in _COUNTED_TABLES:
+            table = {str(name): count for name, count in base.get(key, {}).items()}
+            for name, count in figures.get(key, {}).items():
+                table[str(name)] = table.get(str(name), 0) + count
+            carried[key] = table
+        else:
+            carried[key] = base.get(key, 0) + figures.get(key, 0)
+    broker = figures.get("broker")
+    if broker is not None:
+        was = base.get("broker") or {}
+        carried["broker"] = dict(broker) if live else {"state": "stopped", "topics": 0}
+        for key in _BROKER_COUNTED:
+            carried["broker"][key] = was.get(key, 0) + broker.get(key, 0)
+    else:
+        carried["broker"] = None
+    return carried
+
+
+def _write_figures(path: str, figures: Dict[str, Any]) -> None:
+    import json
+
+    spare = os.path.join(os.path.dirname(path), "." + os.path.basename(path))
+    with open(spare, "w") as out:
+        json.dump(figures, out)
+    os.replace(spare, path)  # readers see the old file or the new, whole
+
+
+def _read_figures(path: str) -> Optional[Dict[str, Any]]:
+    import json
+
+    try:
+        with open(path) as source:
+            figures = json.load(source)
+    except (OSError, ValueError):
+        return None
+    return figures if isinstance(figures, dict) else None
+
+
+def _retire_figures(directory: str, index: int) -> None:
+    """The supervisor's part, once a worker is dead: its counters stay for
+    its successor, its gauges go to zero."""
+    path = os.path.join(directory, "worker-%d.json" % index)
+    figures = _read_figures(path)
+    if figures is not None:
+        _write_figures(path, _counted(figures))
+
+
+class _WorkerServer(Server):
+    """A worker of ``--workers`` whose metrics show every worker."""
+
+    _figures_path = ""
+    _carried: Optional[Dict[str, Any]] = None
+
+    def _share_figures(self, directory: str, index: int) -> None:
+        self._figures_path = os.path.join(directory, "worker-%d.json" % index)
+        self._carried = _counted(_read_figures(self._figures_path) or {})
+        self.call_later(0, self._publish_figures, True)
+
+    def _publish_figures(self, again: bool = False) -> None:
+        figures = self.stats()
+        self._loop.lag_max = 0.0  # each publication has the lag since the last
+        try:
+            _write_figures(self._figures_path, _counted(figures, self._carried))
+        except OSError as exc:
+            logger.warning("cannot publish metrics to %s: %s", self._figures_path, exc.strerror or exc)
+        if again:
+            self.call_later(_METRICS_PERIOD, self._publish_figures, True)
+
+    def _metrics_rows(self) -> List[Tuple[str, Dict[str, Any]]]:
+        if not self._figures_path:
+            return super()._metrics_rows()
+        self._publish_figures()  # first, so no scrape sees less than the last
+        directory = os.path.dirname(self._figures_path)
+        rows = []
+        for name in os.listdir(directory):
+            index = name[len("worker-"):-len(".json")]
+            if name.startswith("worker-") and name.endswith(".json") and index.isdigit():
+                figures = _read_figures(os.path.join(directory, name))
+                if figures is not None:
+                    rows.append((int(index), figures))
+        return [(str(index), figures) for index, figures in sorted(rows)]
 
 
 def _beat_to_supervisor(server: Server, fd: int, period: float) -> None:
@@ -5842,8 +5988,9 @@ def _main(argv: Optional[List[str]] = None) -> int:
     if not args.app:
         pages["/"] = ("text/html; charset=utf-8", _DEMO_PAGE.replace("{{MODE}}", "chat" if args.broadcast else "echo").encode())
     _raise_fd_limit()
+    figures_dir = os.environ.get("WSLOOP_METRICS_DIR") if worker and worker.isdigit() else None
     try:
-        server = Server(
+        server = (_WorkerServer if figures_dir else Server)(
             handler,
             args.host,
             args.port,
@@ -5882,6 +6029,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
         return 2
     if args.no_access_log:
         access_logger.setLevel(logging.WARNING)
+    if figures_dir and worker and isinstance(server, _WorkerServer):
+        server._share_figures(figures_dir, int(worker))
     supervisor = os.environ.get("WSLOOP_SUPERVISOR")
     if supervisor and supervisor.isdigit():
         _watch_supervisor(server, int(supervisor))

@@ -10,14 +10,16 @@ polled with a deadline.
 """
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import children_of, cli_env, clients_on_both_workers, wait_serving, workers_process
+from helpers import children_of, cli_env, clients_on_both_workers, plain_get, wait_serving, workers_process
 from redis_fixture import free_port, wait_until
 
 COMMAND = [sys.executable, "-m", "wsloop"]
@@ -166,3 +168,124 @@ def test_a_bad_worker_timeout_is_one_line(value):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("wsloop: error: ") and "--worker-timeout" in lines[0], result.stderr
+
+
+# =============================================================================
+# One metrics endpoint for every worker
+# =============================================================================
+
+COUNTERS = ["wsloop_connections_accepted_total", "wsloop_messages_received_total", "wsloop_messages_sent_total",
+            "wsloop_bytes_received_total", "wsloop_bytes_sent_total", "wsloop_handshakes_total"]
+
+
+def scrape(port):
+    """One scrape, parsed by prometheus_client: {(name, labels): value}."""
+    status, body = plain_get(port, "/metrics")
+    assert status == 200, body
+    samples = {}
+    for family in text_string_to_metric_families(body.decode("utf-8")):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def split_by_worker(samples, name):
+    """The samples of ``name``: ({other labels: total}, {worker: {other labels: value}})."""
+    totals, workers = {}, {}
+    for (found, labels), value in samples.items():
+        if found != name:
+            continue
+        rest = tuple(item for item in labels if item[0] != "worker")
+        worker = dict(labels).get("worker")
+        if worker is None:
+            totals[rest] = value
+        else:
+            workers.setdefault(worker, {})[rest] = value
+    return totals, workers
+
+
+def worker_pids(supervisor):
+    """{worker index: pid} of the supervisor's children (from their environment)."""
+    found = {}
+    for pid in children_of(supervisor):
+        try:
+            with open("/proc/%d/environ" % pid, "rb") as environ:
+                names = dict(item.split(b"=", 1) for item in environ.read().split(b"\0") if b"=" in item)
+        except OSError:
+            continue
+        if b"WSLOOP_WORKER" in names:
+            found[names[b"WSLOOP_WORKER"].decode()] = pid
+    return found
+
+
+def check_scrape(samples, previous):
+    """Totals are the sums of the worker series, and nothing went down."""
+    for name in COUNTERS:
+        totals, workers = split_by_worker(samples, name)
+        # (A worker that has no handshake yet has no handshakes_total sample.)
+        assert set(workers) <= {"1", "2"} and totals, (name, workers)
+        if name != "wsloop_handshakes_total":
+            assert set(workers) == {"1", "2"}, (name, workers)
+        for labels, total in totals.items():
+            assert total == sum(series.get(labels, 0) for series in workers.values()), (name, labels, totals, workers)
+    for key, value in previous.items():
+        if key[0] in COUNTERS:
+            assert samples.get(key, 0) >= value, "%s went down: %s -> %s" % (key, value, samples.get(key))
+    open_totals, open_workers = split_by_worker(samples, "wsloop_connections_open")
+    assert open_totals[()] == sum(series[()] for series in open_workers.values())
+
+
+def test_any_worker_answers_a_scrape_for_every_worker():
+    """Guards: with --workers 2 --metrics-path, whichever worker answers a
+    scrape shows each worker's series (worker="1", worker="2") and the
+    service's totals, which are their sums; across 10 scrapes, with clients
+    on both workers sending between them, no counter goes down; the totals
+    come to the messages sent; and a worker killed and restarted carries its
+    counters over instead of starting again from zero."""
+    port = free_port()
+    argv = COMMAND + ["--port", str(port), "--workers", "2", "--metrics-path", "/metrics", "--close-timeout", "2"]
+    with workers_process(argv) as (process, log):
+        wait_serving(port, process, log)
+        log.wait_count(r"worker \d+.*listening on", 2)
+        clients, workers = clients_on_both_workers(port, log, least=4)
+        previous = {}
+        rounds = 0
+        # At least 10 scrapes, and on until each worker has answered some.
+        while rounds < 10 or len(set(re.findall(r'worker (\d+) wsloop.access .*"GET /metrics"', log.text()))) < 2:
+            assert rounds < 40, "one worker answered every scrape:\n" + log.text()
+            for client in clients:
+                assert echoes(client, "round %d" % rounds)
+            samples = scrape(port)
+            check_scrape(samples, previous)
+            previous = samples
+            rounds += 1
+
+        def sent_all():
+            samples = scrape(port)
+            check_scrape(samples, {})
+            return samples[("wsloop_messages_received_total", ())] == rounds * len(clients) and samples
+
+        samples = wait_until(sent_all, 5, message=lambda: "totals never reached %d messages" % (rounds * len(clients)))
+        _, per_worker = split_by_worker(samples, "wsloop_messages_received_total")
+        for index in ("1", "2"):
+            assert per_worker[index][()] == rounds * workers.count(index), per_worker
+        _, open_now = split_by_worker(samples, "wsloop_connections_open")
+        assert {index: series[()] for index, series in open_now.items()} == {
+            index: workers.count(index) for index in ("1", "2")}
+
+        # Worker 1 dies (SIGKILL) and is restarted: its counters carry over.
+        victim = worker_pids(process.pid)["1"]
+        os.kill(victim, signal.SIGKILL)
+        log.wait_for(r"worker 1 \(pid %d\) died" % victim)
+        log.wait_count(r"worker 1 .*listening on", 2)
+        after = scrape(port)
+        check_scrape(after, samples)
+        _, per_worker = split_by_worker(after, "wsloop_messages_received_total")
+        assert per_worker["1"][()] == rounds * workers.count("1")
+        _, open_now = split_by_worker(after, "wsloop_connections_open")
+        assert open_now["1"][()] == 0  # its clients went with it
+        close_all([client for client, index in zip(clients, workers) if index == "2"])
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0, log.text()
+        for client in clients:
+            client.shutdown()
