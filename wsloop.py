@@ -5780,11 +5780,68 @@ def _retire_figures(directory: str, index: int) -> None:
         _write_figures(path, _counted(figures))
 
 
+# How often a worker that stopped taking connections at max_connections
+# looks whether it has room again (seconds).
+_FULL_CHECK = 0.25
+
+
 class _WorkerServer(Server):
-    """A worker of ``--workers`` whose metrics show every worker."""
+    """A worker of ``--workers``: its metrics show every worker, and at
+    ``max_connections`` it stops taking connections from the shared port,
+    so that the kernel hands them to the other workers."""
 
     _figures_path = ""
     _carried: Optional[Dict[str, Any]] = None
+    _own_socket = False  # its own SO_REUSEPORT socket, not one it shares
+    _full_timer: Optional[_Timer] = None  # set while it takes no connections
+
+    def _accept(self, listener: _Listener) -> None:
+        super()._accept(listener)
+        if self._full_timer is None and self._at_capacity() and not self._shutting_down:
+            self._stop_taking()
+
+    def _at_capacity(self) -> bool:
+        limit = self.options.max_connections
+        return limit is not None and len(self._connections) - len(self._over_limit) >= limit
+
+    def _stop_taking(self) -> None:
+        if self._own_socket:
+            # The kernel gives a SO_REUSEPORT socket its share of new
+            # connections for as long as it listens: close it.  What is
+            # queued on it now is taken first (and answered 503); what
+            # arrives in between is reset, unless the kernel moves it to
+            # the others (sysctl net.ipv4.tcp_migrate_req=1).
+            for listener in list(self._listeners):
+                super()._accept(listener)
+            self._close_listeners()
+        else:
+            # A shared socket: the others accept what this one leaves.
+            for listener in self._listeners:
+                listener.unwatch()
+        logger.info("at max_connections (%d): taking no new connections", self.options.max_connections or 0)
+        self._full_timer = self.call_later(_FULL_CHECK, self._take_again)
+
+    def _take_again(self) -> None:
+        self._full_timer = None
+        if self._shutting_down:
+            return
+        if self._at_capacity():
+            self._full_timer = self.call_later(_FULL_CHECK, self._take_again)
+            return
+        if self._own_socket:
+            host, port = self.address[:2]
+            try:
+                sock = _listen(host, port, 1024, reuse_port=True)  # 1024: Server's backlog, the CLI's
+            except OSError as exc:
+                logger.error("cannot listen again on %s: %s", _format_address(self.address), exc.strerror or exc)
+                self._full_timer = self.call_later(_FULL_CHECK, self._take_again)
+                return
+            sock.setblocking(False)
+            self._listeners.append(_Listener(self, sock, None))
+        else:
+            for listener in self._listeners:
+                listener.watch()
+        logger.info("below max_connections again: taking new connections")
 
     def _share_figures(self, directory: str, index: int) -> None:
         self._figures_path = os.path.join(directory, "worker-%d.json" % index)
@@ -5990,7 +6047,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
     _raise_fd_limit()
     figures_dir = os.environ.get("WSLOOP_METRICS_DIR") if worker and worker.isdigit() else None
     try:
-        server = (_WorkerServer if figures_dir else Server)(
+        server = (_WorkerServer if worker and worker.isdigit() else Server)(
             handler,
             args.host,
             args.port,
@@ -6029,8 +6086,10 @@ def _main(argv: Optional[List[str]] = None) -> int:
         return 2
     if args.no_access_log:
         access_logger.setLevel(logging.WARNING)
-    if figures_dir and worker and isinstance(server, _WorkerServer):
-        server._share_figures(figures_dir, int(worker))
+    if isinstance(server, _WorkerServer):
+        server._own_socket = bool(os.environ.get("WSLOOP_REUSEPORT"))
+        if figures_dir and worker:
+            server._share_figures(figures_dir, int(worker))
     supervisor = os.environ.get("WSLOOP_SUPERVISOR")
     if supervisor and supervisor.isdigit():
         _watch_supervisor(server, int(supervisor))

@@ -449,11 +449,27 @@ def clients_on_both_workers(port, log, least=10, most=40):
     clients, workers = [], []
     while len(clients) < least or len(set(workers)) < 2:
         assert len(clients) < most, "%d clients all landed on worker(s) %s:\n%s" % (len(clients), set(workers), log.text())
-        client = Client(port, timeout=10.0)
-        local_port = client.sock.getsockname()[1]
-        line = log.wait_for(r"open from 127\.0\.0\.1:%d\b.*" % local_port).string
-        worker = re.search(r"worker (\d+)", line)
-        assert worker, "the log line does not name its worker: %r" % line
+        client, worker = client_on_a_worker(port, log)
         clients.append(client)
-        workers.append(worker.group(1))
+        workers.append(worker)
     return clients, workers
+
+
+def client_on_a_worker(port, log):
+    """A client of ``--workers`` (handshake done) and the worker that took
+    it, from the log line that names them both."""
+    client = Client(port, timeout=10.0)
+    local_port = client.sock.getsockname()[1]
+    line = log.wait_for(r"open from 127\.0\.0\.1:%d\b.*" % local_port).string
+    worker = re.search(r"worker (\d+)", line)
+    assert worker, "the log line does not name its worker: %r" % line
+    return client, worker.group(1)
+
+
+def close_on_a_worker(client, log):
+    """Close ``client`` cleanly and wait until its worker logs the end."""
+    local_port = client.sock.getsockname()[1]
+    client.close()
+    assert client.expect_close()[0] == 1000
+    client.shutdown()
+    log.wait_for(r"from 127\.0\.0\.1:%d closed" % local_port)

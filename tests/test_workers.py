@@ -19,7 +19,10 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import children_of, cli_env, clients_on_both_workers, plain_get, wait_serving, workers_process
+from helpers import (
+    children_of, cli_env, client_on_a_worker, clients_on_both_workers, close_on_a_worker, plain_get, wait_serving,
+    workers_process,
+)
 from redis_fixture import free_port, wait_until
 
 COMMAND = [sys.executable, "-m", "wsloop"]
@@ -289,3 +292,55 @@ def test_any_worker_answers_a_scrape_for_every_worker():
         assert process.wait(15) == 0, log.text()
         for client in clients:
             client.shutdown()
+
+
+# =============================================================================
+# A full worker leaves new clients to the others
+# =============================================================================
+
+
+@pytest.mark.parametrize("how", ["reuseport", "activated"])
+def test_a_full_worker_takes_no_new_connections_while_the_other_has_room(how):
+    """Guards: a worker at its --max-connections stops taking connections
+    from the port (it closes its SO_REUSEPORT socket, or stops accepting
+    from the shared one systemd passed), so new clients reach the worker
+    with room instead of a 503 from the full one; once a client leaves, it
+    takes connections again."""
+    if how == "activated" and not os.path.exists(ACTIVATE):
+        pytest.skip("needs systemd-socket-activate (Debian's systemd)")
+    limit = 2
+    port = free_port()
+    args = ["--workers", "2", "--max-connections", str(limit), "--close-timeout", "2"]
+    if how == "reuseport":
+        argv = COMMAND + ["--port", str(port)] + args
+    else:
+        argv = [ACTIVATE, "-E", "PYTHONPATH", "-l", "127.0.0.1:%d" % port] + COMMAND + args
+    with workers_process(argv) as (process, log):
+        wait_serving(port, process, log)
+        log.wait_count(r"worker \d+.*listening on", 2)
+        held = {"1": [], "2": []}
+        while max(len(clients) for clients in held.values()) < limit:
+            client, worker = client_on_a_worker(port, log)
+            held[worker].append(client)
+        full = next(worker for worker, clients in held.items() if len(clients) == limit)
+        other = "2" if full == "1" else "1"
+        log.wait_for(r"worker %s .*at max_connections \(%d\): taking no new connections" % (full, limit))
+        for client in held[other]:
+            close_on_a_worker(client, log)
+        for attempt in range(10):  # each would have had an even chance of a 503
+            client, worker = client_on_a_worker(port, log)
+            assert worker == other, "attempt %d reached the full worker %s:\n%s" % (attempt, full, log.text())
+            close_on_a_worker(client, log)
+        close_on_a_worker(held[full].pop(), log)
+        log.wait_for(r"worker %s .*below max_connections again" % full)
+        for attempt in range(40):
+            client, worker = client_on_a_worker(port, log)
+            close_on_a_worker(client, log)
+            if worker == full:
+                break
+        else:
+            raise AssertionError("worker %s never took a connection again:\n%s" % (full, log.text()))
+        for client in held[full]:
+            close_on_a_worker(client, log)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0, log.text()
