@@ -344,3 +344,39 @@ def test_a_full_worker_takes_no_new_connections_while_the_other_has_room(how):
             close_on_a_worker(client, log)
         process.send_signal(signal.SIGTERM)
         assert process.wait(15) == 0, log.text()
+
+
+# =============================================================================
+# What clients see when a worker dies
+# =============================================================================
+
+
+def test_a_killed_workers_clients_see_1006_and_can_reconnect():
+    """Guards the README's promise: a worker killed with SIGKILL sends no
+    close frame, so its clients see the connection end abnormally (1006 in
+    wsloop's client, as in a browser); reconnecting reaches a live worker."""
+    import wsloop
+
+    port = free_port()
+    argv = COMMAND + ["--port", str(port), "--workers", "2", "--close-timeout", "2"]
+    with workers_process(argv) as (process, log):
+        wait_serving(port, process, log)
+        log.wait_count(r"worker \d+.*listening on", 2)
+        ws = wsloop.connect("ws://127.0.0.1:%d/" % port, compression=False, close_timeout=2)
+        try:
+            # The only WebSocket client so far: the one "open from" line.
+            worker = re.search(r"worker (\d+)", log.wait_for(r"open from 127\.0\.0\.1:").string)
+            ws.send("before")
+            assert ws.recv(timeout=5) == "before"
+            os.kill(worker_pids(process.pid)[worker.group(1)], signal.SIGKILL)
+            with pytest.raises(wsloop.ConnectionClosed):
+                ws.recv(timeout=5)
+            assert ws.close_code == 1006
+        finally:
+            ws.close()
+        again = wsloop.connect("ws://127.0.0.1:%d/" % port, compression=False, close_timeout=2)
+        with again:
+            again.send("after")
+            assert again.recv(timeout=5) == "after"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0, log.text()
