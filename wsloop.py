@@ -5595,13 +5595,13 @@ def _supervise(args: argparse.Namespace, argv: List[str], passed: Optional[List[
     command = [sys.executable, os.path.abspath(__file__)] + argv + ["--port", str(port), "--workers", "1"]
     fds = () if reuse_port else tuple(holder.fileno() for holder in holders)
     inherited = {"WSLOOP_REUSEPORT": "1"} if reuse_port else {"WSLOOP_LISTEN_FD": ",".join(map(str, fds))}
+    figures_dir: Optional[str] = None
     if args.metrics_path is not None:
         import tempfile
 
         # Where workers publish their figures for each other (mode 700).
-        made = tempfile.mkdtemp(prefix="wsloop-metrics-")
-        inherited["WSLOOP_METRICS_DIR"] = made
-    figures_dir = made if args.metrics_path is not None else None
+        figures_dir = tempfile.mkdtemp(prefix="wsloop-metrics-")
+        inherited["WSLOOP_METRICS_DIR"] = figures_dir
     timeout = args.worker_timeout
     workers = [_Worker(index) for index in range(1, args.workers + 1)]
     signals: List[int] = []
@@ -5843,10 +5843,15 @@ class _WorkerServer(Server):
                 listener.watch()
         logger.info("below max_connections again: taking new connections")
 
-    def _share_figures(self, directory: str, index: int) -> None:
-        self._figures_path = os.path.join(directory, "worker-%d.json" % index)
-        self._carried = _counted(_read_figures(self._figures_path) or {})
-        self.call_later(0, self._publish_figures, True)
+    def _join(self, index: int, own_socket: bool, figures_dir: Optional[str]) -> None:
+        """Worker ``index`` of the supervisor: ``own_socket`` if it listens on
+        a SO_REUSEPORT socket of its own; ``figures_dir`` where the workers
+        share their metrics, if they do."""
+        self._own_socket = own_socket
+        if figures_dir:
+            self._figures_path = os.path.join(figures_dir, "worker-%d.json" % index)
+            self._carried = _counted(_read_figures(self._figures_path) or {})
+            self.call_later(0, self._publish_figures, True)
 
     def _publish_figures(self, again: bool = False) -> None:
         figures = self.stats()
@@ -6045,7 +6050,6 @@ def _main(argv: Optional[List[str]] = None) -> int:
     if not args.app:
         pages["/"] = ("text/html; charset=utf-8", _DEMO_PAGE.replace("{{MODE}}", "chat" if args.broadcast else "echo").encode())
     _raise_fd_limit()
-    figures_dir = os.environ.get("WSLOOP_METRICS_DIR") if worker and worker.isdigit() else None
     try:
         server = (_WorkerServer if worker and worker.isdigit() else Server)(
             handler,
@@ -6086,10 +6090,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
         return 2
     if args.no_access_log:
         access_logger.setLevel(logging.WARNING)
-    if isinstance(server, _WorkerServer):
-        server._own_socket = bool(os.environ.get("WSLOOP_REUSEPORT"))
-        if figures_dir and worker:
-            server._share_figures(figures_dir, int(worker))
+    if isinstance(server, _WorkerServer) and worker:
+        server._join(int(worker), bool(os.environ.get("WSLOOP_REUSEPORT")), os.environ.get("WSLOOP_METRICS_DIR"))
     supervisor = os.environ.get("WSLOOP_SUPERVISOR")
     if supervisor and supervisor.isdigit():
         _watch_supervisor(server, int(supervisor))

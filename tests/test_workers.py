@@ -368,7 +368,8 @@ def test_a_killed_workers_clients_see_1006_and_can_reconnect():
             worker = re.search(r"worker (\d+)", log.wait_for(r"open from 127\.0\.0\.1:").string)
             ws.send("before")
             assert ws.recv(timeout=5) == "before"
-            os.kill(worker_pids(process.pid)[worker.group(1)], signal.SIGKILL)
+            victim = worker_pids(process.pid)[worker.group(1)]
+            os.kill(victim, signal.SIGKILL)
             with pytest.raises(wsloop.ConnectionClosed):
                 ws.recv(timeout=5)
             assert ws.close_code == 1006
@@ -378,5 +379,7 @@ def test_a_killed_workers_clients_see_1006_and_can_reconnect():
         with again:
             again.send("after")
             assert again.recv(timeout=5) == "after"
+        log.wait_for(r"worker %s \(pid %d\) died: signal SIGKILL" % (worker.group(1), victim))
+        log.wait_count(r"worker %s .*listening on" % worker.group(1), 2)
         process.send_signal(signal.SIGTERM)
         assert process.wait(15) == 0, log.text()
