@@ -240,12 +240,15 @@ class WebSocketError(Exception):
 
 
 class ProtocolError(WebSocketError):
-    """The peer broke RFC 6455; ``code`` is the close code to fail it with."""
+    """The peer broke RFC 6455; ``code`` is the close code to fail it with,
+    ``reason`` what the close frame says, ``detail`` the facts kept local
+    (for this side's :class:`ConnectionClosed`, not sent on the wire)."""
 
-    def __init__(self, reason: str, code: int = CloseCode.PROTOCOL_ERROR):
+    def __init__(self, reason: str, code: int = CloseCode.PROTOCOL_ERROR, detail: str = ""):
         super().__init__(reason)
         self.reason = reason
         self.code = code
+        self.detail = detail or reason
 
 
 class HandshakeError(WebSocketError):
@@ -262,7 +265,55 @@ class HandshakeError(WebSocketError):
 
 
 class ConnectionClosed(WebSocketError):
-    """A message was sent on a connection that is no longer open."""
+    """The connection is closed (or closing): nothing more can be sent, or
+    nothing more will be received.  It says why:
+
+    - ``code`` and ``reason``: the peer's close frame (1005 if it had no
+      code; 1006 and ``""`` if none came);
+    - ``sent_code`` and ``sent_reason``: the close frame this side sent
+      (None and ``""`` if it sent none);
+    - ``detail``: when this side failed the connection, the facts behind
+      its close code (kept local, never sent).
+
+    Its message tells the same story, e.g. ``sent 1009 (message too big):
+    2,097,152 bytes > max_size 1,048,576; no close frame received``.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        code: int = CloseCode.ABNORMAL,
+        reason: str = "",
+        sent_code: Optional[int] = None,
+        sent_reason: str = "",
+        detail: str = "",
+        sent_first: bool = False,
+    ):
+        self.code = code
+        self.reason = reason
+        self.sent_code = sent_code
+        self.sent_reason = sent_reason
+        self.detail = detail
+        received = "no close frame received" if code == CloseCode.ABNORMAL else "received " + _close_text(code, reason)
+        if sent_code is None:
+            story = received
+        else:
+            sent = "sent " + _close_text(sent_code, sent_reason, detail)
+            story = sent + "; " + received if sent_first or code == CloseCode.ABNORMAL else received + "; then " + sent
+        super().__init__(message + ": " + story if message else story)
+
+
+def _close_text(code: int, reason: str, detail: str = "") -> str:
+    """``1009 (message too big)`` and the reason (escaped) or the detail."""
+    try:
+        name = CloseCode(code).name.lower().replace("_", " ")
+    except ValueError:
+        name = "private use" if code >= 4000 else "registered"
+    text = "%d (%s)" % (code, name)
+    if detail:
+        return text + ": " + detail
+    return text + " " + repr(reason) if reason else text
 
 
 # =============================================================================
@@ -1184,7 +1235,10 @@ class _PerMessageDeflate:
         except zlib.error:
             raise ProtocolError("invalid compressed data", CloseCode.INVALID_DATA) from None
         if len(output) > limit:
-            raise ProtocolError("message over the size limit once inflated", CloseCode.MESSAGE_TOO_BIG)
+            raise ProtocolError(
+                "message over the size limit once inflated", CloseCode.MESSAGE_TOO_BIG,
+                "over max_size once inflated",
+            )
         if decompressor.eof:
             # A final block: only the tail we appended may follow it.
             unused = decompressor.unused_data
@@ -1475,6 +1529,8 @@ class Protocol:
         "close_reason",
         "close_sent",
         "close_sent_reason",
+        "_close_detail",
+        "_sent_first",
         "opened",
         "end_of_output",
         "max_size",
@@ -1521,6 +1577,8 @@ class Protocol:
         # The close frame we sent, if any.
         self.close_sent: Optional[int] = None
         self.close_sent_reason = ""
+        self._close_detail = ""  # why we failed the connection, kept local
+        self._sent_first = False  # our close frame went before the peer's
         self.opened = False  # the handshake was accepted
         self.end_of_output: Optional[str] = None  # CLOSE or SHUT_WR once CLOSED
         self.max_size = max_size
@@ -1747,7 +1805,7 @@ class Protocol:
                 incoming.in_payload = True
         except ProtocolError as exc:
             # The one place where a violation becomes a close frame.
-            self._fail(exc.code, exc.reason)
+            self._fail(exc.code, exc.reason, exc.detail)
         finally:
             if self.state is _CLOSED:
                 self._buffer = b""
@@ -1981,7 +2039,8 @@ class Protocol:
             limit += (limit >> 6) + 1024
         if (0 if incoming is None else incoming.size) + length > limit:
             raise ProtocolError(
-                "message over %d bytes" % self.max_size, CloseCode.MESSAGE_TOO_BIG
+                "message over %d bytes" % self.max_size, CloseCode.MESSAGE_TOO_BIG,
+                "{:,} bytes > max_size {:,}".format((0 if incoming is None else incoming.size) + length, self.max_size),
             )
 
     def _start_data_frame(self, opcode: int, first: int, length: int) -> _Incoming:
@@ -1991,7 +2050,8 @@ class Protocol:
         incoming.fragments += 1
         if incoming.fragments > self.max_fragments:
             raise ProtocolError(
-                "message in over %d fragments" % self.max_fragments, CloseCode.MESSAGE_TOO_BIG
+                "message in over %d fragments" % self.max_fragments, CloseCode.MESSAGE_TOO_BIG,
+                "over max_fragments {:,} frames in one message".format(self.max_fragments),
             )
         incoming.size += length
         incoming.frame_fin = bool(first & _FIN)
@@ -2080,12 +2140,14 @@ class Protocol:
         self._set_state(_CLOSED)
         return (Event.CLOSE, (code, reason))
 
-    def _fail(self, code: int, reason: str) -> None:
+    def _fail(self, code: int, reason: str, detail: str = "") -> None:
         """Fail the connection (RFC 6455 7.1.7): send a close, then stop."""
         if self.state is _OPEN:
             self._queue_frame(_FIN | Opcode.CLOSE, _close_payload(code, reason))
             self.close_sent = code
             self.close_sent_reason = reason
+            self._close_detail = detail
+            self._sent_first = self.close_code is None
         if self.state is not _CLOSED:
             self._set_state(_CLOSED)
 
@@ -2106,10 +2168,23 @@ class Protocol:
         else:
             self.outgoing += _frame_header(first_byte, len(payload)) + payload
 
+    def closed_error(self, message: str = "") -> ConnectionClosed:
+        """A :class:`ConnectionClosed` that says how this connection ended
+        (or is ending): the close frames received and sent, and why."""
+        return ConnectionClosed(
+            message,
+            code=CloseCode.ABNORMAL if self.close_code is None else self.close_code,
+            reason=self.close_reason,
+            sent_code=self.close_sent,
+            sent_reason=self.close_sent_reason,
+            detail=self._close_detail,
+            sent_first=self._sent_first,
+        )
+
     def send(self, message: Union[str, bytes]) -> None:
         """Queue a text (``str``) or binary (``bytes``) message."""
         if self.state is not _OPEN:
-            raise ConnectionClosed("connection is %s" % self.state.value)
+            raise self.closed_error()
         self.outgoing += self.encode(message)
 
     def ping(self, payload: bytes = b"") -> None:
@@ -2117,7 +2192,7 @@ class Protocol:
         if len(payload) > 125:
             raise ValueError("ping payload over 125 bytes")
         if self.state is not _OPEN:
-            raise ConnectionClosed("connection is %s" % self.state.value)
+            raise self.closed_error()
         self._queue_frame(_FIN | Opcode.PING, bytes(payload))
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
@@ -2132,6 +2207,7 @@ class Protocol:
         self._queue_frame(_FIN | Opcode.CLOSE, _close_payload(code, reason))
         self.close_sent = code
         self.close_sent_reason = reason
+        self._sent_first = True
         self._set_state(_CLOSING)
 
 
@@ -3395,6 +3471,11 @@ class Connection:
         return self._protocol.close_sent
 
     @property
+    def close_sent_reason(self) -> str:
+        """The reason in the close frame the server sent."""
+        return self._protocol.close_sent_reason
+
+    @property
     def pending_output(self) -> int:
         """Bytes accepted for sending that the peer has not taken yet
         (messages from other threads count from the moment send() returns)."""
@@ -3416,7 +3497,7 @@ class Connection:
             if not isinstance(message, PreparedMessage):
                 message = _checked_message(message)
             if self._protocol.state is not _OPEN:
-                raise ConnectionClosed("connection is %s" % self._protocol.state.value)
+                raise self._protocol.closed_error()
             # Counted in pending_output from now on: a thread that sends
             # faster than the loop takes its messages sees them back up.
             size = len(message.message if isinstance(message, PreparedMessage) else message)
@@ -3559,7 +3640,7 @@ class Connection:
         """Queue ``frame`` (and ``payload``, the rest of it, if given)."""
         protocol = self._protocol
         if protocol.state is not _OPEN:
-            raise ConnectionClosed("connection is %s" % protocol.state.value)
+            raise protocol.closed_error()
         limit = self._options.max_pending_output
         if len(protocol.outgoing) > limit:
             # Over the limit only counts once the kernel has refused to take more.
@@ -4915,8 +4996,13 @@ _MAX_QUEUE = 16
 
 
 # The ends that iteration takes as normal: a close frame with 1000, 1001, or
-# no code at all (1005: the server closed on purpose, and said nothing more).
+# no code at all (1005: the server closed on purpose, and said nothing more),
+# when this side sent nothing else (a 1009 or 1011 of ours is an error).
 _NORMAL_ENDS = (CloseCode.NORMAL, CloseCode.GOING_AWAY, CloseCode.NO_STATUS)
+
+
+def _ended_normally(error: ConnectionClosed) -> bool:
+    return error.code in _NORMAL_ENDS and (error.sent_code is None or error.sent_code in _NORMAL_ENDS)
 
 
 class ClientConnection:
@@ -5001,7 +5087,7 @@ class ClientConnection:
             error = protocol.handshake_error
             if error is not None:
                 raise error
-            raise ConnectionClosed("the connection closed during the opening handshake")
+            raise protocol.closed_error("the connection closed during the opening handshake")
 
     # -- what the application reads -------------------------------------------
 
@@ -5037,6 +5123,17 @@ class ClientConnection:
     def close_reason(self) -> str:
         return self._connection.close_reason
 
+    @property
+    def close_sent(self) -> Optional[int]:
+        """The code of the close frame the client sent, if it sent one
+        (1009 for a message over ``max_size``, 1011 for a keepalive timeout)."""
+        return self._connection.close_sent
+
+    @property
+    def close_sent_reason(self) -> str:
+        """The reason in the close frame the client sent."""
+        return self._connection.close_sent_reason
+
     # -- what the application does --------------------------------------------
 
     def send(self, message: Union[str, bytes]) -> None:
@@ -5060,7 +5157,7 @@ class ClientConnection:
                 drained.wait()
             with self._condition:
                 if self._done:
-                    raise ConnectionClosed("connection closed before the message was taken")
+                    raise connection._protocol.closed_error("closed before the message was taken")
 
     def recv(self, timeout: Optional[float] = None) -> Union[str, bytes]:
         """The next message: ``str`` for text, ``bytes`` for binary.
@@ -5074,9 +5171,7 @@ class ClientConnection:
             if not self._condition.wait_for(lambda: self._messages or self._done, timeout):
                 raise TimeoutError("no message within %s s" % timeout)
             if not self._messages:
-                raise ConnectionClosed(
-                    "connection closed: %s" % _describe_close(self.close_code or CloseCode.ABNORMAL, self.close_reason)
-                )
+                raise self._connection._protocol.closed_error()
             return self._messages.popleft()
 
     def _resume_if_taken(self) -> None:
@@ -5089,8 +5184,8 @@ class ClientConnection:
         while True:
             try:
                 yield self.recv()
-            except ConnectionClosed:
-                if self.close_code in _NORMAL_ENDS:
+            except ConnectionClosed as exc:
+                if _ended_normally(exc):
                     return
                 raise
 

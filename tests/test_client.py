@@ -29,7 +29,7 @@ import pytest
 import trustme
 
 import wsloop
-from helpers import Recorder, Worker, client_frame, close_payload, mask_bytes, running_server
+from helpers import Recorder, Worker, client_frame, close_payload, connected, mask_bytes, running_server
 
 Event = wsloop.Event
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0, 1, 2, 8, 9, 10
@@ -1507,3 +1507,78 @@ def test_past_the_hold_the_client_queues_at_most_max_queue_messages():
             grew = ws._condition.wait_for(lambda: len(ws._messages) > limit, 2 * wsloop._HOLD_GRACE)
         assert not grew, "%d messages queued past the bound" % len(ws._messages)
         assert [ws.recv(timeout=TIMEOUT) for _ in range(200)] == ["m%03d" % i for i in range(200)]
+
+
+# =============================================================================
+# ConnectionClosed says why, on both sides
+# =============================================================================
+
+
+def test_a_message_over_max_size_says_the_client_sent_1009_and_the_sizes():
+    with running_server(wsloop.Echo(), max_size=4 * 2**20) as server:
+        with wsloop.connect(ws_url(server), compression=False) as ws:
+            ws.send(b"x" * 2**21)  # the server takes it, the client not its echo
+            with pytest.raises(wsloop.ConnectionClosed) as info:
+                ws.recv(timeout=TIMEOUT)
+            error = info.value
+            assert (error.sent_code, error.sent_reason) == (1009, "message over 1048576 bytes")
+            assert (error.code, error.reason) == (1006, "")  # the server's echo came after the client stopped reading
+            assert str(error) == ("sent 1009 (message too big): 2,097,152 bytes > max_size 1,048,576; "
+                                  "no close frame received")
+            assert (ws.close_sent, ws.close_sent_reason) == (1009, "message over 1048576 bytes")
+            with pytest.raises(wsloop.ConnectionClosed) as again:
+                for _ in ws:
+                    pass
+            assert again.value.sent_code == 1009, "iteration ended silently on the client's own 1009"
+
+
+def test_a_keepalive_timeout_says_the_client_sent_1011():
+    def script(peer):
+        peer.accept()
+        assert peer.recv_frame().opcode == PING  # never answered
+        frame = peer.recv_frame_skipping_pings()
+        peer.send(server_frame(CLOSE, frame.payload[:2]))
+
+    with FakeServer(script) as server:
+        ws = wsloop.connect(server.url, ping_interval=0.2, ping_timeout=0.3)
+        with pytest.raises(wsloop.ConnectionClosed) as info:
+            ws.recv(timeout=TIMEOUT)
+        ws.close()
+    error = info.value
+    assert (error.sent_code, error.sent_reason, error.code) == (1011, "keepalive ping timeout", 1011)
+    assert str(error) == "sent 1011 (internal error) 'keepalive ping timeout'; received 1011 (internal error)"
+
+
+def test_a_servers_close_says_what_came_and_what_went_back():
+    with running_server(CloseOnRequest()) as server, wsloop.connect(ws_url(server)) as ws:
+        ws.send("4001 over \x1b[31mquota")
+        with pytest.raises(wsloop.ConnectionClosed) as info:
+            ws.recv(timeout=TIMEOUT)
+    error = info.value
+    assert (error.code, error.reason) == (4001, "over \x1b[31mquota")
+    assert (error.sent_code, error.sent_reason) == (4001, "")  # the echo (RFC 6455 5.5.1)
+    assert str(error) == r"received 4001 (private use) 'over \x1b[31mquota'; then sent 4001 (private use)"
+
+
+def test_the_servers_connection_says_why_it_cannot_send():
+    recorder = Recorder()
+    with running_server(recorder) as server:
+        with wsloop.connect(ws_url(server)) as ws:
+            [conn] = connected(recorder, 1)
+            ws.close(4000, "bye")
+        assert recorder.close_event.wait(TIMEOUT)
+        with pytest.raises(wsloop.ConnectionClosed) as info:
+            conn.send("too late")  # from this thread: checked here
+    error = info.value
+    assert (error.code, error.reason, error.sent_code) == (4000, "bye", 4000)
+    assert conn.close_sent_reason == ""
+    assert str(error) == "received 4000 (private use) 'bye'; then sent 4000 (private use)"
+
+
+def test_a_normal_close_by_the_client_ends_iteration_quietly():
+    with running_server(wsloop.Echo()) as server, wsloop.connect(ws_url(server)) as ws:
+        ws.close()
+        assert list(ws) == []
+        with pytest.raises(wsloop.ConnectionClosed) as info:
+            ws.recv(timeout=TIMEOUT)
+    assert str(info.value) == "sent 1000 (normal); received 1000 (normal)"
