@@ -646,12 +646,13 @@ def _parse_response_head(buffer: Union[bytes, bytearray]) -> Optional[Tuple[Resp
     """
     end = buffer.find(b"\r\n\r\n")
     if end < 0:
-        if len(buffer) > MAX_REQUEST_HEAD:
-            raise HandshakeError(0, "response head too large")
+        _check_partial_response(buffer)
         return None
     if end + 4 > MAX_REQUEST_HEAD:
         raise HandshakeError(0, "response head too large")
     lines = bytes(buffer[:end]).split(b"\r\n")
+    if len(lines[0]) > MAX_REQUEST_LINE:
+        raise HandshakeError(0, "status line too long")
     parts = lines[0].split(b" ", 2)
     if (
         len(parts) < 2
@@ -660,10 +661,29 @@ def _parse_response_head(buffer: Union[bytes, bytearray]) -> Optional[Tuple[Resp
         or not parts[1].isdigit()
     ):
         raise HandshakeError(0, "not an HTTP/1.1 response")
+    if parts[1] == b"101" and parts[0] != b"HTTP/1.1":
+        # RFC 6455 4.1: the handshake is HTTP/1.1 (1.0 has no Upgrade).
+        raise HandshakeError(101, "a 101 over %s, not HTTP/1.1" % parts[0].decode("ascii"))
     _check_header_lines(lines[1:], 0, 0)
     response = Response(int(parts[1]), b"", _split_header_block(b"\r\n".join(lines[1:])))
     reason = parts[2].decode("latin-1") if len(parts) > 2 else ""
     return response, reason, end + 4
+
+
+def _check_partial_response(buffer: Union[bytes, bytearray]) -> None:
+    """The request head's limits, on a response head that has not ended yet
+    (HandshakeError status 0): a server that sends endless lines fails the
+    handshake as soon as it crosses one, as a client would on the server."""
+    if len(buffer) > MAX_REQUEST_HEAD:
+        raise HandshakeError(0, "response head too large")
+    first_end = buffer.find(b"\r\n")
+    if (len(buffer) if first_end < 0 else first_end) > MAX_REQUEST_LINE:
+        raise HandshakeError(0, "status line too long")
+    if first_end >= 0:
+        if len(buffer) - buffer.rfind(b"\r\n") - 2 > MAX_HEADER_LINE:
+            raise HandshakeError(0, "header line too long")
+        if buffer.count(b"\r\n") > MAX_HEADERS + 1:
+            raise HandshakeError(0, "too many headers")
 
 
 def _header_line(name: str, value: str) -> str:
@@ -1616,9 +1636,15 @@ class Protocol:
             self._unbuffered = None
             self._incoming = None
             peer_done = self.close_code is not None  # its close frame came, or EOF
-            # A client leaves closing TCP to the server (RFC 6455 7.1.1): it
-            # half-closes and waits for the server's EOF.
-            self.end_of_output = CLOSE if peer_done and not self.client else SHUT_WR
+            if self.client:
+                # A client leaves closing TCP to the server (RFC 6455 7.1.1): it
+                # half-closes and waits for the server's EOF.  A handshake that
+                # failed has no WebSocket to close: it drops TCP at once (4.1,
+                # "_Fail the WebSocket Connection_") rather than read whatever
+                # the server goes on sending.
+                self.end_of_output = SHUT_WR if self.opened else CLOSE
+            else:
+                self.end_of_output = CLOSE if peer_done else SHUT_WR
 
     # -- input ----------------------------------------------------------------
 
@@ -5077,11 +5103,15 @@ class ClientConnection:
             self._loop.close()
 
     def _wait_open(self, timeout: Optional[float]) -> None:
+        protocol = self._connection._protocol
         if not self._opened.wait(timeout):
             self._connection.abort()
             self._thread.join()
+            if protocol.response is not None and protocol.handshake_error is not None:
+                # A refusal without Content-Length on a connection left open:
+                # its body ended with the time allowed.
+                raise protocol.handshake_error
             raise TimeoutError("the opening handshake timed out")
-        protocol = self._connection._protocol
         if protocol.state is not _OPEN and not protocol.opened:
             self._thread.join()
             error = protocol.handshake_error

@@ -1582,3 +1582,109 @@ def test_a_normal_close_by_the_client_ends_iteration_quietly():
         with pytest.raises(wsloop.ConnectionClosed) as info:
             ws.recv(timeout=TIMEOUT)
     assert str(info.value) == "sent 1000 (normal); received 1000 (normal)"
+
+
+# =============================================================================
+# Hostile answers to the handshake: the server's head limits, failing at once
+# =============================================================================
+
+
+@pytest.mark.parametrize(
+    "answer, why",
+    [
+        (b"HTTP/1.1 101 " + b"S" * (wsloop.MAX_REQUEST_LINE + 1), "status line too long"),
+        (b"HTTP/1.1 101 Switching Protocols\r\nX-Long: " + b"a" * wsloop.MAX_HEADER_LINE, "header line too long"),
+        (b"HTTP/1.1 101 Switching Protocols\r\n" + b"X: y\r\n" * (wsloop.MAX_HEADERS + 1), "too many headers"),
+    ],
+)
+def test_a_response_head_crossing_a_limit_fails_before_its_end(answer, why):
+    client, _ = new_client()
+    assert feed(client, answer) == []
+    assert (client.handshake_error.status, client.handshake_error.reason) == (0, why)
+    assert client.state is wsloop.State.CLOSED
+
+
+def test_a_101_must_be_http_1_1():
+    client, request = new_client()
+    feed(client, switching(request).replace(b"HTTP/1.1", b"HTTP/1.0", 1))
+    assert client.handshake_error.status == 101
+    assert "HTTP/1.0" in client.handshake_error.reason
+    assert client.state is wsloop.State.CLOSED
+    assert not client.opened
+
+
+def flood(peer, head, line, limit=256 * 2**20):
+    """Answer the request with ``head`` then ``line`` over and over until the
+    client closes TCP (or ``limit`` bytes); return how many bytes went."""
+    peer.read_request()
+    sent = 0
+    try:
+        peer.send(head)
+        sent += len(head)
+        chunk = line * max(1, 65536 // len(line))
+        while sent < limit:
+            peer.send(chunk)
+            sent += len(chunk)
+    except OSError:  # the client closed: what it did not read is reset
+        pass
+    return sent
+
+
+@pytest.mark.parametrize(
+    "head, line, status",
+    [
+        (b"HTTP/1.1 101 Switching Protocols\r\n", b"X-Filler: aaaaaaaaaaaaaaaa\r\n", 0),  # endless header lines
+        (b"HTTP/1.1 101 Switching Protocols\r\nX-Endless: ", b"a", 0),  # one endless header line
+        (b"HTTP/1.1 500 Oops\r\n\r\n", b"body ", 500),  # a refusal with an endless body
+        (b"HTTP/1.1 403 Forbidden\r\nContent-Length: 99999999999\r\n\r\n", b"body ", 403),
+    ],
+)
+def test_an_endless_answer_fails_the_handshake_at_once(head, line, status):
+    sent = []
+    with FakeServer(lambda peer: sent.append(flood(peer, head, line))) as server:
+        start = time.monotonic()
+        with pytest.raises(wsloop.HandshakeError) as info:
+            wsloop.connect(server.url, open_timeout=TIMEOUT)
+        elapsed = time.monotonic() - start
+    assert info.value.status == status
+    assert elapsed < TIMEOUT / 2, "the client read on until the open timeout"
+    # What the kernel buffers on both sides, no more: not the 256 MiB offered.
+    assert sent[0] < 32 * 2**20, "the client read %d bytes" % sent[0]
+    if status:
+        assert len(info.value.body) == wsloop.MAX_REQUEST_HEAD
+
+
+def test_a_whole_refusal_on_a_connection_left_open_fails_at_once():
+    answered = threading.Event()
+
+    def script(peer):
+        peer.read_request()
+        peer.send(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 3\r\nX-Why: origin\r\n\r\nno\n")
+        answered.wait(TIMEOUT)  # TCP stays open, whatever the client does
+
+    with FakeServer(script) as server:
+        start = time.monotonic()
+        try:
+            with pytest.raises(wsloop.HandshakeError) as info:
+                wsloop.connect(server.url, open_timeout=TIMEOUT)
+            assert time.monotonic() - start < TIMEOUT / 2, "the client waited for the server to close"
+        finally:
+            answered.set()
+    assert (info.value.status, info.value.body) == (403, b"no\n")
+
+
+def test_a_refusal_without_length_on_a_connection_left_open_is_a_handshake_error():
+    closed = threading.Event()
+
+    def script(peer):
+        peer.read_request()
+        peer.send(b"HTTP/1.1 503 Busy\r\nRetry-After: 1\r\n\r\nback ")
+        peer.send(b"soon\n")
+        peer.read_until_eof()
+        closed.set()
+
+    with FakeServer(script) as server:
+        with pytest.raises(wsloop.HandshakeError) as info:
+            wsloop.connect(server.url, open_timeout=0.3)  # the body ends with the time allowed
+        assert closed.wait(TIMEOUT)
+    assert (info.value.status, info.value.body) == (503, b"back soon\n")
