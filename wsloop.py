@@ -125,6 +125,7 @@ __all__ = [
     "WebSocketError",
     "accept_key",
     "connect",
+    "reconnecting",
     "serve",
 ]
 
@@ -326,6 +327,17 @@ def accept_key(key: Union[str, bytes]) -> str:
     if isinstance(key, str):
         key = key.encode("ascii")
     return base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest()).decode("ascii")
+
+
+# Control characters (C0, DEL, C1) as escapes, so that what a peer sent
+# cannot drive a terminal or forge a line when it is printed or logged.
+_CONTROL_ESCAPES = {code: "\\x%02x" % code for code in list(range(0x20)) + list(range(0x7F, 0xA0))}
+_CONTROL_ESCAPES.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"})
+
+
+def _shown(text: str) -> str:
+    """``text`` with its control characters escaped (ESC as ``\\x1b``)."""
+    return text.translate(_CONTROL_ESCAPES)
 
 
 def _header_tokens(value: Optional[str]) -> List[str]:
@@ -5058,6 +5070,7 @@ class ClientConnection:
         self._done = False  # the connection is gone (under _condition)
         self._drain_waiters: List[threading.Event] = []  # senders held by flow control
         self._opened = threading.Event()  # open, or failed before it opened
+        self._quiet_ends: Tuple[int, ...] = ()  # more closes that end iteration (reconnecting)
         options.on_message = self._on_message
         self._connection = Connection(self, sock, address, 0, options, self._loop, protocol)
         self._connection._schedule_flush()  # the request goes out on the first turn
@@ -5215,7 +5228,7 @@ class ClientConnection:
             try:
                 yield self.recv()
             except ConnectionClosed as exc:
-                if _ended_normally(exc):
+                if _ended_normally(exc) or (self._quiet_ends and _worth_retrying(exc)):
                     return
                 raise
 
@@ -5332,6 +5345,97 @@ def connect(
     client = ClientConnection(sock, address, protocol, options)
     client._wait_open(None if deadline is None else max(0.0, deadline - time.monotonic()))
     return client
+
+
+# The closes worth trying again after: the server went away or restarts
+# (1001, 1012), is overloaded (1013), failed (1011), or TCP broke (1006).
+_RETRY_CLOSES = (
+    CloseCode.GOING_AWAY, CloseCode.ABNORMAL, CloseCode.INTERNAL_ERROR,
+    CloseCode.SERVICE_RESTART, CloseCode.TRY_AGAIN_LATER,
+)
+
+
+def _worth_retrying(error: ConnectionClosed) -> bool:
+    """The close is one to retry after, and ours (if any) said no more (a
+    1009 or 1002 of ours means the server broke a rule: not a passing fault)."""
+    return error.code in _RETRY_CLOSES and (error.sent_code is None or error.sent_code in _RETRY_CLOSES)
+
+
+def reconnecting(
+    url: str,
+    *,
+    initial_delay: float = 0.5,
+    max_delay: float = 30.0,
+    sleep: Callable[[float], Any] = time.sleep,
+    **connect_options: Any,
+) -> Iterator[ClientConnection]:
+    """Connections to ``url``, one after another, for as long as the server
+    is worth trying again::
+
+        for ws in wsloop.reconnecting(url):
+            for message in ws:
+                handle(message)
+
+    Each connection is :func:`connect`'s (``connect_options`` go to it); the
+    loop asks for the next one when its body ends, and the previous
+    connection is closed first (with 1000 if it was still open).
+
+    Tried again, after a wait: a network error (``OSError``, so refused,
+    reset, unreachable, timed out; not a certificate that fails
+    verification), an answer that is not HTTP, a 5xx refusal, and a
+    connection that ended with 1001, 1006, 1011, 1012 or 1013 (iterating
+    such a connection ends quietly, as for 1000).  The n-th attempt in a
+    row waits between half and all of ``min(max_delay, initial_delay * 2 **
+    (n - 1))`` seconds (random jitter, so that clients a restart dropped
+    do not all come back at once); a connection that opens starts the
+    count again.  ``sleep`` does the waiting (``time.sleep``; pass
+    ``threading.Event().wait`` to be able to cut it short).
+
+    The end: a normal close (1000, or 1005) ends the loop; a 4xx or other
+    refusal raises :class:`HandshakeError`, and any other close raises
+    :class:`ConnectionClosed`, from the ``for``.  A bad URL raises
+    ValueError here.
+    """
+    _parse_ws_url(url)
+    if not 0 < initial_delay <= max_delay:
+        raise ValueError("need 0 < initial_delay <= max_delay")
+    return _reconnect(url, initial_delay, max_delay, sleep, connect_options)
+
+
+def _reconnect(
+    url: str, initial_delay: float, max_delay: float, sleep: Callable[[float], Any], options: Dict[str, Any]
+) -> Iterator[ClientConnection]:
+    attempts = 0
+    while True:
+        why: Exception
+        try:
+            ws = connect(url, **options)
+        except HandshakeError as exc:
+            if exc.status != 0 and exc.status < 500:
+                raise
+            why = exc
+        except ssl.SSLCertVerificationError:
+            raise
+        except OSError as exc:
+            why = exc
+        else:
+            attempts = 0
+            ws._quiet_ends = _RETRY_CLOSES
+            try:
+                yield ws
+            finally:
+                ws.close()  # also when the loop is left (break, an exception)
+            error = ws._connection._protocol.closed_error()
+            if not _worth_retrying(error):
+                if _ended_normally(error):
+                    return
+                raise error
+            why = error
+        attempts += 1
+        delay = min(max_delay, initial_delay * 2.0 ** (attempts - 1))
+        delay *= 0.5 + random.random() / 2
+        logger.info("reconnecting to %s in %.2f s: %s", url, delay, _shown(str(why)))
+        sleep(delay)
 
 
 # =============================================================================

@@ -15,6 +15,7 @@ timeout, and events rather than sleeps.
 
 import base64
 import collections
+import contextlib
 import socket
 import select
 import selectors
@@ -1688,3 +1689,138 @@ def test_a_refusal_without_length_on_a_connection_left_open_is_a_handshake_error
             wsloop.connect(server.url, open_timeout=0.3)  # the body ends with the time allowed
         assert closed.wait(TIMEOUT)
     assert (info.value.status, info.value.body) == (503, b"back soon\n")
+
+
+# =============================================================================
+# reconnecting(): back-off on passing faults, an end on lasting ones
+# =============================================================================
+
+
+class Scripted(wsloop.Handler):
+    """At the first message on the n-th connection, ends it as
+    ``endings[n]`` says: a close code, "drop" (TCP dropped, 1006), or a str
+    (sent, then a normal close)."""
+
+    def __init__(self, endings):
+        self.endings = list(endings)
+        self.opened = 0
+
+    def on_message(self, conn, message):
+        ending = self.endings[self.opened]
+        self.opened += 1
+        if ending == "drop":
+            conn.abort()
+        elif isinstance(ending, int):
+            conn.close(ending)
+        else:
+            conn.send(ending)
+            conn.close(1000)
+
+
+def check_backoff(delays, initial, maximum):
+    """Each wait is within its documented bounds: half to all of
+    min(maximum, initial * 2 ** n) for the n-th retry in a row."""
+    for attempt, delay in enumerate(delays):
+        cap = min(maximum, initial * 2 ** attempt)
+        assert cap / 2 <= delay <= cap, "wait %d was %r, outside [%r, %r]" % (attempt, delay, cap / 2, cap)
+
+
+def test_reconnecting_retries_passing_closes_and_ends_on_a_normal_one():
+    handler = Scripted([1012, "drop", 1011, 1013, 1001, "last"])
+    delays, received = [], []
+    with running_server(handler) as server:
+        for ws in wsloop.reconnecting(ws_url(server), initial_delay=0.1, sleep=delays.append):
+            ws.send("go")
+            for message in ws:  # ends quietly on the closes that are retried
+                received.append(message)
+            assert ws.state is wsloop.State.CLOSED
+    assert received == ["last"]
+    assert handler.opened == 6
+    assert len(delays) == 5
+    for delay in delays:  # each connection opened: the count started again
+        check_backoff([delay], 0.1, 30.0)
+
+
+def test_reconnecting_backs_off_exponentially_while_the_server_is_down():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+    port = listener.getsockname()[1]
+    delays = []
+    with contextlib.ExitStack() as stack:
+        stack.callback(listener.close)
+
+        def sleep(delay):
+            delays.append(delay)
+            if len(delays) == 5:  # the server comes up
+                stack.enter_context(running_server(Scripted(["up"]), sock=listener))
+
+        messages = []
+        for ws in wsloop.reconnecting("ws://127.0.0.1:%d/" % port, initial_delay=0.1, max_delay=0.5, sleep=sleep):
+            ws.send("go")
+            messages.extend(ws)
+    assert messages == ["up"]
+    assert len(delays) == 5
+    check_backoff(delays, 0.1, 0.5)
+    assert max(delays) <= 0.5
+
+
+def test_reconnecting_retries_a_5xx_and_raises_a_4xx_refusal():
+    class Refuse(wsloop.Handler):
+        answers = [503, 502, 403]
+
+        def on_handshake(self, conn):
+            return wsloop.Response(self.answers.pop(0), "no")
+
+    delays = []
+    with running_server(Refuse()) as server:
+        with pytest.raises(wsloop.HandshakeError) as info:
+            for _ in wsloop.reconnecting(ws_url(server), sleep=delays.append):
+                pytest.fail("refused connections are not yielded")
+    assert info.value.status == 403
+    assert len(delays) == 2
+
+
+def test_reconnecting_raises_a_close_it_does_not_retry():
+    delays = []
+    with running_server(Scripted([4001, "never"])) as server:
+        with pytest.raises(wsloop.ConnectionClosed) as info:
+            for ws in wsloop.reconnecting(ws_url(server), sleep=delays.append):
+                ws.send("go")
+                for _ in ws:
+                    pass
+    assert info.value.code == 4001
+    assert delays == []
+
+
+def test_reconnecting_does_not_retry_the_clients_own_1009():
+    class Big(wsloop.Handler):
+        def on_connect(self, conn):
+            conn.send(b"x" * 2000)
+
+    delays = []
+    with running_server(Big()) as server:
+        with pytest.raises(wsloop.ConnectionClosed) as info:
+            for ws in wsloop.reconnecting(ws_url(server), max_size=1000, sleep=delays.append):
+                for _ in ws:
+                    pass
+    assert info.value.sent_code == 1009
+    assert delays == []
+
+
+def test_leaving_the_reconnecting_loop_closes_the_connection():
+    recorder = Recorder()
+    with running_server(recorder) as server:
+        for ws in wsloop.reconnecting(ws_url(server)):
+            ws.send("one")
+            assert ws.recv(timeout=TIMEOUT) == "one"
+            break
+        assert recorder.close_event.wait(TIMEOUT)
+    assert ws.state is wsloop.State.CLOSED
+    assert recorder.closed[0][1] == 1000
+
+
+def test_reconnecting_checks_its_arguments_at_once():
+    with pytest.raises(ValueError):
+        wsloop.reconnecting("http://127.0.0.1/")
+    with pytest.raises(ValueError):
+        wsloop.reconnecting("ws://127.0.0.1/", initial_delay=2, max_delay=1)
