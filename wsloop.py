@@ -3119,6 +3119,16 @@ class Handler:
         other processes on these topics meanwhile may be lost (Redis pub/sub
         replays nothing).  A place to resynchronise clients."""
 
+    def on_start(self, server: Server) -> None:
+        """The server is serving (the first thing its loop does): a place to
+        keep ``server`` and start what pushes to it (a thread that calls
+        ``server.publish``).  If it raises, the server shuts down."""
+
+    def on_stop(self, server: Server) -> None:
+        """Shutdown has begun, or the server is closing: new connections are
+        refused, and those open still are (a last message to them arrives
+        before their 1001).  Called once, and only after :meth:`on_start`."""
+
 
 class Echo(Handler):
     """Send every message back to its sender."""
@@ -3142,7 +3152,7 @@ class Chat(Handler):
             server.publish(self.topic, message)
 
 
-_HANDLER_METHODS = ("on_handshake", "on_connect", "on_message", "on_close", "on_broker_gap")
+_HANDLER_METHODS = ("on_handshake", "on_connect", "on_message", "on_close", "on_broker_gap", "on_start", "on_stop")
 
 
 def _handler_methods(handler: Any) -> Dict[str, Optional[Callable[..., Any]]]:
@@ -3211,6 +3221,8 @@ class _Options:
         self.on_message = methods["on_message"]
         self.on_close = methods["on_close"]
         self.on_broker_gap = methods["on_broker_gap"]
+        self.on_start = methods["on_start"]
+        self.on_stop = methods["on_stop"]
         if max_size < 1:
             raise ValueError("max_size must be at least 1")
         if max_fragments is not None and max_fragments < 1:
@@ -4363,6 +4375,7 @@ class Server:
         self._next_id = 1
         self._shutting_down = False
         self._accept_paused = False
+        self._hooks = "new"  # on_start/on_stop: "new", "started", "stopped"
         # The server's life: "new", "running", then "done" (sockets released).
         self._phase = "new"
         self._phase_lock = threading.Lock()
@@ -4460,9 +4473,11 @@ class Server:
             self._phase = "running"
         if self.broker is not None:
             self._loop.call_soon(self._start_broker)
+        self._loop.call_soon(self._on_start)
         try:
             self._loop.run()
         finally:
+            self._on_stop()  # if the loop ended any other way
             self._release()
 
     def shutdown(self, wait: bool = False) -> None:
@@ -4835,10 +4850,34 @@ class Server:
 
     # -- stopping -------------------------------------------------------------
 
+    def _on_start(self) -> None:
+        if self._shutting_down:
+            return  # shut down before it started: no hooks at all
+        self._hooks = "started"
+        on_start = self.options.on_start
+        if on_start is not None:
+            try:
+                on_start(self)
+            except Exception:
+                logger.exception("error in on_start: shutting down")
+                self._begin_shutdown()
+
+    def _on_stop(self) -> None:
+        if self._hooks != "started":
+            return
+        self._hooks = "stopped"
+        on_stop = self.options.on_stop
+        if on_stop is not None:
+            try:
+                on_stop(self)
+            except Exception:
+                logger.exception("error in on_stop")
+
     def _begin_shutdown(self) -> None:
         if self._shutting_down:
             return
         self._shutting_down = True
+        self._on_stop()  # before the clients are closed: it may still talk to them
         logger.info("shutting down: closing %d connection(s)", len(self._open_connections()))
         self._close_listeners()
         for connection in list(self._connections):
@@ -4851,6 +4890,7 @@ class Server:
             self._loop.call_later(bound + 0.5, self._stop_now)
 
     def _stop_now(self) -> None:
+        self._on_stop()
         for connection in list(self._connections):
             connection.abort()
         self._loop.stop()
