@@ -28,7 +28,9 @@ Or copy this file into a project and write a handler::
 
 Limits and their defaults (all configurable on :class:`Server` and the CLI)
 ---------------------------------------------------------------------------
-- ``max_size`` 1 MiB: largest incoming message (close code 1009).
+- ``max_size`` 1 MiB: largest incoming message (close code 1009); ``None``
+  for no limit, at your own risk: a peer may then make the process hold
+  any amount of memory.
 - ``max_fragments``: most frames in one message, ``max(1024, max_size // 64)``.
 - ``open_timeout`` 10 s: to complete the opening handshake.
 - ``close_timeout`` 10 s: to complete the closing handshake (it bounds the
@@ -110,6 +112,7 @@ __all__ = [
     "Deflate",
     "Echo",
     "Chat",
+    "Event",
     "Handler",
     "HandshakeError",
     "Headers",
@@ -125,6 +128,8 @@ __all__ = [
     "WebSocketError",
     "accept_key",
     "connect",
+    "encode_frame",
+    "encode_message",
     "reconnecting",
     "serve",
 ]
@@ -253,7 +258,9 @@ class ProtocolError(WebSocketError):
 
 
 class HandshakeError(WebSocketError):
-    """The opening handshake cannot succeed; ``status`` is the HTTP answer."""
+    """The opening handshake cannot succeed; ``status`` is the HTTP answer,
+    ``headers`` (a :class:`Headers`) and ``body`` what a server's refusal
+    said, for a client."""
 
     def __init__(
         self, status: int, reason: str, headers: Iterable[Tuple[str, str]] = (), body: bytes = b""
@@ -261,7 +268,8 @@ class HandshakeError(WebSocketError):
         super().__init__("%d %s" % (status, reason) if status else reason)
         self.status = status  # 0 when a client got no valid HTTP response
         self.reason = reason
-        self.headers = list(headers)
+        # Headers is defined further down; it exists by the time one is raised.
+        self.headers = Headers(headers)
         self.body = body  # what a server's refusal said, for a client
 
 
@@ -3189,6 +3197,11 @@ def _timeout(name: str, value: Optional[float]) -> Optional[float]:
     return value
 
 
+# max_size=None: no limit, as a number that every size check can compare
+# with, and that zlib's max_length (a C ssize_t) still takes plus one.
+_UNLIMITED_SIZE = 2**62
+
+
 class _Options:
     """A server's limits, policy and handler methods, checked once.
 
@@ -3198,7 +3211,7 @@ class _Options:
     def __init__(
         self,
         handler: Any,
-        max_size: int,
+        max_size: Optional[int],
         max_fragments: Optional[int],
         open_timeout: Optional[float],
         close_timeout: Optional[float],
@@ -3223,8 +3236,11 @@ class _Options:
         self.on_broker_gap = methods["on_broker_gap"]
         self.on_start = methods["on_start"]
         self.on_stop = methods["on_stop"]
+        if max_size is None:
+            # No limit: a peer may then make this process hold any amount.
+            max_size = _UNLIMITED_SIZE
         if max_size < 1:
-            raise ValueError("max_size must be at least 1")
+            raise ValueError("max_size must be at least 1, or None for no limit")
         if max_fragments is not None and max_fragments < 1:
             raise ValueError("max_fragments must be at least 1")
         if write_high_water < 1 or max_pending_output < 1:
@@ -4323,7 +4339,7 @@ class Server:
         host: str = "127.0.0.1",
         port: int = 8765,
         *,
-        max_size: int = DEFAULT_MAX_SIZE,
+        max_size: Optional[int] = DEFAULT_MAX_SIZE,
         max_fragments: Optional[int] = None,
         open_timeout: Optional[float] = DEFAULT_OPEN_TIMEOUT,
         close_timeout: Optional[float] = DEFAULT_CLOSE_TIMEOUT,
@@ -4708,6 +4724,12 @@ class Server:
         """The topics ``connection`` is subscribed to: a snapshot."""
         # frozenset() copies a set in one step under the GIL.
         return frozenset(self._subscriptions.get(connection, ()))
+
+    def subscriber_count(self, topic: str) -> int:
+        """How many connections of this process are subscribed to ``topic``
+        (not those of other processes behind the broker); from any thread,
+        a snapshot."""
+        return len(self._topics.get(topic, ()))
 
     def publish(self, topic: str, message: Union[str, bytes], exclude: Optional[Connection] = None) -> int:
         """Send ``message`` to every subscriber of ``topic`` here (but
@@ -5330,7 +5352,7 @@ def connect(
     origin: Optional[str] = None,
     headers: Optional[Iterable[Tuple[str, str]]] = None,
     compression: Union[bool, Deflate, None] = True,
-    max_size: int = DEFAULT_MAX_SIZE,
+    max_size: Optional[int] = DEFAULT_MAX_SIZE,
     max_fragments: Optional[int] = None,
     open_timeout: Optional[float] = DEFAULT_OPEN_TIMEOUT,
     close_timeout: Optional[float] = DEFAULT_CLOSE_TIMEOUT,
@@ -5342,7 +5364,9 @@ def connect(
     """Open a WebSocket connection to ``url`` (``ws://`` or ``wss://``).
 
     Offers permessage-deflate (``compression``), ``subprotocols`` and sends
-    ``origin`` and ``headers`` with the request.  ``wss://`` verifies the
+    ``origin`` and ``headers`` with the request.  ``max_size`` bounds each
+    message received (1009 beyond it); ``None`` is no limit, at your own
+    risk (the server may then make this process hold any amount).  ``wss://`` verifies the
     server's certificate and host name (``ssl.create_default_context()``)
     unless ``ssl_context`` says otherwise.  ``open_timeout`` bounds the
     TCP connection, TLS and the HTTP handshake together.
@@ -5361,7 +5385,7 @@ def connect(
         Handler(), max_size, max_fragments, None, close_timeout, ping_interval,
         ping_timeout, write_high_water, 2**62, compression, None, None, (), None, (), None, None,
     )
-    protocol = Protocol(max_size, max_fragments, options.compression, client=True)
+    protocol = Protocol(options.max_size, options.max_fragments, options.compression, client=True)
     protocol.request_upgrade(host_header, target, headers or (), subprotocols or (), origin)
     deadline = None if open_timeout is None else time.monotonic() + open_timeout
     try:
@@ -5865,7 +5889,11 @@ def _console(args: argparse.Namespace) -> int:
     if args.cafile:
         if not os.path.isfile(args.cafile):
             raise _UsageError("cannot read --cafile %s: no such file" % args.cafile)
-        ssl_context = ssl.create_default_context(cafile=args.cafile)
+        try:
+            ssl_context = ssl.create_default_context(cafile=args.cafile)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            why = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+            raise _UsageError("cannot use --cafile %s: %s (not PEM certificates?)" % (args.cafile, why)) from None
     try:
         ws = connect(
             args.connect,
@@ -5886,15 +5914,15 @@ def _console(args: argparse.Namespace) -> int:
         if exc.status and exc.status != 101:
             said = exc.body.decode("utf-8", "replace").strip().splitlines()
             why = "%d %s%s" % (exc.status, exc.reason, ": " + said[0] if said else "")
-            raise _UsageError("%s refused the connection: %s" % (args.connect, why)) from None
-        raise _UsageError("%s: not a valid WebSocket answer: %s" % (args.connect, exc.reason)) from None
+            raise _UsageError("%s refused the connection: %s" % (args.connect, _shown(why))) from None
+        raise _UsageError("%s: not a valid WebSocket answer: %s" % (args.connect, _shown(exc.reason))) from None
     except ssl.SSLError as exc:  # (an OSError too: caught first)
         raise _UsageError("TLS with %s failed: %s" % (args.connect, getattr(exc, "verify_message", None) or exc.reason or exc)) from None
     except (OSError, TimeoutError) as exc:
         why = exc.strerror or str(exc) or type(exc).__name__
         raise _UsageError("cannot connect to %s: %s" % (args.connect, why)) from None
     print("connected to %s%s (Ctrl-D closes, Ctrl-C exits)" % (
-        args.connect, "; subprotocol " + ws.subprotocol if ws.subprotocol else ""), file=sys.stderr)
+        args.connect, "; subprotocol " + _shown(ws.subprotocol) if ws.subprotocol else ""), file=sys.stderr)
 
     def send_lines() -> None:
         try:
@@ -5909,15 +5937,16 @@ def _console(args: argparse.Namespace) -> int:
         while True:
             message = ws.recv()
             if isinstance(message, str):
-                print(message, flush=True)
+                # Escaped: a server's ESC sequences must not drive the terminal.
+                print(_shown(message), flush=True)
             else:
                 print("[binary %d bytes] %s" % (len(message), message[:32].hex()), flush=True)
-    except ConnectionClosed:
-        pass
+    except ConnectionClosed as exc:
+        closed = exc
     except KeyboardInterrupt:
         return 130
-    print("connection closed: %s" % _describe_close(ws.close_code or CloseCode.ABNORMAL, ws.close_reason), file=sys.stderr)
-    return 0 if ws.close_code in _NORMAL_ENDS else 1
+    print("connection closed: %s" % _shown(str(closed)), file=sys.stderr)
+    return 0 if _ended_normally(closed) else 1
 
 
 def _main(argv: Optional[List[str]] = None) -> int:
