@@ -61,7 +61,8 @@ subprotocols, and plain HTTP answers on the same port (a health check, pages).
 
 Beyond one process: topics (``conn.subscribe``, ``server.publish``),
 ``--workers N`` on one port, and a Redis pub/sub bridge (:class:`RedisBroker`)
-spoken from the same loop.  And a client: :func:`connect`, and
+spoken from the same loop.  And a client: :func:`connect`,
+:func:`reconnecting` (connections again and again, with back-off), and
 ``python wsloop.py --connect URL``.
 
 The file is layered top to bottom, each section using only those above it:
@@ -203,6 +204,9 @@ MASK_LENGTH = 4  # the masking key every client frame carries (RFC 6455 5.3)
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 DEFAULT_MAX_SIZE = 2**20
+# max_size=None: no limit, as a number that every size check can compare
+# with, and that zlib's max_length (a C ssize_t) still takes plus one.
+_UNLIMITED_SIZE = 2**62
 DEFAULT_OPEN_TIMEOUT = 10.0
 DEFAULT_CLOSE_TIMEOUT = 10.0
 DEFAULT_PING_INTERVAL = 20.0
@@ -1590,12 +1594,14 @@ class Protocol:
 
     def __init__(
         self,
-        max_size: int = DEFAULT_MAX_SIZE,
+        max_size: Optional[int] = DEFAULT_MAX_SIZE,
         max_fragments: Optional[int] = None,
         compression: Optional[Deflate] = None,
         *,
         client: bool = False,
     ):
+        if max_size is None:
+            max_size = _UNLIMITED_SIZE  # no limit: at the user's risk
         self.state = State.CONNECTING
         self.client = client
         # Client frames carry a mask, server frames none (RFC 6455 5.1).
@@ -3195,11 +3201,6 @@ def _timeout(name: str, value: Optional[float]) -> Optional[float]:
     if value is not None and not value > 0:
         raise ValueError("%s must be a positive number of seconds, or None to disable it" % name)
     return value
-
-
-# max_size=None: no limit, as a number that every size check can compare
-# with, and that zlib's max_length (a C ssize_t) still takes plus one.
-_UNLIMITED_SIZE = 2**62
 
 
 class _Options:

@@ -1843,3 +1843,10 @@ def test_max_size_none_is_no_limit_on_either_side():
             assert ws.recv(timeout=TIMEOUT) == payload
     with pytest.raises(ValueError):
         wsloop.connect("ws://127.0.0.1:1/", max_size=0)
+
+
+def test_max_size_none_on_a_bare_protocol():
+    client, request = new_client(max_size=None)
+    feed(client, switching(request))
+    payload = b"y" * (3 * wsloop.DEFAULT_MAX_SIZE)
+    assert feed(client, server_frame(BINARY, payload)) == [(Event.BINARY, payload)]
