@@ -286,7 +286,9 @@ class ConnectionClosed(WebSocketError):
     - ``sent_code`` and ``sent_reason``: the close frame this side sent
       (None and ``""`` if it sent none);
     - ``detail``: when this side failed the connection, the facts behind
-      its close code (kept local, never sent).
+      its close code (kept local, never sent);
+    - ``sent_first``: this side's close frame went first (it was not an
+      answer to the peer's).
 
     Its message tells the same story, e.g. ``sent 1009 (message too big):
     2,097,152 bytes > max_size 1,048,576; no close frame received``.
@@ -308,6 +310,7 @@ class ConnectionClosed(WebSocketError):
         self.sent_code = sent_code
         self.sent_reason = sent_reason
         self.detail = detail
+        self.sent_first = sent_first
         received = "no close frame received" if code == CloseCode.ABNORMAL else "received " + _close_text(code, reason)
         if sent_code is None:
             story = received
@@ -5421,9 +5424,14 @@ _RETRY_CLOSES = (
 
 
 def _worth_retrying(error: ConnectionClosed) -> bool:
-    """The close is one to retry after, and ours (if any) said no more (a
-    1009 or 1002 of ours means the server broke a rule: not a passing fault)."""
-    return error.code in _RETRY_CLOSES and (error.sent_code is None or error.sent_code in _RETRY_CLOSES)
+    """The close is one to retry after, and ours (if any) only answered it,
+    or was the keepalive's 1011.  A close we chose is not a passing fault:
+    a 1009 or 1002 says the server broke a rule, a 1001 that we leave."""
+    if error.code not in _RETRY_CLOSES or error.sent_code is None:
+        return error.code in _RETRY_CLOSES
+    if error.sent_first:
+        return error.sent_code == CloseCode.INTERNAL_ERROR
+    return error.sent_code in _RETRY_CLOSES
 
 
 def reconnecting(

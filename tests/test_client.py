@@ -1850,3 +1850,33 @@ def test_max_size_none_on_a_bare_protocol():
     feed(client, switching(request))
     payload = b"y" * (3 * wsloop.DEFAULT_MAX_SIZE)
     assert feed(client, server_frame(BINARY, payload)) == [(Event.BINARY, payload)]
+
+
+def test_a_close_the_client_chooses_ends_the_reconnecting_loop():
+    delays, opened = [], []
+    with running_server(wsloop.Echo()) as server:
+        for ws in wsloop.reconnecting(ws_url(server), sleep=delays.append):
+            opened.append(ws)
+            ws.close(1001, "leaving")  # going away: the client's own choice, not the server's
+    assert len(opened) == 1
+    assert delays == []
+
+
+@pytest.mark.parametrize(
+    "code, sent_code, sent_first, retried",
+    [
+        (1006, None, False, True),  # TCP lost
+        (1012, 1012, False, True),  # the server restarts; the client answered
+        (1013, 1013, False, True),
+        (1011, 1011, True, True),  # the client's keepalive timeout, echoed
+        (1006, 1011, True, True),  # ... or not
+        (1006, 1009, True, False),  # the client's own 1009: the server broke a rule
+        (1006, 1002, True, False),
+        (1001, 1001, True, False),  # the client chose to leave
+        (1000, 1000, False, False),  # normal: the loop ends
+        (4001, 4001, False, False),  # the application's own close: raised
+    ],
+)
+def test_which_closes_reconnecting_retries(code, sent_code, sent_first, retried):
+    error = wsloop.ConnectionClosed(code=code, sent_code=sent_code, sent_first=sent_first)
+    assert wsloop._worth_retrying(error) is retried  # private: the policy table itself
