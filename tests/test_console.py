@@ -7,6 +7,8 @@ import subprocess
 import sys
 import threading
 
+import trustme
+
 import wsloop
 from helpers import running_server
 
@@ -48,7 +50,7 @@ def _wait(process):
 
 def test_a_cafile_that_is_not_a_certificate_is_one_line_and_status_2(tmp_path):
     key = tmp_path / "key.pem"
-    key.write_text("-----BEGIN PRIVATE KEY-----\nMIIBVQIBADANBgkqhkiG9w0BAQEFAASCAT8wggE7\n-----END PRIVATE KEY-----\n")
+    trustme.CA().private_key_pem.write_to_path(str(key))  # a real key, no certificate
     result = console("wss://127.0.0.1:1/", "--cafile", str(key))
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
