@@ -5115,9 +5115,9 @@ class ClientConnection:
     ``send()``, ``recv()``, ``ping()`` and ``close()`` may be called from any
     thread (one thread may wait in ``recv()`` while others send).  Iterating
     yields messages until the server closes normally (1000, 1001, or a
-    close frame without a code);
-    another ending raises :class:`ConnectionClosed`.  Use it as a context
-    manager to close it however the block ends.
+    close frame without a code) and the client sent no other code; another
+    ending raises :class:`ConnectionClosed`, which says why.  Use it as a
+    context manager to close it however the block ends.
     """
 
     def __init__(
