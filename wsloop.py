@@ -28,7 +28,9 @@ Or copy this file into a project and write a handler::
 
 Limits and their defaults (all configurable on :class:`Server` and the CLI)
 ---------------------------------------------------------------------------
-- ``max_size`` 1 MiB: largest incoming message (close code 1009).
+- ``max_size`` 1 MiB: largest incoming message (close code 1009); ``None``
+  for no limit, at your own risk: a peer may then make the process hold
+  any amount of memory.
 - ``max_fragments``: most frames in one message, ``max(1024, max_size // 64)``.
 - ``open_timeout`` 10 s: to complete the opening handshake.
 - ``close_timeout`` 10 s: to complete the closing handshake (it bounds the
@@ -59,7 +61,8 @@ subprotocols, and plain HTTP answers on the same port (a health check, pages).
 
 Beyond one process: topics (``conn.subscribe``, ``server.publish``),
 ``--workers N`` on one port, and a Redis pub/sub bridge (:class:`RedisBroker`)
-spoken from the same loop.  And a client: :func:`connect`, and
+spoken from the same loop.  And a client: :func:`connect`,
+:func:`reconnecting` (connections again and again, with back-off), and
 ``python wsloop.py --connect URL``.
 
 The file is layered top to bottom, each section using only those above it:
@@ -110,6 +113,7 @@ __all__ = [
     "Deflate",
     "Echo",
     "Chat",
+    "Event",
     "Handler",
     "HandshakeError",
     "Headers",
@@ -125,6 +129,9 @@ __all__ = [
     "WebSocketError",
     "accept_key",
     "connect",
+    "encode_frame",
+    "encode_message",
+    "reconnecting",
     "serve",
 ]
 
@@ -197,6 +204,9 @@ MASK_LENGTH = 4  # the masking key every client frame carries (RFC 6455 5.3)
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 DEFAULT_MAX_SIZE = 2**20
+# max_size=None: no limit, as a number that every size check can compare
+# with, and that zlib's max_length (a C ssize_t) still takes plus one.
+_UNLIMITED_SIZE = 2**62
 DEFAULT_OPEN_TIMEOUT = 10.0
 DEFAULT_CLOSE_TIMEOUT = 10.0
 DEFAULT_PING_INTERVAL = 20.0
@@ -240,16 +250,21 @@ class WebSocketError(Exception):
 
 
 class ProtocolError(WebSocketError):
-    """The peer broke RFC 6455; ``code`` is the close code to fail it with."""
+    """The peer broke RFC 6455; ``code`` is the close code to fail it with,
+    ``reason`` what the close frame says, ``detail`` the facts kept local
+    (for this side's :class:`ConnectionClosed`, not sent on the wire)."""
 
-    def __init__(self, reason: str, code: int = CloseCode.PROTOCOL_ERROR):
+    def __init__(self, reason: str, code: int = CloseCode.PROTOCOL_ERROR, detail: str = ""):
         super().__init__(reason)
         self.reason = reason
         self.code = code
+        self.detail = detail or reason
 
 
 class HandshakeError(WebSocketError):
-    """The opening handshake cannot succeed; ``status`` is the HTTP answer."""
+    """The opening handshake cannot succeed; ``status`` is the HTTP answer,
+    ``headers`` (a :class:`Headers`) and ``body`` what a server's refusal
+    said, for a client."""
 
     def __init__(
         self, status: int, reason: str, headers: Iterable[Tuple[str, str]] = (), body: bytes = b""
@@ -257,12 +272,64 @@ class HandshakeError(WebSocketError):
         super().__init__("%d %s" % (status, reason) if status else reason)
         self.status = status  # 0 when a client got no valid HTTP response
         self.reason = reason
-        self.headers = list(headers)
+        # Headers is defined further down; it exists by the time one is raised.
+        self.headers = Headers(headers)
         self.body = body  # what a server's refusal said, for a client
 
 
 class ConnectionClosed(WebSocketError):
-    """A message was sent on a connection that is no longer open."""
+    """The connection is closed (or closing): nothing more can be sent, or
+    nothing more will be received.  It says why:
+
+    - ``code`` and ``reason``: the peer's close frame (1005 if it had no
+      code; 1006 and ``""`` if none came);
+    - ``sent_code`` and ``sent_reason``: the close frame this side sent
+      (None and ``""`` if it sent none);
+    - ``detail``: when this side failed the connection, the facts behind
+      its close code (kept local, never sent);
+    - ``sent_first``: this side's close frame went first (it was not an
+      answer to the peer's).
+
+    Its message tells the same story, e.g. ``sent 1009 (message too big):
+    2,097,152 bytes > max_size 1,048,576; no close frame received``.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        code: int = CloseCode.ABNORMAL,
+        reason: str = "",
+        sent_code: Optional[int] = None,
+        sent_reason: str = "",
+        detail: str = "",
+        sent_first: bool = False,
+    ):
+        self.code = code
+        self.reason = reason
+        self.sent_code = sent_code
+        self.sent_reason = sent_reason
+        self.detail = detail
+        self.sent_first = sent_first
+        received = "no close frame received" if code == CloseCode.ABNORMAL else "received " + _close_text(code, reason)
+        if sent_code is None:
+            story = received
+        else:
+            sent = "sent " + _close_text(sent_code, sent_reason, detail)
+            story = sent + "; " + received if sent_first or code == CloseCode.ABNORMAL else received + "; then " + sent
+        super().__init__(message + ": " + story if message else story)
+
+
+def _close_text(code: int, reason: str, detail: str = "") -> str:
+    """``1009 (message too big)`` and the reason (escaped) or the detail."""
+    try:
+        name = CloseCode(code).name.lower().replace("_", " ")
+    except ValueError:
+        name = "private use" if code >= 4000 else "registered"
+    text = "%d (%s)" % (code, name)
+    if detail:
+        return text + ": " + detail
+    return text + " " + repr(reason) if reason else text
 
 
 # =============================================================================
@@ -275,6 +342,17 @@ def accept_key(key: Union[str, bytes]) -> str:
     if isinstance(key, str):
         key = key.encode("ascii")
     return base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest()).decode("ascii")
+
+
+# Control characters (C0, DEL, C1) as escapes, so that what a peer sent
+# cannot drive a terminal or forge a line when it is printed or logged.
+_CONTROL_ESCAPES = {code: "\\x%02x" % code for code in list(range(0x20)) + list(range(0x7F, 0xA0))}
+_CONTROL_ESCAPES.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"})
+
+
+def _shown(text: str) -> str:
+    """``text`` with its control characters escaped (ESC as ``\\x1b``)."""
+    return text.translate(_CONTROL_ESCAPES)
 
 
 def _header_tokens(value: Optional[str]) -> List[str]:
@@ -595,12 +673,13 @@ def _parse_response_head(buffer: Union[bytes, bytearray]) -> Optional[Tuple[Resp
     """
     end = buffer.find(b"\r\n\r\n")
     if end < 0:
-        if len(buffer) > MAX_REQUEST_HEAD:
-            raise HandshakeError(0, "response head too large")
+        _check_partial_response(buffer)
         return None
     if end + 4 > MAX_REQUEST_HEAD:
         raise HandshakeError(0, "response head too large")
     lines = bytes(buffer[:end]).split(b"\r\n")
+    if len(lines[0]) > MAX_REQUEST_LINE:
+        raise HandshakeError(0, "status line too long")
     parts = lines[0].split(b" ", 2)
     if (
         len(parts) < 2
@@ -609,10 +688,29 @@ def _parse_response_head(buffer: Union[bytes, bytearray]) -> Optional[Tuple[Resp
         or not parts[1].isdigit()
     ):
         raise HandshakeError(0, "not an HTTP/1.1 response")
+    if parts[1] == b"101" and parts[0] != b"HTTP/1.1":
+        # RFC 6455 4.1: the handshake is HTTP/1.1 (1.0 has no Upgrade).
+        raise HandshakeError(101, "a 101 over %s, not HTTP/1.1" % parts[0].decode("ascii"))
     _check_header_lines(lines[1:], 0, 0)
     response = Response(int(parts[1]), b"", _split_header_block(b"\r\n".join(lines[1:])))
     reason = parts[2].decode("latin-1") if len(parts) > 2 else ""
     return response, reason, end + 4
+
+
+def _check_partial_response(buffer: Union[bytes, bytearray]) -> None:
+    """The request head's limits, on a response head that has not ended yet
+    (HandshakeError status 0): a server that sends endless lines fails the
+    handshake as soon as it crosses one, as a client would on the server."""
+    if len(buffer) > MAX_REQUEST_HEAD:
+        raise HandshakeError(0, "response head too large")
+    first_end = buffer.find(b"\r\n")
+    if (len(buffer) if first_end < 0 else first_end) > MAX_REQUEST_LINE:
+        raise HandshakeError(0, "status line too long")
+    if first_end >= 0:
+        if len(buffer) - buffer.rfind(b"\r\n") - 2 > MAX_HEADER_LINE:
+            raise HandshakeError(0, "header line too long")
+        if buffer.count(b"\r\n") > MAX_HEADERS + 1:
+            raise HandshakeError(0, "too many headers")
 
 
 def _header_line(name: str, value: str) -> str:
@@ -1184,7 +1282,10 @@ class _PerMessageDeflate:
         except zlib.error:
             raise ProtocolError("invalid compressed data", CloseCode.INVALID_DATA) from None
         if len(output) > limit:
-            raise ProtocolError("message over the size limit once inflated", CloseCode.MESSAGE_TOO_BIG)
+            raise ProtocolError(
+                "message over the size limit once inflated", CloseCode.MESSAGE_TOO_BIG,
+                "over max_size once inflated",
+            )
         if decompressor.eof:
             # A final block: only the tail we appended may follow it.
             unused = decompressor.unused_data
@@ -1475,6 +1576,8 @@ class Protocol:
         "close_reason",
         "close_sent",
         "close_sent_reason",
+        "_close_detail",
+        "_sent_first",
         "opened",
         "end_of_output",
         "max_size",
@@ -1494,12 +1597,14 @@ class Protocol:
 
     def __init__(
         self,
-        max_size: int = DEFAULT_MAX_SIZE,
+        max_size: Optional[int] = DEFAULT_MAX_SIZE,
         max_fragments: Optional[int] = None,
         compression: Optional[Deflate] = None,
         *,
         client: bool = False,
     ):
+        if max_size is None:
+            max_size = _UNLIMITED_SIZE  # no limit: at the user's risk
         self.state = State.CONNECTING
         self.client = client
         # Client frames carry a mask, server frames none (RFC 6455 5.1).
@@ -1521,6 +1626,8 @@ class Protocol:
         # The close frame we sent, if any.
         self.close_sent: Optional[int] = None
         self.close_sent_reason = ""
+        self._close_detail = ""  # why we failed the connection, kept local
+        self._sent_first = False  # our close frame went before the peer's
         self.opened = False  # the handshake was accepted
         self.end_of_output: Optional[str] = None  # CLOSE or SHUT_WR once CLOSED
         self.max_size = max_size
@@ -1558,9 +1665,15 @@ class Protocol:
             self._unbuffered = None
             self._incoming = None
             peer_done = self.close_code is not None  # its close frame came, or EOF
-            # A client leaves closing TCP to the server (RFC 6455 7.1.1): it
-            # half-closes and waits for the server's EOF.
-            self.end_of_output = CLOSE if peer_done and not self.client else SHUT_WR
+            if self.client:
+                # A client leaves closing TCP to the server (RFC 6455 7.1.1): it
+                # half-closes and waits for the server's EOF.  A handshake that
+                # failed has no WebSocket to close: it drops TCP at once (4.1,
+                # "_Fail the WebSocket Connection_") rather than read whatever
+                # the server goes on sending.
+                self.end_of_output = SHUT_WR if self.opened else CLOSE
+            else:
+                self.end_of_output = CLOSE if peer_done else SHUT_WR
 
     # -- input ----------------------------------------------------------------
 
@@ -1747,7 +1860,7 @@ class Protocol:
                 incoming.in_payload = True
         except ProtocolError as exc:
             # The one place where a violation becomes a close frame.
-            self._fail(exc.code, exc.reason)
+            self._fail(exc.code, exc.reason, exc.detail)
         finally:
             if self.state is _CLOSED:
                 self._buffer = b""
@@ -1981,7 +2094,8 @@ class Protocol:
             limit += (limit >> 6) + 1024
         if (0 if incoming is None else incoming.size) + length > limit:
             raise ProtocolError(
-                "message over %d bytes" % self.max_size, CloseCode.MESSAGE_TOO_BIG
+                "message over %d bytes" % self.max_size, CloseCode.MESSAGE_TOO_BIG,
+                "{:,} bytes > max_size {:,}".format((0 if incoming is None else incoming.size) + length, self.max_size),
             )
 
     def _start_data_frame(self, opcode: int, first: int, length: int) -> _Incoming:
@@ -1991,7 +2105,8 @@ class Protocol:
         incoming.fragments += 1
         if incoming.fragments > self.max_fragments:
             raise ProtocolError(
-                "message in over %d fragments" % self.max_fragments, CloseCode.MESSAGE_TOO_BIG
+                "message in over %d fragments" % self.max_fragments, CloseCode.MESSAGE_TOO_BIG,
+                "over max_fragments {:,} frames in one message".format(self.max_fragments),
             )
         incoming.size += length
         incoming.frame_fin = bool(first & _FIN)
@@ -2080,12 +2195,14 @@ class Protocol:
         self._set_state(_CLOSED)
         return (Event.CLOSE, (code, reason))
 
-    def _fail(self, code: int, reason: str) -> None:
+    def _fail(self, code: int, reason: str, detail: str = "") -> None:
         """Fail the connection (RFC 6455 7.1.7): send a close, then stop."""
         if self.state is _OPEN:
             self._queue_frame(_FIN | Opcode.CLOSE, _close_payload(code, reason))
             self.close_sent = code
             self.close_sent_reason = reason
+            self._close_detail = detail
+            self._sent_first = self.close_code is None
         if self.state is not _CLOSED:
             self._set_state(_CLOSED)
 
@@ -2106,10 +2223,23 @@ class Protocol:
         else:
             self.outgoing += _frame_header(first_byte, len(payload)) + payload
 
+    def closed_error(self, message: str = "") -> ConnectionClosed:
+        """A :class:`ConnectionClosed` that says how this connection ended
+        (or is ending): the close frames received and sent, and why."""
+        return ConnectionClosed(
+            message,
+            code=CloseCode.ABNORMAL if self.close_code is None else self.close_code,
+            reason=self.close_reason,
+            sent_code=self.close_sent,
+            sent_reason=self.close_sent_reason,
+            detail=self._close_detail,
+            sent_first=self._sent_first,
+        )
+
     def send(self, message: Union[str, bytes]) -> None:
         """Queue a text (``str``) or binary (``bytes``) message."""
         if self.state is not _OPEN:
-            raise ConnectionClosed("connection is %s" % self.state.value)
+            raise self.closed_error()
         self.outgoing += self.encode(message)
 
     def ping(self, payload: bytes = b"") -> None:
@@ -2117,7 +2247,7 @@ class Protocol:
         if len(payload) > 125:
             raise ValueError("ping payload over 125 bytes")
         if self.state is not _OPEN:
-            raise ConnectionClosed("connection is %s" % self.state.value)
+            raise self.closed_error()
         self._queue_frame(_FIN | Opcode.PING, bytes(payload))
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
@@ -2132,6 +2262,7 @@ class Protocol:
         self._queue_frame(_FIN | Opcode.CLOSE, _close_payload(code, reason))
         self.close_sent = code
         self.close_sent_reason = reason
+        self._sent_first = True
         self._set_state(_CLOSING)
 
 
@@ -3005,6 +3136,16 @@ class Handler:
         other processes on these topics meanwhile may be lost (Redis pub/sub
         replays nothing).  A place to resynchronise clients."""
 
+    def on_start(self, server: Server) -> None:
+        """The server is serving (the first thing its loop does): a place to
+        keep ``server`` and start what pushes to it (a thread that calls
+        ``server.publish``).  If it raises, the server shuts down."""
+
+    def on_stop(self, server: Server) -> None:
+        """Shutdown has begun, or the server is closing: new connections are
+        refused, and those open still are (a last message to them arrives
+        before their 1001).  Called once, and only after :meth:`on_start`."""
+
 
 class Echo(Handler):
     """Send every message back to its sender."""
@@ -3028,7 +3169,7 @@ class Chat(Handler):
             server.publish(self.topic, message)
 
 
-_HANDLER_METHODS = ("on_handshake", "on_connect", "on_message", "on_close", "on_broker_gap")
+_HANDLER_METHODS = ("on_handshake", "on_connect", "on_message", "on_close", "on_broker_gap", "on_start", "on_stop")
 
 
 def _handler_methods(handler: Any) -> Dict[str, Optional[Callable[..., Any]]]:
@@ -3074,7 +3215,7 @@ class _Options:
     def __init__(
         self,
         handler: Any,
-        max_size: int,
+        max_size: Optional[int],
         max_fragments: Optional[int],
         open_timeout: Optional[float],
         close_timeout: Optional[float],
@@ -3097,8 +3238,13 @@ class _Options:
         self.on_message = methods["on_message"]
         self.on_close = methods["on_close"]
         self.on_broker_gap = methods["on_broker_gap"]
+        self.on_start = methods["on_start"]
+        self.on_stop = methods["on_stop"]
+        if max_size is None:
+            # No limit: a peer may then make this process hold any amount.
+            max_size = _UNLIMITED_SIZE
         if max_size < 1:
-            raise ValueError("max_size must be at least 1")
+            raise ValueError("max_size must be at least 1, or None for no limit")
         if max_fragments is not None and max_fragments < 1:
             raise ValueError("max_fragments must be at least 1")
         if write_high_water < 1 or max_pending_output < 1:
@@ -3395,6 +3541,11 @@ class Connection:
         return self._protocol.close_sent
 
     @property
+    def close_sent_reason(self) -> str:
+        """The reason in the close frame the server sent."""
+        return self._protocol.close_sent_reason
+
+    @property
     def pending_output(self) -> int:
         """Bytes accepted for sending that the peer has not taken yet
         (messages from other threads count from the moment send() returns)."""
@@ -3416,7 +3567,7 @@ class Connection:
             if not isinstance(message, PreparedMessage):
                 message = _checked_message(message)
             if self._protocol.state is not _OPEN:
-                raise ConnectionClosed("connection is %s" % self._protocol.state.value)
+                raise self._protocol.closed_error()
             # Counted in pending_output from now on: a thread that sends
             # faster than the loop takes its messages sees them back up.
             size = len(message.message if isinstance(message, PreparedMessage) else message)
@@ -3559,7 +3710,7 @@ class Connection:
         """Queue ``frame`` (and ``payload``, the rest of it, if given)."""
         protocol = self._protocol
         if protocol.state is not _OPEN:
-            raise ConnectionClosed("connection is %s" % protocol.state.value)
+            raise protocol.closed_error()
         limit = self._options.max_pending_output
         if len(protocol.outgoing) > limit:
             # Over the limit only counts once the kernel has refused to take more.
@@ -4192,7 +4343,7 @@ class Server:
         host: str = "127.0.0.1",
         port: int = 8765,
         *,
-        max_size: int = DEFAULT_MAX_SIZE,
+        max_size: Optional[int] = DEFAULT_MAX_SIZE,
         max_fragments: Optional[int] = None,
         open_timeout: Optional[float] = DEFAULT_OPEN_TIMEOUT,
         close_timeout: Optional[float] = DEFAULT_CLOSE_TIMEOUT,
@@ -4244,6 +4395,7 @@ class Server:
         self._next_id = 1
         self._shutting_down = False
         self._accept_paused = False
+        self._hooks = "new"  # on_start/on_stop: "new", "started", "stopped"
         # The server's life: "new", "running", then "done" (sockets released).
         self._phase = "new"
         self._phase_lock = threading.Lock()
@@ -4341,9 +4493,11 @@ class Server:
             self._phase = "running"
         if self.broker is not None:
             self._loop.call_soon(self._start_broker)
+        self._loop.call_soon(self._on_start)
         try:
             self._loop.run()
         finally:
+            self._on_stop()  # if the loop ended any other way
             self._release()
 
     def shutdown(self, wait: bool = False) -> None:
@@ -4600,6 +4754,12 @@ class Server:
         # frozenset() copies a set in one step under the GIL.
         return frozenset(self._subscriptions.get(connection, ()))
 
+    def subscriber_count(self, topic: str) -> int:
+        """How many connections of this process are subscribed to ``topic``
+        (not those of other processes behind the broker); from any thread,
+        a snapshot."""
+        return len(self._topics.get(topic, ()))
+
     def publish(self, topic: str, message: Union[str, bytes], exclude: Optional[Connection] = None) -> int:
         """Send ``message`` to every subscriber of ``topic`` here (but
         ``exclude``), and through the broker to those of other processes.
@@ -4741,10 +4901,34 @@ class Server:
 
     # -- stopping -------------------------------------------------------------
 
+    def _on_start(self) -> None:
+        if self._shutting_down:
+            return  # shut down before it started: no hooks at all
+        self._hooks = "started"
+        on_start = self.options.on_start
+        if on_start is not None:
+            try:
+                on_start(self)
+            except Exception:
+                logger.exception("error in on_start: shutting down")
+                self._begin_shutdown()
+
+    def _on_stop(self) -> None:
+        if self._hooks != "started":
+            return
+        self._hooks = "stopped"
+        on_stop = self.options.on_stop
+        if on_stop is not None:
+            try:
+                on_stop(self)
+            except Exception:
+                logger.exception("error in on_stop")
+
     def _begin_shutdown(self) -> None:
         if self._shutting_down:
             return
         self._shutting_down = True
+        self._on_stop()  # before the clients are closed: it may still talk to them
         logger.info("shutting down: closing %d connection(s)", len(self._open_connections()))
         self._close_listeners()
         for connection in list(self._connections):
@@ -4757,6 +4941,7 @@ class Server:
             self._loop.call_later(bound + 0.5, self._stop_now)
 
     def _stop_now(self) -> None:
+        self._on_stop()
         for connection in list(self._connections):
             connection.abort()
         self._loop.stop()
@@ -4940,8 +5125,13 @@ _MAX_QUEUE = 16
 
 
 # The ends that iteration takes as normal: a close frame with 1000, 1001, or
-# no code at all (1005: the server closed on purpose, and said nothing more).
+# no code at all (1005: the server closed on purpose, and said nothing more),
+# when this side sent nothing else (a 1009 or 1011 of ours is an error).
 _NORMAL_ENDS = (CloseCode.NORMAL, CloseCode.GOING_AWAY, CloseCode.NO_STATUS)
+
+
+def _ended_normally(error: ConnectionClosed) -> bool:
+    return error.code in _NORMAL_ENDS and (error.sent_code is None or error.sent_code in _NORMAL_ENDS)
 
 
 class ClientConnection:
@@ -4950,9 +5140,9 @@ class ClientConnection:
     ``send()``, ``recv()``, ``ping()`` and ``close()`` may be called from any
     thread (one thread may wait in ``recv()`` while others send).  Iterating
     yields messages until the server closes normally (1000, 1001, or a
-    close frame without a code);
-    another ending raises :class:`ConnectionClosed`.  Use it as a context
-    manager to close it however the block ends.
+    close frame without a code) and the client sent no other code; another
+    ending raises :class:`ConnectionClosed`, which says why.  Use it as a
+    context manager to close it however the block ends.
     """
 
     def __init__(
@@ -4971,6 +5161,7 @@ class ClientConnection:
         self._done = False  # the connection is gone (under _condition)
         self._drain_waiters: List[threading.Event] = []  # senders held by flow control
         self._opened = threading.Event()  # open, or failed before it opened
+        self._quiet_ends: Tuple[int, ...] = ()  # more closes that end iteration (reconnecting)
         options.on_message = self._on_message
         self._connection = Connection(self, sock, address, 0, options, self._loop, protocol)
         self._connection._schedule_flush()  # the request goes out on the first turn
@@ -5016,17 +5207,21 @@ class ClientConnection:
             self._loop.close()
 
     def _wait_open(self, timeout: Optional[float]) -> None:
+        protocol = self._connection._protocol
         if not self._opened.wait(timeout):
             self._connection.abort()
             self._thread.join()
+            if protocol.response is not None and protocol.handshake_error is not None:
+                # A refusal without Content-Length on a connection left open:
+                # its body ended with the time allowed.
+                raise protocol.handshake_error
             raise TimeoutError("the opening handshake timed out")
-        protocol = self._connection._protocol
         if protocol.state is not _OPEN and not protocol.opened:
             self._thread.join()
             error = protocol.handshake_error
             if error is not None:
                 raise error
-            raise ConnectionClosed("the connection closed during the opening handshake")
+            raise protocol.closed_error("the connection closed during the opening handshake")
 
     # -- what the application reads -------------------------------------------
 
@@ -5062,6 +5257,17 @@ class ClientConnection:
     def close_reason(self) -> str:
         return self._connection.close_reason
 
+    @property
+    def close_sent(self) -> Optional[int]:
+        """The code of the close frame the client sent, if it sent one
+        (1009 for a message over ``max_size``, 1011 for a keepalive timeout)."""
+        return self._connection.close_sent
+
+    @property
+    def close_sent_reason(self) -> str:
+        """The reason in the close frame the client sent."""
+        return self._connection.close_sent_reason
+
     # -- what the application does --------------------------------------------
 
     def send(self, message: Union[str, bytes]) -> None:
@@ -5085,7 +5291,7 @@ class ClientConnection:
                 drained.wait()
             with self._condition:
                 if self._done:
-                    raise ConnectionClosed("connection closed before the message was taken")
+                    raise connection._protocol.closed_error("closed before the message was taken")
 
     def recv(self, timeout: Optional[float] = None) -> Union[str, bytes]:
         """The next message: ``str`` for text, ``bytes`` for binary.
@@ -5099,9 +5305,7 @@ class ClientConnection:
             if not self._condition.wait_for(lambda: self._messages or self._done, timeout):
                 raise TimeoutError("no message within %s s" % timeout)
             if not self._messages:
-                raise ConnectionClosed(
-                    "connection closed: %s" % _describe_close(self.close_code or CloseCode.ABNORMAL, self.close_reason)
-                )
+                raise self._connection._protocol.closed_error()
             return self._messages.popleft()
 
     def _resume_if_taken(self) -> None:
@@ -5114,8 +5318,8 @@ class ClientConnection:
         while True:
             try:
                 yield self.recv()
-            except ConnectionClosed:
-                if self.close_code in _NORMAL_ENDS:
+            except ConnectionClosed as exc:
+                if _ended_normally(exc) or (self._quiet_ends and _worth_retrying(exc)):
                     return
                 raise
 
@@ -5177,7 +5381,7 @@ def connect(
     origin: Optional[str] = None,
     headers: Optional[Iterable[Tuple[str, str]]] = None,
     compression: Union[bool, Deflate, None] = True,
-    max_size: int = DEFAULT_MAX_SIZE,
+    max_size: Optional[int] = DEFAULT_MAX_SIZE,
     max_fragments: Optional[int] = None,
     open_timeout: Optional[float] = DEFAULT_OPEN_TIMEOUT,
     close_timeout: Optional[float] = DEFAULT_CLOSE_TIMEOUT,
@@ -5189,7 +5393,9 @@ def connect(
     """Open a WebSocket connection to ``url`` (``ws://`` or ``wss://``).
 
     Offers permessage-deflate (``compression``), ``subprotocols`` and sends
-    ``origin`` and ``headers`` with the request.  ``wss://`` verifies the
+    ``origin`` and ``headers`` with the request.  ``max_size`` bounds each
+    message received (1009 beyond it); ``None`` is no limit, at your own
+    risk (the server may then make this process hold any amount).  ``wss://`` verifies the
     server's certificate and host name (``ssl.create_default_context()``)
     unless ``ssl_context`` says otherwise.  ``open_timeout`` bounds the
     TCP connection, TLS and the HTTP handshake together.
@@ -5208,7 +5414,7 @@ def connect(
         Handler(), max_size, max_fragments, None, close_timeout, ping_interval,
         ping_timeout, write_high_water, 2**62, compression, None, None, (), None, (), None, None,
     )
-    protocol = Protocol(max_size, max_fragments, options.compression, client=True)
+    protocol = Protocol(options.max_size, options.max_fragments, options.compression, client=True)
     protocol.request_upgrade(host_header, target, headers or (), subprotocols or (), origin)
     deadline = None if open_timeout is None else time.monotonic() + open_timeout
     try:
@@ -5232,6 +5438,102 @@ def connect(
     client = ClientConnection(sock, address, protocol, options)
     client._wait_open(None if deadline is None else max(0.0, deadline - time.monotonic()))
     return client
+
+
+# The closes worth trying again after: the server went away or restarts
+# (1001, 1012), is overloaded (1013), failed (1011), or TCP broke (1006).
+_RETRY_CLOSES = (
+    CloseCode.GOING_AWAY, CloseCode.ABNORMAL, CloseCode.INTERNAL_ERROR,
+    CloseCode.SERVICE_RESTART, CloseCode.TRY_AGAIN_LATER,
+)
+
+
+def _worth_retrying(error: ConnectionClosed) -> bool:
+    """The close is one to retry after, and ours (if any) only answered it,
+    or was the keepalive's 1011.  A close we chose is not a passing fault:
+    a 1009 or 1002 says the server broke a rule, a 1001 that we leave."""
+    if error.code not in _RETRY_CLOSES or error.sent_code is None:
+        return error.code in _RETRY_CLOSES
+    if error.sent_first:
+        return error.sent_code == CloseCode.INTERNAL_ERROR
+    return error.sent_code in _RETRY_CLOSES
+
+
+def reconnecting(
+    url: str,
+    *,
+    initial_delay: float = 0.5,
+    max_delay: float = 30.0,
+    sleep: Callable[[float], Any] = time.sleep,
+    **connect_options: Any,
+) -> Iterator[ClientConnection]:
+    """Connections to ``url``, one after another, for as long as the server
+    is worth trying again::
+
+        for ws in wsloop.reconnecting(url):
+            for message in ws:
+                handle(message)
+
+    Each connection is :func:`connect`'s (``connect_options`` go to it); the
+    loop asks for the next one when its body ends, and the previous
+    connection is closed first (with 1000 if it was still open).
+
+    Tried again, after a wait: a network error (``OSError``, so refused,
+    reset, unreachable, timed out; not a certificate that fails
+    verification), an answer that is not HTTP, a 5xx refusal, and a
+    connection that ended with 1001, 1006, 1011, 1012 or 1013 (iterating
+    such a connection ends quietly, as for 1000).  The n-th attempt in a
+    row waits between half and all of ``min(max_delay, initial_delay * 2 **
+    (n - 1))`` seconds (random jitter, so that clients a restart dropped
+    do not all come back at once); a connection that opens starts the
+    count again.  ``sleep`` does the waiting (``time.sleep``; pass
+    ``threading.Event().wait`` to be able to cut it short).
+
+    The end: a normal close (1000, or 1005) ends the loop; a 4xx or other
+    refusal raises :class:`HandshakeError`, and any other close raises
+    :class:`ConnectionClosed`, from the ``for``.  A bad URL raises
+    ValueError here.
+    """
+    _parse_ws_url(url)
+    if not 0 < initial_delay <= max_delay:
+        raise ValueError("need 0 < initial_delay <= max_delay")
+    return _reconnect(url, initial_delay, max_delay, sleep, connect_options)
+
+
+def _reconnect(
+    url: str, initial_delay: float, max_delay: float, sleep: Callable[[float], Any], options: Dict[str, Any]
+) -> Iterator[ClientConnection]:
+    attempts = 0
+    while True:
+        why: Exception
+        try:
+            ws = connect(url, **options)
+        except HandshakeError as exc:
+            if exc.status != 0 and exc.status < 500:
+                raise
+            why = exc
+        except ssl.SSLCertVerificationError:
+            raise
+        except OSError as exc:
+            why = exc
+        else:
+            attempts = 0
+            ws._quiet_ends = _RETRY_CLOSES
+            try:
+                yield ws
+            finally:
+                ws.close()  # also when the loop is left (break, an exception)
+            error = ws._connection._protocol.closed_error()
+            if not _worth_retrying(error):
+                if _ended_normally(error):
+                    return
+                raise error
+            why = error
+        attempts += 1
+        delay = min(max_delay, initial_delay * 2.0 ** (attempts - 1))
+        delay *= 0.5 + random.random() / 2
+        logger.info("reconnecting to %s in %.2f s: %s", url, delay, _shown(str(why)))
+        sleep(delay)
 
 
 # =============================================================================
@@ -5926,7 +6228,11 @@ def _console(args: argparse.Namespace) -> int:
     if args.cafile:
         if not os.path.isfile(args.cafile):
             raise _UsageError("cannot read --cafile %s: no such file" % args.cafile)
-        ssl_context = ssl.create_default_context(cafile=args.cafile)
+        try:
+            ssl_context = ssl.create_default_context(cafile=args.cafile)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            why = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+            raise _UsageError("cannot use --cafile %s: %s (not PEM certificates?)" % (args.cafile, why)) from None
     try:
         ws = connect(
             args.connect,
@@ -5947,15 +6253,15 @@ def _console(args: argparse.Namespace) -> int:
         if exc.status and exc.status != 101:
             said = exc.body.decode("utf-8", "replace").strip().splitlines()
             why = "%d %s%s" % (exc.status, exc.reason, ": " + said[0] if said else "")
-            raise _UsageError("%s refused the connection: %s" % (args.connect, why)) from None
-        raise _UsageError("%s: not a valid WebSocket answer: %s" % (args.connect, exc.reason)) from None
+            raise _UsageError("%s refused the connection: %s" % (args.connect, _shown(why))) from None
+        raise _UsageError("%s: not a valid WebSocket answer: %s" % (args.connect, _shown(exc.reason))) from None
     except ssl.SSLError as exc:  # (an OSError too: caught first)
         raise _UsageError("TLS with %s failed: %s" % (args.connect, getattr(exc, "verify_message", None) or exc.reason or exc)) from None
     except (OSError, TimeoutError) as exc:
         why = exc.strerror or str(exc) or type(exc).__name__
         raise _UsageError("cannot connect to %s: %s" % (args.connect, why)) from None
     print("connected to %s%s (Ctrl-D closes, Ctrl-C exits)" % (
-        args.connect, "; subprotocol " + ws.subprotocol if ws.subprotocol else ""), file=sys.stderr)
+        args.connect, "; subprotocol " + _shown(ws.subprotocol) if ws.subprotocol else ""), file=sys.stderr)
 
     def send_lines() -> None:
         try:
@@ -5970,15 +6276,16 @@ def _console(args: argparse.Namespace) -> int:
         while True:
             message = ws.recv()
             if isinstance(message, str):
-                print(message, flush=True)
+                # Escaped: a server's ESC sequences must not drive the terminal.
+                print(_shown(message), flush=True)
             else:
                 print("[binary %d bytes] %s" % (len(message), message[:32].hex()), flush=True)
-    except ConnectionClosed:
-        pass
+    except ConnectionClosed as exc:
+        closed = exc
     except KeyboardInterrupt:
         return 130
-    print("connection closed: %s" % _describe_close(ws.close_code or CloseCode.ABNORMAL, ws.close_reason), file=sys.stderr)
-    return 0 if ws.close_code in _NORMAL_ENDS else 1
+    print("connection closed: %s" % _shown(str(closed)), file=sys.stderr)
+    return 0 if _ended_normally(closed) else 1
 
 
 def _main(argv: Optional[List[str]] = None) -> int:

@@ -11,5 +11,6 @@ class Greeter(wsloop.Handler):
     def on_close(self, conn, code, reason):
         print("connection", conn.id, "closed with", code, flush=True)
 
-logging.basicConfig(level=logging.INFO)  # wsloop logs connections and errors
-wsloop.serve(Greeter(), port=8765)
+if __name__ == "__main__":  # run it: python greeter.py (or wsloop --app greeter:Greeter)
+    logging.basicConfig(level=logging.INFO)  # wsloop logs connections and errors
+    wsloop.serve(Greeter(), port=8765)

@@ -15,6 +15,7 @@ timeout, and events rather than sleeps.
 
 import base64
 import collections
+import contextlib
 import socket
 import select
 import selectors
@@ -29,7 +30,7 @@ import pytest
 import trustme
 
 import wsloop
-from helpers import Recorder, Worker, client_frame, close_payload, mask_bytes, running_server
+from helpers import Recorder, Worker, client_frame, close_payload, connected, mask_bytes, running_server
 
 Event = wsloop.Event
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0, 1, 2, 8, 9, 10
@@ -580,7 +581,8 @@ def test_refusal_with_content_length_keeps_status_headers_and_body():
     feed(client, b"first\n" + b"trailing bytes are not the body")
     error = client.handshake_error
     assert (error.status, error.reason, error.body) == (401, "Unauthorized", b"login first\n")
-    assert ("WWW-Authenticate", "Bearer") in error.headers
+    assert isinstance(error.headers, wsloop.Headers)
+    assert error.headers.get("www-authenticate") == "Bearer"
     assert client.state is wsloop.State.CLOSED
 
 
@@ -592,7 +594,7 @@ def test_refusal_without_content_length_ends_with_the_connection():
     client.receive_eof()
     error = client.handshake_error
     assert (error.status, error.reason, error.body) == (503, "Service Unavailable", b"back soon\n")
-    assert ("Retry-After", "5") in error.headers
+    assert error.headers.get("Retry-After") == "5"
     assert client.state is wsloop.State.CLOSED
 
 
@@ -608,7 +610,7 @@ def test_redirect_is_a_refusal_with_its_location():
     client, _ = new_client()
     feed(client, b"HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n")
     assert client.handshake_error.status == 302
-    assert ("Location", "/elsewhere") in client.handshake_error.headers
+    assert client.handshake_error.headers.get("Location") == "/elsewhere"
 
 
 def test_eof_before_any_answer_has_status_0():
@@ -1014,7 +1016,7 @@ def test_refusal_from_on_handshake_raises_handshake_error():
     error = info.value
     assert error.status == 401
     assert error.body == b"who are you?\n"
-    assert ("WWW-Authenticate", 'Bearer realm="x"') in error.headers
+    assert error.headers.get("WWW-Authenticate") == 'Bearer realm="x"'
 
 
 def test_a_plain_http_server_is_a_refusal_not_a_hang():
@@ -1507,3 +1509,374 @@ def test_past_the_hold_the_client_queues_at_most_max_queue_messages():
             grew = ws._condition.wait_for(lambda: len(ws._messages) > limit, 2 * wsloop._HOLD_GRACE)
         assert not grew, "%d messages queued past the bound" % len(ws._messages)
         assert [ws.recv(timeout=TIMEOUT) for _ in range(200)] == ["m%03d" % i for i in range(200)]
+
+
+# =============================================================================
+# ConnectionClosed says why, on both sides
+# =============================================================================
+
+
+def test_a_message_over_max_size_says_the_client_sent_1009_and_the_sizes():
+    with running_server(wsloop.Echo(), max_size=4 * 2**20) as server:
+        with wsloop.connect(ws_url(server), compression=False) as ws:
+            ws.send(b"x" * 2**21)  # the server takes it, the client not its echo
+            with pytest.raises(wsloop.ConnectionClosed) as info:
+                ws.recv(timeout=TIMEOUT)
+            error = info.value
+            assert (error.sent_code, error.sent_reason) == (1009, "message over 1048576 bytes")
+            assert (error.code, error.reason) == (1006, "")  # the server's echo came after the client stopped reading
+            assert str(error) == ("sent 1009 (message too big): 2,097,152 bytes > max_size 1,048,576; "
+                                  "no close frame received")
+            assert (ws.close_sent, ws.close_sent_reason) == (1009, "message over 1048576 bytes")
+            with pytest.raises(wsloop.ConnectionClosed) as again:
+                for _ in ws:
+                    pass
+            assert again.value.sent_code == 1009, "iteration ended silently on the client's own 1009"
+
+
+def test_a_keepalive_timeout_says_the_client_sent_1011():
+    def script(peer):
+        peer.accept()
+        assert peer.recv_frame().opcode == PING  # never answered
+        frame = peer.recv_frame_skipping_pings()
+        peer.send(server_frame(CLOSE, frame.payload[:2]))
+
+    with FakeServer(script) as server:
+        ws = wsloop.connect(server.url, ping_interval=0.2, ping_timeout=0.3)
+        with pytest.raises(wsloop.ConnectionClosed) as info:
+            ws.recv(timeout=TIMEOUT)
+        ws.close()
+    error = info.value
+    assert (error.sent_code, error.sent_reason, error.code) == (1011, "keepalive ping timeout", 1011)
+    assert str(error) == "sent 1011 (internal error) 'keepalive ping timeout'; received 1011 (internal error)"
+
+
+def test_a_servers_close_says_what_came_and_what_went_back():
+    with running_server(CloseOnRequest()) as server, wsloop.connect(ws_url(server)) as ws:
+        ws.send("4001 over \x1b[31mquota")
+        with pytest.raises(wsloop.ConnectionClosed) as info:
+            ws.recv(timeout=TIMEOUT)
+    error = info.value
+    assert (error.code, error.reason) == (4001, "over \x1b[31mquota")
+    assert (error.sent_code, error.sent_reason) == (4001, "")  # the echo (RFC 6455 5.5.1)
+    assert str(error) == r"received 4001 (private use) 'over \x1b[31mquota'; then sent 4001 (private use)"
+
+
+def test_the_servers_connection_says_why_it_cannot_send():
+    recorder = Recorder()
+    with running_server(recorder) as server:
+        with wsloop.connect(ws_url(server)) as ws:
+            [conn] = connected(recorder, 1)
+            ws.close(4000, "bye")
+        assert recorder.close_event.wait(TIMEOUT)
+        with pytest.raises(wsloop.ConnectionClosed) as info:
+            conn.send("too late")  # from this thread: checked here
+    error = info.value
+    assert (error.code, error.reason, error.sent_code) == (4000, "bye", 4000)
+    assert conn.close_sent_reason == ""
+    assert str(error) == "received 4000 (private use) 'bye'; then sent 4000 (private use)"
+
+
+def test_a_normal_close_by_the_client_ends_iteration_quietly():
+    with running_server(wsloop.Echo()) as server, wsloop.connect(ws_url(server)) as ws:
+        ws.close()
+        assert list(ws) == []
+        with pytest.raises(wsloop.ConnectionClosed) as info:
+            ws.recv(timeout=TIMEOUT)
+    assert str(info.value) == "sent 1000 (normal); received 1000 (normal)"
+
+
+# =============================================================================
+# Hostile answers to the handshake: the server's head limits, failing at once
+# =============================================================================
+
+
+@pytest.mark.parametrize(
+    "answer, why",
+    [
+        (b"HTTP/1.1 101 " + b"S" * (wsloop.MAX_REQUEST_LINE + 1), "status line too long"),
+        (b"HTTP/1.1 101 Switching Protocols\r\nX-Long: " + b"a" * wsloop.MAX_HEADER_LINE, "header line too long"),
+        (b"HTTP/1.1 101 Switching Protocols\r\n" + b"X: y\r\n" * (wsloop.MAX_HEADERS + 1), "too many headers"),
+    ],
+)
+def test_a_response_head_crossing_a_limit_fails_before_its_end(answer, why):
+    client, _ = new_client()
+    assert feed(client, answer) == []
+    assert (client.handshake_error.status, client.handshake_error.reason) == (0, why)
+    assert client.state is wsloop.State.CLOSED
+
+
+def test_a_101_must_be_http_1_1():
+    client, request = new_client()
+    feed(client, switching(request).replace(b"HTTP/1.1", b"HTTP/1.0", 1))
+    assert client.handshake_error.status == 101
+    assert "HTTP/1.0" in client.handshake_error.reason
+    assert client.state is wsloop.State.CLOSED
+    assert not client.opened
+
+
+def flood(peer, head, line, limit=256 * 2**20):
+    """Answer the request with ``head`` then ``line`` over and over until the
+    client closes TCP (or ``limit`` bytes); return how many bytes went."""
+    peer.read_request()
+    sent = 0
+    try:
+        peer.send(head)
+        sent += len(head)
+        chunk = line * max(1, 65536 // len(line))
+        while sent < limit:
+            peer.send(chunk)
+            sent += len(chunk)
+    except OSError:  # the client closed: what it did not read is reset
+        pass
+    return sent
+
+
+@pytest.mark.parametrize(
+    "head, line, status",
+    [
+        (b"HTTP/1.1 101 Switching Protocols\r\n", b"X-Filler: aaaaaaaaaaaaaaaa\r\n", 0),  # endless header lines
+        (b"HTTP/1.1 101 Switching Protocols\r\nX-Endless: ", b"a", 0),  # one endless header line
+        (b"HTTP/1.1 500 Oops\r\n\r\n", b"body ", 500),  # a refusal with an endless body
+        (b"HTTP/1.1 403 Forbidden\r\nContent-Length: 99999999999\r\n\r\n", b"body ", 403),
+    ],
+)
+def test_an_endless_answer_fails_the_handshake_at_once(head, line, status):
+    sent = []
+    with FakeServer(lambda peer: sent.append(flood(peer, head, line))) as server:
+        start = time.monotonic()
+        with pytest.raises(wsloop.HandshakeError) as info:
+            wsloop.connect(server.url, open_timeout=TIMEOUT)
+        elapsed = time.monotonic() - start
+    assert info.value.status == status
+    assert elapsed < TIMEOUT / 2, "the client read on until the open timeout"
+    # What the kernel buffers on both sides, no more: not the 256 MiB offered.
+    assert sent[0] < 32 * 2**20, "the client read %d bytes" % sent[0]
+    if status:
+        assert len(info.value.body) == wsloop.MAX_REQUEST_HEAD
+
+
+def test_a_whole_refusal_on_a_connection_left_open_fails_at_once():
+    answered = threading.Event()
+
+    def script(peer):
+        peer.read_request()
+        peer.send(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 3\r\nX-Why: origin\r\n\r\nno\n")
+        answered.wait(TIMEOUT)  # TCP stays open, whatever the client does
+
+    with FakeServer(script) as server:
+        start = time.monotonic()
+        try:
+            with pytest.raises(wsloop.HandshakeError) as info:
+                wsloop.connect(server.url, open_timeout=TIMEOUT)
+            assert time.monotonic() - start < TIMEOUT / 2, "the client waited for the server to close"
+        finally:
+            answered.set()
+    assert (info.value.status, info.value.body) == (403, b"no\n")
+
+
+def test_a_refusal_without_length_on_a_connection_left_open_is_a_handshake_error():
+    closed = threading.Event()
+
+    def script(peer):
+        peer.read_request()
+        peer.send(b"HTTP/1.1 503 Busy\r\nRetry-After: 1\r\n\r\nback ")
+        peer.send(b"soon\n")
+        peer.read_until_eof()
+        closed.set()
+
+    with FakeServer(script) as server:
+        with pytest.raises(wsloop.HandshakeError) as info:
+            wsloop.connect(server.url, open_timeout=0.3)  # the body ends with the time allowed
+        assert closed.wait(TIMEOUT)
+    assert (info.value.status, info.value.body) == (503, b"back soon\n")
+
+
+# =============================================================================
+# reconnecting(): back-off on passing faults, an end on lasting ones
+# =============================================================================
+
+
+class Scripted(wsloop.Handler):
+    """At the first message on the n-th connection, ends it as
+    ``endings[n]`` says: a close code, "drop" (TCP dropped, 1006), or a str
+    (sent, then a normal close)."""
+
+    def __init__(self, endings):
+        self.endings = list(endings)
+        self.opened = 0
+
+    def on_message(self, conn, message):
+        ending = self.endings[self.opened]
+        self.opened += 1
+        if ending == "drop":
+            conn.abort()
+        elif isinstance(ending, int):
+            conn.close(ending)
+        else:
+            conn.send(ending)
+            conn.close(1000)
+
+
+def check_backoff(delays, initial, maximum):
+    """Each wait is within its documented bounds: half to all of
+    min(maximum, initial * 2 ** n) for the n-th retry in a row."""
+    for attempt, delay in enumerate(delays):
+        cap = min(maximum, initial * 2 ** attempt)
+        assert cap / 2 <= delay <= cap, "wait %d was %r, outside [%r, %r]" % (attempt, delay, cap / 2, cap)
+
+
+def test_reconnecting_retries_passing_closes_and_ends_on_a_normal_one():
+    handler = Scripted([1012, "drop", 1011, 1013, 1001, "last"])
+    delays, received = [], []
+    with running_server(handler) as server:
+        for ws in wsloop.reconnecting(ws_url(server), initial_delay=0.1, sleep=delays.append):
+            ws.send("go")
+            for message in ws:  # ends quietly on the closes that are retried
+                received.append(message)
+            assert ws.state is wsloop.State.CLOSED
+    assert received == ["last"]
+    assert handler.opened == 6
+    assert len(delays) == 5
+    for delay in delays:  # each connection opened: the count started again
+        check_backoff([delay], 0.1, 30.0)
+
+
+def test_reconnecting_backs_off_exponentially_while_the_server_is_down():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+    port = listener.getsockname()[1]
+    delays = []
+    with contextlib.ExitStack() as stack:
+        stack.callback(listener.close)
+
+        def sleep(delay):
+            delays.append(delay)
+            if len(delays) == 5:  # the server comes up
+                stack.enter_context(running_server(Scripted(["up"]), sock=listener))
+
+        messages = []
+        for ws in wsloop.reconnecting("ws://127.0.0.1:%d/" % port, initial_delay=0.1, max_delay=0.5, sleep=sleep):
+            ws.send("go")
+            messages.extend(ws)
+    assert messages == ["up"]
+    assert len(delays) == 5
+    check_backoff(delays, 0.1, 0.5)
+    assert max(delays) <= 0.5
+
+
+def test_reconnecting_retries_a_5xx_and_raises_a_4xx_refusal():
+    class Refuse(wsloop.Handler):
+        answers = [503, 502, 403]
+
+        def on_handshake(self, conn):
+            return wsloop.Response(self.answers.pop(0), "no")
+
+    delays = []
+    with running_server(Refuse()) as server:
+        with pytest.raises(wsloop.HandshakeError) as info:
+            for _ in wsloop.reconnecting(ws_url(server), sleep=delays.append):
+                pytest.fail("refused connections are not yielded")
+    assert info.value.status == 403
+    assert len(delays) == 2
+
+
+def test_reconnecting_raises_a_close_it_does_not_retry():
+    delays = []
+    with running_server(Scripted([4001, "never"])) as server:
+        with pytest.raises(wsloop.ConnectionClosed) as info:
+            for ws in wsloop.reconnecting(ws_url(server), sleep=delays.append):
+                ws.send("go")
+                for _ in ws:
+                    pass
+    assert info.value.code == 4001
+    assert delays == []
+
+
+def test_reconnecting_does_not_retry_the_clients_own_1009():
+    class Big(wsloop.Handler):
+        def on_connect(self, conn):
+            conn.send(b"x" * 2000)
+
+    delays = []
+    with running_server(Big()) as server:
+        with pytest.raises(wsloop.ConnectionClosed) as info:
+            for ws in wsloop.reconnecting(ws_url(server), max_size=1000, sleep=delays.append):
+                for _ in ws:
+                    pass
+    assert info.value.sent_code == 1009
+    assert delays == []
+
+
+def test_leaving_the_reconnecting_loop_closes_the_connection():
+    recorder = Recorder()
+    with running_server(recorder) as server:
+        for ws in wsloop.reconnecting(ws_url(server)):
+            ws.send("one")
+            assert ws.recv(timeout=TIMEOUT) == "one"
+            break
+        assert recorder.close_event.wait(TIMEOUT)
+    assert ws.state is wsloop.State.CLOSED
+    assert recorder.closed[0][1] == 1000
+
+
+def test_reconnecting_checks_its_arguments_at_once():
+    with pytest.raises(ValueError):
+        wsloop.reconnecting("http://127.0.0.1/")
+    with pytest.raises(ValueError):
+        wsloop.reconnecting("ws://127.0.0.1/", initial_delay=2, max_delay=1)
+
+
+# =============================================================================
+# The small ones: max_size=None
+# =============================================================================
+
+
+def test_max_size_none_is_no_limit_on_either_side():
+    payload = b"x" * (2 * wsloop.DEFAULT_MAX_SIZE)
+    with running_server(wsloop.Echo(), max_size=None) as server:
+        with wsloop.connect(ws_url(server), max_size=None, compression=False) as ws:
+            ws.send(payload)
+            assert ws.recv(timeout=TIMEOUT) == payload
+        with wsloop.connect(ws_url(server), max_size=None) as ws:  # inflated, too
+            ws.send(payload)
+            assert ws.recv(timeout=TIMEOUT) == payload
+    with pytest.raises(ValueError):
+        wsloop.connect("ws://127.0.0.1:1/", max_size=0)
+
+
+def test_max_size_none_on_a_bare_protocol():
+    client, request = new_client(max_size=None)
+    feed(client, switching(request))
+    payload = b"y" * (3 * wsloop.DEFAULT_MAX_SIZE)
+    assert feed(client, server_frame(BINARY, payload)) == [(Event.BINARY, payload)]
+
+
+def test_a_close_the_client_chooses_ends_the_reconnecting_loop():
+    delays, opened = [], []
+    with running_server(wsloop.Echo()) as server:
+        for ws in wsloop.reconnecting(ws_url(server), sleep=delays.append):
+            opened.append(ws)
+            ws.close(1001, "leaving")  # going away: the client's own choice, not the server's
+    assert len(opened) == 1
+    assert delays == []
+
+
+@pytest.mark.parametrize(
+    "code, sent_code, sent_first, retried",
+    [
+        (1006, None, False, True),  # TCP lost
+        (1012, 1012, False, True),  # the server restarts; the client answered
+        (1013, 1013, False, True),
+        (1011, 1011, True, True),  # the client's keepalive timeout, echoed
+        (1006, 1011, True, True),  # ... or not
+        (1006, 1009, True, False),  # the client's own 1009: the server broke a rule
+        (1006, 1002, True, False),
+        (1001, 1001, True, False),  # the client chose to leave
+        (1000, 1000, False, False),  # normal: the loop ends
+        (4001, 4001, False, False),  # the application's own close: raised
+    ],
+)
+def test_which_closes_reconnecting_retries(code, sent_code, sent_first, retried):
+    error = wsloop.ConnectionClosed(code=code, sent_code=sent_code, sent_first=sent_first)
+    assert wsloop._worth_retrying(error) is retried  # private: the policy table itself

@@ -171,3 +171,39 @@ def test_client_example_talks_to_a_server_until_it_closes():
         )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["hello", "bye, room=1"]
+
+
+def test_greeter_example_is_also_an_app_for_the_cli():
+    """Imported by --app, the example serves on the CLI's port, not its own."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "wsloop", "--port", "0", "--app", "examples.greeter:Greeter"],
+        stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+    )
+    try:
+        for line in process.stderr:
+            if "listening on" in line:
+                break
+        else:
+            raise AssertionError("exited with %s" % process.wait())
+        port = int(line.strip().rsplit(":", 1)[1])
+        assert port != 8765, "importing the example started its own server"
+        client = Client(port, path="/?cli")
+        assert client.recv_message() == "hello, cli"
+        client.shutdown()
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+
+
+def test_all_names_every_public_class_and_function():
+    import inspect
+
+    import wsloop
+
+    public = {name for name, value in vars(wsloop).items()
+              if not name.startswith("_") and (inspect.isclass(value) or inspect.isfunction(value))
+              and value.__module__ == "wsloop"}
+    assert public <= set(wsloop.__all__), sorted(public - set(wsloop.__all__))
+    assert all(hasattr(wsloop, name) for name in wsloop.__all__)

@@ -335,3 +335,27 @@ def test_chat_handler_is_a_topic_everyone_joins():
         finally:
             for client in clients:
                 client.shutdown()
+
+
+def test_subscriber_count_is_the_local_subscribers_of_a_topic():
+    recorder = Recorder()
+    with running_server(recorder) as server:
+        clients = [Client(server.port) for _ in range(3)]
+        try:
+            a, b, c = connected(recorder, 3)
+            assert server.subscriber_count("news") == 0
+            a.subscribe("news")
+            server.subscribe(b, "news")  # the server's own door, from this thread
+            c.subscribe("sport")
+            assert in_loop(server, server.subscriber_count, "news") == 2
+            assert server.subscriber_count("sport") == 1  # from this thread: a snapshot
+            assert server.topics_of(b) == frozenset(["news"])
+            server.unsubscribe(a, "news")
+            assert in_loop(server, server.subscriber_count, "news") == 1
+            clients[1].close(1000)
+            clients[1].expect_close()
+            assert recorder.close_event.wait(JOIN_TIMEOUT)
+            assert in_loop(server, server.subscriber_count, "news") == 0  # a close unsubscribes
+        finally:
+            for client in clients:
+                client.shutdown()
