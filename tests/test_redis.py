@@ -25,6 +25,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -32,10 +33,12 @@ import time
 from contextlib import ExitStack, contextmanager
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import wsloop
 from helpers import Client, Worker, running_server
-from redis_fixture import free_port, wait_until
+from redis_fixture import bulk, free_port, push, wait_until
 
 JOIN_TIMEOUT = 5.0
 RECOVERY_TIMEOUT = 15.0  # reconnect with backoff: generous, still bounded
@@ -57,6 +60,7 @@ class TopicRelay(wsloop.Handler):
 
     def __init__(self):
         self.gaps = []
+        self.missed = []  # the counts each call gave, {} after a reconnect
         self.gap_threads = []
         self.gap_event = threading.Event()
 
@@ -67,8 +71,9 @@ class TopicRelay(wsloop.Handler):
     def on_message(self, conn, message):
         conn.server.publish(topic_of(conn), message)
 
-    def on_broker_gap(self, server, topics):
+    def on_broker_gap(self, server, topics, missed=None):
         self.gap_threads.append(threading.get_ident())
+        self.missed.append(missed)
         self.gaps.append(list(topics))
         self.gap_event.set()
 
@@ -879,3 +884,291 @@ def test_resp_reader_refuses_a_line_without_end_past_its_limit():
     parser.feed(b"xx")
     with pytest.raises(wsloop.ProtocolError):
         list(parser.replies())
+
+
+# -- 8. a Redis that misbehaves: the bridge fails alone --------------------------------
+#
+# A fake Redis (redis_fixture.FakeRedis) gets the bridge connected, then sends
+# what a real one never would.  Whatever it sends, the server goes on serving
+# its clients, the bad link is dropped with one log line and comes back.
+
+NODE = b"N" * 8  # a publishing node of the tests' own making
+
+
+def envelope(sequence, text, node=NODE, kind=b"t"):
+    """A message as another wsloop node publishes it: node id, sequence
+    (8 bytes big-endian), kind, payload (built here, not by wsloop)."""
+    return node + struct.pack("!Q", sequence) + kind + text
+
+
+def still_serving(node, text="local"):
+    """A new client on a topic of its own is served: the loop is alive."""
+    probe = node.client("/probe")
+    probe.send_text(text)
+    assert probe.recv_message() == text
+
+
+MALFORMED = {
+    "arrays nested 100000 deep": b"*1\r\n" * 100000,
+    "message with an integer channel": push(b"message", 5, envelope(1, b"x")),
+    "message with nil data": b"*3\r\n" + b"$7\r\nmessage\r\n$8\r\nwsloop:t\r\n$-1\r\n",
+    "message with nil channel": b"*3\r\n$7\r\nmessage\r\n$-1\r\n" + b"$3\r\nabc\r\n",
+    "message with four items": push(b"message", b"wsloop:t", envelope(1, b"x"), b"more"),
+    "unknown push kind": push(b"smessage", b"wsloop:t", envelope(1, b"x")),
+    "channel outside the prefix": push(b"message", b"zzzzzz:t", envelope(1, b"foreign")),
+    "a reply nobody asked for": b"+OK\r\n",
+    "an array of a billion items": b"*1000000000\r\n" + b":1\r\n" * 1000,
+    "100 bulk strings of 10 MiB": b"*100\r\n$10485760\r\n",
+    "a bulk string over the limit": b"$1000000000000\r\n",
+    "a bad number": b":12x\r\n",
+    "a bulk string without its CRLF": b"*3\r\n$7\r\nmessageXY",
+    "not RESP at all": b"HTTP/1.1 200 OK\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("reply", list(MALFORMED.values()), ids=list(MALFORMED))
+def test_a_malformed_reply_drops_only_that_link(fake_redis, reply, caplog):
+    """Guards: deep nesting (a RecursionError once ended the process), wrong
+    types, nil, unknown push kinds, channels outside the prefix (once
+    delivered to the subscribers of "t"), replies nobody asked for and
+    headers announcing too much are each a protocol error on the link: one
+    WARNING line, the link dropped and made again (resubscribed), nothing
+    bogus delivered, and the server serves its clients throughout."""
+    caplog.set_level(logging.WARNING, logger="wsloop")
+    with cluster(fake_redis.url, count=1, **FAST_FAILURE) as (A,):
+        a = A.client("/t")
+        number, sock = fake_redis.subscriber()
+        fake_redis.send(sock, reply)
+        # A new subscriber connection: the bad one was dropped and made again.
+        _, again = fake_redis.subscriber(after=number + 1)
+        still_serving(A)
+        fake_redis.send(again, push(b"message", b"wsloop:t", envelope(1, b"marker")))
+        assert a.recv_message() == "marker", "something bogus was delivered before the marker"
+        assert A.stats()["protocol_errors"] == 1, A.stats()
+    errors = [r for r in caplog.records if "protocol error" in r.getMessage()]
+    assert len(errors) == 1, caplog.text[-2000:]
+    assert errors[0].levelno == logging.WARNING
+
+
+def test_a_flood_from_redis_is_read_in_slices(fake_redis):
+    """Guards: a flood of valid messages used to be read until the socket
+    was empty and delivered in one turn of the loop (seconds with no other
+    client served).  Now a link reads a bounded slice a turn: with
+    megabytes waiting at once, no turn delivers more than about two
+    slices' worth, and every flooded message still arrives, in order."""
+    count, size = 20000, 1000
+    messages = [push(b"message", b"wsloop:t", envelope(n, b"x" * size)) for n in range(1, count + 1)]
+    flood = b"".join(messages)
+    per_turn = 2 * wsloop._REDIS_TURN_BUDGET // len(messages[0]) + 1
+    handler = TopicRelay()
+    # No PINGs meanwhile: the fake's PONG must not cut into the flood.
+    broker = wsloop.RedisBroker(fake_redis.url, ping_interval=60, ping_timeout=60)
+    # The flood's subscriber never reads: its server-side buffer holds it all.
+    with running_server(handler, broker=broker, ping_interval=None, compression=False,
+                        max_pending_output=128 * 2**20) as server:
+        node = Node(server, handler)
+        try:
+            node.wait_state(lambda state: state == "connected", "connected")
+            node.client("/t")
+            _, sock = fake_redis.subscriber()
+            # Hold the loop while the flood fills every buffer on the way,
+            # so that megabytes are there to read at once.
+            stalled, go = threading.Event(), threading.Event()
+            server.call_soon_threadsafe(lambda: (stalled.set(), go.wait(10)))
+            assert stalled.wait(JOIN_TIMEOUT)
+            queued = 0
+            try:
+                while queued < len(flood):
+                    queued += sock.send(flood[queued : queued + 65536], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+            assert queued > 4 * wsloop._REDIS_TURN_BUDGET, "only %d bytes could wait" % queued
+            # Each turn of the loop notes how many messages had arrived.
+            turns = [0]
+
+            def tick():
+                turns.append(broker._counts["received"])
+                if turns[-1] < count and len(turns) < 10**6:
+                    server._loop.call_soon(tick)
+
+            server.call_soon_threadsafe(tick)
+            sender = Worker(fake_redis.send, sock, flood[queued:])
+            go.set()
+            sender.start()
+            wait_until(lambda: node.stats()["received"] == count, 30,
+                       message=lambda: "only %d of %d arrived" % (node.stats()["received"], count))
+            sender.join(30)
+            most = max(later - earlier for earlier, later in zip(turns, turns[1:]))
+            assert most <= per_turn, "one turn delivered %d messages (%d MB): the loop waited on Redis" % (
+                most, most * len(messages[0]) // 2**20)
+            assert node.stats()["missed"] == 0 and node.stats()["stale"] == 0
+        finally:
+            node.drop_clients()
+
+
+RESP_PIECES = st.sampled_from([
+    b"*1\r\n", b"*3\r\n", b"*2\r\n", b"*0\r\n", b"*-1\r\n", b"*-2\r\n", b"*99999\r\n",
+    b"$7\r\nmessage\r\n", b"$9\r\nsubscribe\r\n", b"$4\r\npong\r\n", b"$0\r\n\r\n", b"$-1\r\n",
+    b"$8\r\nwsloop:t\r\n", b"$8\r\nzzzzzz:t\r\n", b"$4\r\n\xff\xfe\xfd\xfc\r\n",
+    b":1\r\n", b":-5\r\n", b":99999999999999999999999\r\n", b"+OK\r\n", b"+PONG\r\n", b"-ERR x\r\n",
+    b"$100000000000\r\n", b"\r\n", b"$3\r\nab", bulk(envelope(7, b"hi")), bulk(envelope(3, b"\xff", kind=b"T")),
+])
+
+
+def test_arbitrary_bytes_from_redis_never_take_the_server_down(fake_redis):
+    """Guards: whatever bytes Redis sends, split wherever, the server
+    survives and serves its clients; the bridge comes back each time."""
+    with cluster(fake_redis.url, count=1, ping_interval=0.3, ping_timeout=0.5, reconnect_max=0.05) as (A,):
+        A.client("/t")
+        state = {"after": 0}
+
+        @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(st.lists(st.one_of(RESP_PIECES, st.binary(max_size=40)), min_size=1, max_size=25))
+        def feed(pieces):
+            number, sock = fake_redis.subscriber(after=state["after"])
+            state["after"] = number
+            for piece in pieces:  # each piece its own write: splits anywhere
+                fake_redis.send(sock, piece)
+            still_serving(A, "after %d pieces" % len(pieces))
+
+        feed()
+        still_serving(A)
+        A.wait_state(lambda state: state == "connected", "connected again")
+
+
+def test_resp_reader_bounds_nesting_items_and_reply_size():
+    """Guards: each bound of the reader is crossed here, and refused from a
+    header, before what it announces has arrived."""
+    depth = wsloop._RESP_MAX_DEPTH
+    parser = wsloop._RespParser(max_bulk=100)
+    parser.feed(b"*1\r\n" * depth + b":7\r\n")
+    assert list(parser.replies()) == [_nested([7], depth - 1)]
+    parser.feed(b"*1\r\n" * (depth + 1))
+    with pytest.raises(wsloop.ProtocolError, match="nested"):
+        list(parser.replies())
+
+    items = wsloop._RESP_MAX_ITEMS
+    parser = wsloop._RespParser(max_bulk=100)
+    parser.feed(b"*%d\r\n" % items + b":1\r\n" * items)
+    assert list(parser.replies()) == [[1] * items]
+    parser.feed(b"*2\r\n*%d\r\n" % (items - 1))  # over the bound counting both levels
+    with pytest.raises(wsloop.ProtocolError, match="items"):
+        list(parser.replies())
+
+    max_bulk = 40000  # a reply may carry max_bulk + _RESP_MAX_OVERHEAD bytes
+    count = (max_bulk + wsloop._RESP_MAX_OVERHEAD) // max_bulk + 1
+    parser = wsloop._RespParser(max_bulk=max_bulk)
+    parser.feed(b"*%d\r\n" % count + (b"$%d\r\n" % max_bulk + b"x" * max_bulk + b"\r\n") * (count - 1))
+    assert list(parser.replies()) == []  # so far within the bound: waits
+    parser.feed(b"$%d\r\n" % max_bulk)  # this one's header crosses it
+    with pytest.raises(wsloop.ProtocolError, match="reply over"):
+        list(parser.replies())
+
+
+def _nested(value, depth):
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+# -- 9. the loop never waits on Redis: names are resolved off the loop ------------------
+
+
+def test_a_silent_dns_does_not_stop_the_loop(monkeypatch, caplog):
+    """Guards: the Redis host name used to be resolved with a blocking
+    getaddrinfo in the loop: with the DNS silent, no client was served.  Now
+    a resolver thread asks (one per link at most, however often the link
+    retries), clients are served meanwhile, and a WARNING names the host and
+    the cause when the lookup outlasts ping_timeout."""
+    caplog.set_level(logging.WARNING, logger="wsloop")
+    silent_host = "redis.silent-dns.invalid"
+    released = threading.Event()
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == silent_host:  # a DNS that does not answer (for a while)
+            released.wait(20)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    try:
+        with cluster_unconnected("redis://%s:6379" % silent_host, ping_timeout=0.3, reconnect_max=0.1) as node:
+            client = node.client("/t", timeout=5)
+            client.send_text("served")
+            assert client.recv_message() == "served"
+            wait_until(lambda: any(silent_host in r.getMessage() and "resolving" in r.getMessage()
+                                   for r in caplog.records), 10, message="no WARNING about the silent DNS")
+            resolvers = [t for t in threading.enumerate() if t.name == "wsloop-redis-resolve"]
+            assert len(resolvers) <= 2, "%d resolver threads: one per link at most" % len(resolvers)
+            assert node.stats()["state"] == "disconnected"
+    finally:
+        released.set()
+
+
+# -- 10. topic names are checked where they enter ----------------------------------------
+
+
+class TopicChecker(wsloop.Handler):
+    """Each message a client sends is a topic to subscribe it to (or, as
+    "publish:" + topic, to publish to); the answer says what happened."""
+
+    def on_message(self, conn, message):
+        action, _, topic = message.rpartition(":")
+        try:
+            if action == "publish":
+                conn.server.publish(topic, "x")
+            else:
+                conn.subscribe(topic)
+        except (TypeError, ValueError) as exc:
+            conn.send("%s: %s" % (type(exc).__name__, exc))
+        else:
+            conn.send("ok")
+
+
+@pytest.mark.parametrize("topic", ["\ud800", "a\udfffb", "x" * (wsloop.MAX_TOPIC_BYTES + 1),
+                                   "\u00e9" * (wsloop.MAX_TOPIC_BYTES // 2 + 1)])
+def test_a_topic_redis_cannot_carry_is_refused_in_the_callers_thread(topic):
+    """Guards: a lone surrogate (easy to get from JSON) used to be accepted,
+    then broke resubscription after a Redis restart for every topic of the
+    process; names over MAX_TOPIC_BYTES of UTF-8 were taken too.  Now
+    subscribe() and publish() raise ValueError at once, in the caller's
+    thread, and nothing reaches the loop."""
+    with running_server(wsloop.Echo()) as server:
+        with pytest.raises(ValueError):
+            server.publish(topic, "x")
+        client = Client(server.port, path="/")
+        try:
+            conn = wait_until(lambda: next(iter(server.connections), None), 5)
+            with pytest.raises(ValueError):
+                conn.subscribe(topic)
+            with pytest.raises(ValueError):
+                server.subscribe(conn, topic)
+            assert server.topics_of(conn) == frozenset()
+        finally:
+            client.shutdown()
+
+
+def test_the_longest_topic_is_taken():
+    with running_server(wsloop.Echo()) as server:
+        assert server.publish("\u00e9" * (wsloop.MAX_TOPIC_BYTES // 2), "x") == 0
+        assert server.publish("x" * wsloop.MAX_TOPIC_BYTES, "x") == 0
+
+
+def test_a_connection_holds_at_most_max_topics():
+    """Guards: one client could subscribe to any number of topics (each
+    costs memory here and a Redis subscription); now at most max_topics,
+    the next is refused with ValueError, and a topic already held is fine."""
+    with running_server(TopicChecker(), max_topics=3) as server:
+        client = Client(server.port, path="/")
+        try:
+            for topic in ("a", "b", "c", "a"):
+                client.send_text(topic)
+                assert client.recv_message() == "ok"
+            client.send_text("d")
+            answer = client.recv_message()
+            assert answer.startswith("ValueError") and "max_topics" in answer, answer
+        finally:
+            client.shutdown()
+    with pytest.raises(ValueError):
+        wsloop.Server(port=0, max_topics=0)
