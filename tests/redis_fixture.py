@@ -447,6 +447,7 @@ class PartitionProxy:
         self.lock = threading.Lock()
         self.partitioned = False
         self.resets = 0  # connections a client reset while cut
+        self.ended = 0  # connections a client ended (reset or closed) while cut
         self._pipes = []
         self._closed = False
         self._threads = []
@@ -506,9 +507,12 @@ class PartitionProxy:
                                 pipe["to_server"].clear()
                                 if pipe["cut"]:
                                     self.resets += 1
+                                    self.ended += 1
                             elif not data:
                                 pipe["client_done"] = True
                                 selector.unregister(client)
+                                if pipe["cut"]:
+                                    self.ended += 1
                             else:
                                 pipe["to_server"] += data
                         else:

@@ -1172,3 +1172,104 @@ def test_a_connection_holds_at_most_max_topics():
             client.shutdown()
     with pytest.raises(ValueError):
         wsloop.Server(port=0, max_topics=0)
+
+
+# -- 11. loss is reported where it happens, and order holds --------------------------------
+
+
+def test_a_partition_of_the_publisher_is_reported_by_the_receiver_and_order_holds(redis_server, partition_proxy):
+    """Guards, with the publishing server cut from Redis by a partition (a
+    proxy the test controls) while the receiving one stays connected:
+    - the receiver used to hear nothing of the loss (its gap counter read 0):
+      now it sees A's sequence numbers jump and calls on_broker_gap with
+      the topic and how many messages were missed from A's node;
+    - the link A declared dead used to be closed normally, so the kernel
+      kept retransmitting its queued PUBLISHes and Redis ran them after
+      newer ones: now it is reset (SO_LINGER 0) and nothing held in the
+      partition reaches Redis afterwards; order per publisher holds."""
+    proxy = partition_proxy(redis_server.port)
+    with cluster([proxy.url, redis_server.url], **FAST_FAILURE) as (A, B):
+        a, b = A.client("/t"), B.client("/t")
+        redis_server.wait_numsub("wsloop:t", 2)
+        flows(a, b, "before")
+        proxy.partition()
+        lost = ["lost-%d" % n for n in range(1, 4)]
+        for text in lost:  # queued on A's publisher link, which still looks up
+            a.send_text(text)
+            assert a.recv_message() == text
+        A.wait_state(lambda state: state == "disconnected" or state == "connecting", "noticed the partition")
+        wait_until(lambda: proxy.ended >= 2, 10, message="A never gave up its links")
+        proxy.heal()
+        A.wait_state(lambda state: state == "connected", "reconnected")
+        flows(a, b, "new")
+        # The partition's held bytes finally get through (retransmissions):
+        # none of them may be a PUBLISH from the dead link.
+        released = proxy.release()
+        flows(a, b, "end")
+        assert released == 0, "%d bytes of the dead link reached Redis after the partition" % released
+        assert proxy.resets >= 2, "links declared dead were closed, not reset"
+        B.handler.wait_gap("t")
+        missed = [m for m in B.handler.missed if m]
+        assert missed == [{"t": {A.broker.node_id.hex(): len(lost)}}], B.handler.missed
+        assert B.stats()["missed"] == len(lost)
+        assert B.stats()["reconnects"] == 0, "the receiver's own links never dropped"
+
+
+def test_a_message_older_than_one_delivered_is_dropped_and_a_jump_is_counted(fake_redis):
+    """Guards: a message from a node arriving after a newer one from the
+    same node on the same topic used to be delivered (late, out of order);
+    now it is dropped and counted as stale.  A jump in the sequence is
+    reported once per turn with its count; the first message of a run
+    (kind upper-case: the publisher forgot its counter) is no gap."""
+    with cluster(fake_redis.url, count=1, **FAST_FAILURE) as (A,):
+        a = A.client("/t")
+        _, sock = fake_redis.subscriber()
+        other = b"O" * 8
+        replies = [
+            (envelope(1, b"one"), "one"),
+            (envelope(2, b"two"), "two"),
+            (envelope(1, b"late"), None),  # older than "two": dropped
+            (envelope(2, b"again"), None),  # a repeat: dropped
+            (envelope(6, b"six"), "six"),  # 3, 4, 5 lost
+            (envelope(1, b"other node", node=other), "other node"),  # its own numbering
+            (envelope(100, b"new run", kind=b"T"), "new run"),  # no gap: a new run
+            (envelope(101, b"next"), "next"),
+        ]
+        for data, _ in replies:
+            fake_redis.send(sock, push(b"message", b"wsloop:t", data))
+        for _, expected in replies:
+            if expected is not None:
+                assert a.recv_message() == expected
+        A.handler.wait_gap("t")
+        assert [m for m in A.handler.missed if m] == [{"t": {NODE.hex(): 3}}]
+        stats = A.stats()
+        assert stats["stale"] == 2 and stats["missed"] == 3, stats
+        assert stats["protocol_errors"] == 0
+
+
+def test_publishes_made_while_away_wait_until_this_process_has_resubscribed(fake_redis):
+    """Guards: publishes buffered while Redis was away used to go out as
+    soon as the publishing link was back, before this process had even
+    resubscribed.  Now they wait until every SUBSCRIBE of the
+    resubscription is confirmed: the fake Redis holds the confirmations,
+    and the buffered PUBLISHes reach it only after it lets them go."""
+    with cluster(fake_redis.url, count=1, ping_interval=0.3, ping_timeout=0.5, reconnect_max=0.1) as (A,):
+        A.client("/t")
+        number, _ = fake_redis.subscriber()
+        fake_redis.hold_confirmations = True
+        fake_redis.drop_all()
+        A.wait_state(lambda state: state != "connected", "noticed Redis had gone")
+        A.server.publish("t", "while away")
+        fake_redis.subscriber(after=number + 1)  # resubscribing, unconfirmed
+        A.wait_state(lambda state: state == "connected", "reconnected")
+        A.server.publish("t", "after")  # behind "while away", in order
+        in_loop(A.server, lambda: None)  # what the loop would send, it has sent
+        fake_redis.release_confirmations()
+
+        def published():
+            return [args[2][len(envelope(0, b"")):] for _, args in fake_redis.log if args[0] == b"PUBLISH"]
+
+        fake_redis.wait(lambda: published() == [b"while away", b"after"], message="the buffered publishes never came")
+        released = [index for index, (_, args) in enumerate(fake_redis.log) if args == [b"RELEASED"]][0]
+        first = [index for index, (_, args) in enumerate(fake_redis.log) if args[0] == b"PUBLISH"][0]
+        assert first > released, "a buffered PUBLISH went out before this process had resubscribed"
