@@ -3034,7 +3034,7 @@ class _RedisShard:
             # Paced: a restarted Redis is not hit by every channel of every
             # process in one burst.  A jittered start, then one batch a turn.
             assert broker.loop is not None
-            broker.loop.call_later(random.random() * broker.resubscribe_jitter, self._resubscribe_some, link)
+            broker.loop.call_later(broker._random.random() * broker.resubscribe_jitter, self._resubscribe_some, link)
         self.send_waiting()
 
     def _resubscribe_some(self, link: _RedisLink) -> None:
@@ -3091,7 +3091,7 @@ class _RedisShard:
             delay = broker.reconnect_max  # a wrong password will not fix itself soon
         else:
             delay = min(broker.reconnect_max, 0.05 * 2**link.attempts)
-        delay *= 0.5 + random.random() / 2  # jitter: not every node at once
+        delay *= 0.5 + broker._random.random() / 2  # jitter: not every node at once
         assert broker.loop is not None
         broker.loop.call_later(delay, self._reconnect, link)
 
@@ -3170,6 +3170,7 @@ class RedisBroker:
         self.max_buffer = max_buffer
         self.max_message = max_message
         self.node_id = os.urandom(8)
+        self._random = random.Random()  # jitter; its own, so no one else's seed decides it
         self.loop: Optional[_EventLoop] = None
         self._deliver: Optional[Callable[[str, Union[str, bytes]], Any]] = None
         self._gap: Optional[Callable[[List[str], Optional[Dict[str, Dict[str, int]]]], None]] = None

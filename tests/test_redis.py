@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from contextlib import ExitStack, contextmanager
 
 import pytest
@@ -1273,3 +1274,119 @@ def test_publishes_made_while_away_wait_until_this_process_has_resubscribed(fake
         released = [index for index, (_, args) in enumerate(fake_redis.log) if args == [b"RELEASED"]][0]
         first = [index for index, (_, args) in enumerate(fake_redis.log) if args[0] == b"PUBLISH"][0]
         assert first > released, "a buffered PUBLISH went out before this process had resubscribed"
+
+
+# -- 12. several Redis servers ---------------------------------------------------------------
+
+
+def topic_on(server, count, stem="topic"):
+    """A topic that lives on Redis server number ``server`` of ``count``, by
+    the documented rule (CRC-32 of its UTF-8, modulo count), computed here."""
+    for n in range(1000):
+        topic = "%s%d" % (stem, n)
+        if zlib.crc32(topic.encode("utf-8")) % count == server:
+            assert wsloop.redis_shard(topic, count) == server
+            return topic
+    raise AssertionError("no topic for server %d" % server)
+
+
+def test_topics_spread_over_two_redis_servers_and_losing_one_touches_only_its_topics(start_redis):
+    """Guards: --redis took one URL.  Now RedisBroker takes several; each
+    topic lives on one server by redis_shard() (each server sees only its
+    own topics' subscriptions), and with one server down the other's topics
+    still cross processes, the lost server's topics are delivered locally
+    and reported (only they) in on_broker_gap when it returns."""
+    first, second = start_redis(), start_redis()
+    urls = [first.url, second.url]
+    one, two = topic_on(0, 2), topic_on(1, 2)
+    with cluster([urls, urls], **FAST_FAILURE) as (A, B):
+        a1, a2, b1, b2 = A.client("/" + one), A.client("/" + two), B.client("/" + one), B.client("/" + two)
+        first.wait_numsub("wsloop:" + one, 2)
+        second.wait_numsub("wsloop:" + two, 2)
+        assert first.numsub("wsloop:" + two) == 0 and second.numsub("wsloop:" + one) == 0
+        flows(a1, b1, "one")
+        flows(a2, b2, "two")
+
+        second.kill()
+        for node in (A, B):
+            wait_until(lambda: node.stats()["servers"][1]["subscriber"] != "ready", 10,
+                       message="the loss of the second Redis went unnoticed")
+        flows(a1, b1, "one, with the second Redis down")
+        a2.send_text("two, locally")
+        assert a2.recv_message() == "two, locally"
+
+        second.restart()
+        for node in (A, B):
+            node.handler.wait_gap(two)
+            assert all(one not in topics for topics in node.handler.gaps), node.handler.gaps
+            node.wait_state(lambda state: state == "connected", "reconnected")
+        second.wait_numsub("wsloop:" + two, 2)
+        a2.send_text("two again")
+        assert a2.recv_message() == "two again"
+        read_until(b2, "two again", allowed=["two, locally"])
+        flows(a1, b1, "one again")
+
+
+def test_resubscription_is_paced_in_batches(fake_redis):
+    """Guards: after a reconnect every topic was resubscribed at once, in
+    the turn the link came back.  Now at most _RESUBSCRIBE_BATCH channels
+    go in one SUBSCRIBE, one command a turn, starting at a random moment
+    within resubscribe_jitter; every topic is resubscribed."""
+    count, batch = 600, wsloop._RESUBSCRIBE_BATCH
+    topics = ["t%d" % n for n in range(count)]
+    with cluster(fake_redis.url, count=1, resubscribe_jitter=0.05, **FAST_FAILURE) as (A,):
+        client = A.client("/t")
+        conn = wait_until(lambda: next(iter(A.server.connections), None), 5)
+        in_loop(A.server, lambda: [A.server.subscribe(conn, topic) for topic in topics])
+        number, _ = fake_redis.subscriber()
+        fake_redis.drop_all()
+        _, sock = fake_redis.subscriber(after=number + 1)
+        again = fake_redis.connections.index(sock)  # how the log names it
+
+        def resubscribed():
+            return [args[1:] for n, args in fake_redis.log if n == again and args[0] == b"SUBSCRIBE"]
+
+        wanted = {("wsloop:" + topic).encode() for topic in ["t"] + topics}
+        fake_redis.wait(lambda: {c for command in resubscribed() for c in command} == wanted,
+                        message="not every topic was resubscribed")
+        sizes = [len(command) for command in resubscribed()]
+        assert max(sizes) <= batch and sum(sizes) == count + 1, sizes
+        client.send_text("still served")
+        assert client.recv_message() == "still served"
+
+
+# -- 13. what the operator is told ------------------------------------------------------------
+
+
+def test_an_unreachable_redis_at_start_is_a_warning_naming_host_and_cause(caplog):
+    """Guards: a Redis that cannot be reached at start-up used to log
+    nothing at the default level.  Now one WARNING names host, port and the
+    cause, and retries are quiet."""
+    caplog.set_level(logging.DEBUG, logger="wsloop")
+    port = free_port()
+    with cluster_unconnected("redis://127.0.0.1:%d" % port, reconnect_max=0.05):
+        wait_until(lambda: sum("refused" in r.getMessage().lower() for r in caplog.records) >= 6, 10,
+                   message="the links did not retry")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    reach = [m for m in warnings if "cannot reach Redis" in m]
+    assert len(reach) == 2, warnings  # one per link, not one per attempt
+    assert all("127.0.0.1:%d" % port in m and "refused" in m.lower() for m in reach), reach
+
+
+def test_health_requires_broker_answers_503_while_no_redis_link_is_up(redis_server):
+    """Guards: /healthz said 200 whatever Redis did.  With
+    health_requires_broker it answers 503 while no link to Redis is up,
+    200 once one is, and 503 again when Redis goes away."""
+    broker = wsloop.RedisBroker(redis_server.url, **FAST_FAILURE)
+    with running_server(broker=broker, health_path="/healthz", health_requires_broker=True) as server:
+        wait_until(lambda: broker.state == "connected", 10)
+        assert http_get(server.port, "/healthz")[0] == 200
+        redis_server.kill()
+        wait_until(lambda: not broker.is_up(), 10)
+        status, body = http_get(server.port, "/healthz")
+        assert status == 503 and b"Redis" in body, (status, body)
+        redis_server.restart()
+        wait_until(lambda: broker.is_up(), RECOVERY_TIMEOUT)
+        assert http_get(server.port, "/healthz")[0] == 200
+    with pytest.raises(ValueError):
+        wsloop.Server(port=0, health_requires_broker=True)
