@@ -2985,6 +2985,7 @@ class _RedisShard:
     def subscribe(self, topic: str) -> None:
         self.topics[topic] = None
         if self.subscriber.state == "ready":
+            self.unconfirmed += 1
             self.subscriber.command("SUBSCRIBE", self.broker._channel(topic), expect=None)
 
     def unsubscribe(self, topic: str) -> None:
@@ -3271,6 +3272,10 @@ class RedisBroker:
             kind, payload = b"t", message.encode("utf-8")
         else:
             kind, payload = b"b", message
+        if len(payload) > self.max_message:
+            # Every other node would refuse it (and drop its link): local only.
+            self._counts["dropped"] += 1
+            return
         if sequence is None:
             if len(self._sequences) >= _MAX_PUBLISHED_TOPICS:
                 self._sequences.clear()  # every topic starts a new run

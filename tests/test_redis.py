@@ -1390,3 +1390,42 @@ def test_health_requires_broker_answers_503_while_no_redis_link_is_up(redis_serv
         assert http_get(server.port, "/healthz")[0] == 200
     with pytest.raises(ValueError):
         wsloop.Server(port=0, health_requires_broker=True)
+
+
+def test_a_message_over_max_message_stays_local(redis_server):
+    """Guards: a message larger than max_message used to be published, and
+    every other node's reader refused it and dropped its link.  Now it is
+    delivered locally only, and counted as dropped."""
+    with cluster(redis_server.url, max_message=1000) as (A, B):
+        a, b = A.client("/t"), B.client("/t")
+        redis_server.wait_numsub("wsloop:t", 2)
+        big = "x" * 1001
+        a.send_text(big)
+        assert a.recv_message() == big
+        flows(a, b, "x" * 1000)  # the bound itself crosses
+        assert A.stats()["dropped"] == 1 and B.stats()["reconnects"] == 0
+
+
+def test_cli_takes_several_redis_servers_and_health_requires_broker(start_redis):
+    """Guards: --redis may be repeated (the chat topic lands on the server
+    redis_shard names), and --health-requires-broker makes /healthz wait
+    for Redis; without --redis it is refused with one line."""
+    servers = [start_redis(), start_redis()]
+    home = servers[wsloop.redis_shard("chat", 2)]
+    port = free_port()
+    with workers_process("--port", str(port), "--broadcast", "--redis", servers[0].url, "--redis", servers[1].url,
+                         "--health-requires-broker") as (process, log):
+        wait_serving(port, process, log)
+        client = Client(port, path="/")
+        try:
+            home.wait_numsub("wsloop:chat", 1)
+            assert servers[1 - servers.index(home)].numsub("wsloop:chat") == 0
+        finally:
+            client.shutdown()
+    result = subprocess.run(
+        COMMAND + ["--port", str(free_port()), "--health-requires-broker"],
+        capture_output=True, text=True, timeout=30, env=cli_env(),
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--redis" in lines[0], result.stderr
