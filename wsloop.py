@@ -3337,6 +3337,8 @@ class RedisBroker:
                 return
             if sequence != last + 1 and not first:
                 self._note_missed(topic, node, sequence - last - 1)
+            if len(seen) > 1:
+                del seen[node]  # to the end: the first is the one heard from longest ago
         elif len(seen) >= _MAX_NODES_PER_TOPIC:
             del seen[next(iter(seen))]  # the node heard from longest ago
         seen[node] = sequence

@@ -1429,3 +1429,41 @@ def test_cli_takes_several_redis_servers_and_health_requires_broker(start_redis)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--redis" in lines[0], result.stderr
+
+
+def test_a_publisher_that_forgets_a_topics_counter_starts_a_run_not_a_gap(redis_server, monkeypatch):
+    """Guards the bound on the sequence counters a node keeps
+    (_MAX_PUBLISHED_TOPICS, lowered here to 3): past it they are all
+    forgotten, the next message of each topic starts a new run above every
+    number used, and receivers take that as no loss."""
+    monkeypatch.setattr(wsloop, "_MAX_PUBLISHED_TOPICS", 3)
+    with cluster(redis_server.url) as (A, B):
+        b = B.client("/t")
+        redis_server.wait_numsub("wsloop:t", 1)
+        A.server.publish("t", "first")
+        assert b.recv_message() == "first"
+        for topic in ("u", "v", "w"):  # the third new counter crosses the bound
+            A.server.publish(topic, "elsewhere")
+        A.server.publish("t", "second")  # its counter forgotten: a new run
+        assert b.recv_message() == "second"
+        assert B.stats()["missed"] == 0 and B.handler.gaps == [], B.handler.gaps
+
+
+def test_a_receiver_tracks_a_bounded_number_of_nodes_per_topic(fake_redis, monkeypatch):
+    """Guards the bound on publishing nodes tracked per topic
+    (_MAX_NODES_PER_TOPIC, lowered here to 2): the node heard from longest
+    ago is forgotten, and its next message is taken as a first one."""
+    monkeypatch.setattr(wsloop, "_MAX_NODES_PER_TOPIC", 2)
+    with cluster(fake_redis.url, count=1, **FAST_FAILURE) as (A,):
+        a = A.client("/t")
+        _, sock = fake_redis.subscriber()
+        first, second, third = b"1" * 8, b"2" * 8, b"3" * 8
+        sent = [(first, 5, b"a"), (second, 1, b"b"), (first, 6, b"c"),  # the second is now the quietest
+                (third, 1, b"d"),  # the bound is crossed: the second node is forgotten
+                (first, 6, b"e"),  # a repeat from a node still tracked: dropped
+                (second, 1, b"f")]  # the forgotten node: taken as a first message
+        for node, sequence, text in sent:
+            fake_redis.send(sock, push(b"message", b"wsloop:t", envelope(sequence, text, node=node)))
+        fake_redis.send(sock, push(b"message", b"wsloop:t", envelope(2, b"end", node=third)))
+        assert read_until(a, "end", allowed=["a", "b", "c", "d", "f"]) == ["a", "b", "c", "d", "f"]
+        assert A.stats()["stale"] == 1
