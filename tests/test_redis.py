@@ -951,6 +951,21 @@ def test_a_malformed_reply_drops_only_that_link(fake_redis, reply, caplog):
     assert errors[0].levelno == logging.WARNING
 
 
+def test_a_message_on_the_publishing_link_is_a_protocol_error(fake_redis):
+    """Guards: the publishing connection never subscribes, so a pub/sub
+    message there is a protocol error on it (it used to be delivered)."""
+    with cluster(fake_redis.url, count=1, **FAST_FAILURE) as (A,):
+        a = A.client("/t")
+        A.server.publish("elsewhere", "find the publisher")
+        (number,) = fake_redis.wait(lambda: next(((n,) for n, args in fake_redis.log if args[0] == b"PUBLISH"), None))
+        fake_redis.send(fake_redis.connections[number], push(b"message", b"wsloop:t", envelope(1, b"bogus")))
+        wait_until(lambda: A.stats()["protocol_errors"] == 1, 10, message="no protocol error")
+        _, sock = fake_redis.subscriber()
+        fake_redis.send(sock, push(b"message", b"wsloop:t", envelope(1, b"marker")))
+        assert a.recv_message() == "marker", "the message on the publishing link was delivered"
+        still_serving(A)
+
+
 def test_a_flood_from_redis_is_read_in_slices(fake_redis):
     """Guards: a flood of valid messages used to be read until the socket
     was empty and delivered in one turn of the loop (seconds with no other
