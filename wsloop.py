@@ -132,6 +132,7 @@ __all__ = [
     "encode_frame",
     "encode_message",
     "reconnecting",
+    "redis_shard",
     "serve",
 ]
 
@@ -820,6 +821,9 @@ def _answer_request(
         return None
     path = request.path
     if options.health_path is not None and path == options.health_path:
+        broker = getattr(options, "health_broker", None)
+        if broker is not None and not broker.is_up():
+            return _refusal(503, "no link to Redis is up", [("Retry-After", "5")])
         name = getattr(options, "name", None)
         return Response(200, "ok %s\n" % name if name else "ok\n", [("Cache-Control", "no-store")])
     page = options.pages.get(path)
@@ -2511,33 +2515,80 @@ class _EventLoop:
 # =============================================================================
 #
 # Redis pub/sub is at most once and ordered per channel, and replays nothing
-# (see the README's promise).  The bridge keeps two connections, since in
-# RESP2 a subscribed connection may do nothing but (un)subscribe and ping:
-# one SUBSCRIBEs to prefix:topic for each topic that has a local subscriber
-# (never PSUBSCRIBE: PUBLISH costs grow with patterns on the whole server),
-# the other PUBLISHes.  Each is a small state machine in the server's loop:
-# connect (TLS, AUTH, SELECT), ready, and on any failure reconnect with
-# backoff and jitter.  A PING every ping_interval, answered within
-# ping_timeout, tells a live Redis from a stalled one or a dead link that
-# TCP still calls open.  After the subscriber reconnects it resubscribes and
-# tells the application, through on_broker_gap, which topics may have lost
-# messages.
+# (see the README's promise).  The bridge keeps two connections to each Redis
+# server, since in RESP2 a subscribed connection may do nothing but
+# (un)subscribe and ping: one SUBSCRIBEs to prefix:topic for each topic that
+# has a local subscriber (never PSUBSCRIBE: PUBLISH costs grow with patterns
+# on the whole server), the other PUBLISHes.  With several Redis servers a
+# topic lives on exactly one, chosen by redis_shard() (a stable hash of its
+# name), so per-topic order holds and N servers carry N times the publishes.
 #
-# A message on the wire is an envelope: node id (8 bytes), the node's
-# sequence number (8 bytes, big-endian), kind (b"t" text, b"b" binary), then
-# the payload as it is.  A node drops its own messages when Redis echoes
-# them: it has delivered them locally already.
+# Each connection is a small state machine in the server's loop: resolving
+# (getaddrinfo on a short-lived thread: the loop never waits on DNS),
+# connecting (TLS, AUTH, SELECT), ready, and on any failure an abortive
+# close and a reconnect with backoff and jitter.  A PING every
+# ping_interval, answered within ping_timeout, tells a live Redis from a
+# stalled one or a dead link that TCP still calls open.
+#
+# Redis is trusted no more than a client: every reply is parsed under bounds
+# (_RespParser) and checked for shape before use (_RedisLink._on_reply);
+# anything unexpected is a protocol error on that one link, which is logged,
+# dropped and reconnected.  A link reads at most _REDIS_TURN_BUDGET bytes a
+# turn of the loop, so a flood from Redis is taken in slices between the
+# other sockets' turns.
+#
+# A message on the wire is an envelope: node id (8 bytes), sequence number
+# (8 bytes, big-endian), kind, then the payload as it is.  The sequence
+# counts per publishing node per topic; kind is b"t" text or b"b" binary,
+# or b"T"/b"B" for the first message of a run (a topic the node has not
+# published to lately: its sequence starts above every number it has used,
+# so it still only grows).  A receiving node keeps the last sequence it
+# delivered per topic per publishing node: a jump is a loss it reports
+# through on_broker_gap with the count, an older number is a message that
+# arrived late and is dropped, never delivered out of order.  A node drops
+# its own messages when Redis echoes them: it has delivered them locally.
 
 _RESP_MAX_LINE = 64 * 2**10
+_RESP_MAX_DEPTH = 4  # pub/sub replies are flat arrays: a little room, no more
+_RESP_MAX_ITEMS = 64  # elements of one reply, all levels together
+_RESP_MAX_OVERHEAD = 64 * 2**10  # a reply's bytes beyond its bulk limit
+_REDIS_TURN_BUDGET = 2 * RECV_SIZE  # bytes one link reads in a turn of the loop
 _ENVELOPE = struct.Struct("!8sQc")
+_FIRST_OF_RUN = {b"T": b"t", b"B": b"b"}
+_MAX_PUBLISHED_TOPICS = 2**16  # sequence counters a node keeps (then new runs)
+_MAX_NODES_PER_TOPIC = 1024  # publishing nodes a receiver tracks per topic
+_RESUBSCRIBE_BATCH = 256  # channels per SUBSCRIBE command, one command a turn
+MAX_TOPIC_BYTES = 1024  # a topic's UTF-8 length (see _check_topic)
+DEFAULT_MAX_TOPICS = 1000  # topics one connection may hold (Server's max_topics)
+
+
+def redis_shard(topic: str, count: int) -> int:
+    """Which of ``count`` Redis servers carries ``topic``: the CRC-32 (as
+    zlib and most languages compute it) of the topic's UTF-8 bytes, modulo
+    ``count``.  Stable across processes and releases, so other programs can
+    publish to the right server; servers are numbered in the order given."""
+    return zlib.crc32(topic.encode("utf-8")) % count
+
+
+def _takes_missed(method: Callable[..., Any]) -> bool:
+    """Whether ``on_broker_gap`` takes the third argument, ``missed``."""
+    try:
+        inspect.signature(method).bind(None, None, None)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 class _RespError(Exception):
     """An error reply from Redis (``-ERR ...``)."""
 
 
-class _RespIncomplete(Exception):
-    pass
+def _resp_int(text: bytes) -> int:
+    # Stricter than int(): no spaces, no underscores, no "+", at most 19 digits.
+    digits = text[1:] if text[:1] == b"-" else text
+    if not digits.isdigit() or len(digits) > 19:
+        raise ProtocolError("Redis sent a bad number %r" % text[:32])
+    return int(text)
 
 
 def _resp_command(*args: Union[str, bytes]) -> bytes:
@@ -2554,15 +2605,20 @@ def _resp_command(*args: Union[str, bytes]) -> bytes:
 class _RespParser:
     """Incremental RESP2 reader: feed bytes, take whole replies.
 
+    Iterative (a stack of open arrays, no recursion) and bounded: lines of
+    _RESP_MAX_LINE, bulk strings of ``max_bulk``, _RESP_MAX_DEPTH levels of
+    arrays, _RESP_MAX_ITEMS elements and ``max_bulk`` + _RESP_MAX_OVERHEAD
+    bytes in one reply; each bound is checked from a header, before the
+    bytes it announces are waited for.  Breaking one raises ProtocolError.
     A reply that has not fully arrived is parsed again from its start when
-    more comes (only its header lines: a bulk string's length is checked
-    before its bytes are waited for), so a large message split over many
-    reads costs no quadratic copying.
+    more comes (only its header lines: at most _RESP_MAX_ITEMS of them), so
+    a large message split over many reads costs no quadratic copying.
     """
 
     def __init__(self, max_bulk: int):
         self._buffer = bytearray()
         self._max_bulk = max_bulk
+        self._max_reply = max_bulk + _RESP_MAX_OVERHEAD
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
@@ -2571,50 +2627,80 @@ class _RespParser:
         position = 0
         try:
             while position < len(self._buffer):
-                try:
-                    reply, position = self._parse(position)
-                except _RespIncomplete:
+                reply, end = self._parse(position)
+                if end < 0:
                     break
+                position = end
                 yield reply
         finally:
             del self._buffer[:position]
 
-    def _line(self, position: int) -> Tuple[int, bytes, int]:
-        end = self._buffer.find(b"\r\n", position)
-        if end < 0:
-            if len(self._buffer) - position > _RESP_MAX_LINE:
-                raise ProtocolError("Redis sent a line over %d bytes" % _RESP_MAX_LINE)
-            raise _RespIncomplete
-        return self._buffer[position], bytes(self._buffer[position + 1 : end]), end + 2
-
-    def _parse(self, position: int) -> Tuple[Any, int]:
-        kind, text, position = self._line(position)
-        if kind == 0x2B:  # + simple string
-            return text.decode("utf-8", "replace"), position
-        if kind == 0x2D:  # - error
-            return _RespError(text.decode("utf-8", "replace")), position
-        if kind == 0x3A:  # : integer
-            return int(text), position
-        if kind == 0x24:  # $ bulk string
-            length = int(text)
-            if length < 0:
-                return None, position
-            if length > self._max_bulk:
-                raise ProtocolError("Redis sent a bulk string of %d bytes" % length)
-            end = position + length
-            if len(self._buffer) < end + 2:
-                raise _RespIncomplete
-            return bytes(self._buffer[position:end]), end + 2
-        if kind == 0x2A:  # * array
-            count = int(text)
-            if count < 0:
-                return None, position
-            items = []
-            for _ in range(count):
-                item, position = self._parse(position)
-                items.append(item)
-            return items, position
-        raise ProtocolError("not a RESP reply (first byte %r)" % bytes((kind,)))
+    def _parse(self, start: int) -> Tuple[Any, int]:
+        """The whole reply at ``start`` and where it ends, or (None, -1)."""
+        buffer = self._buffer
+        position = start
+        stack: List[List[Any]] = []  # [array being filled, items it still needs]
+        items = 0
+        while True:
+            end = buffer.find(b"\r\n", position, position + _RESP_MAX_LINE + 2)
+            if end < 0:
+                if len(buffer) - position > _RESP_MAX_LINE:
+                    raise ProtocolError("Redis sent a line over %d bytes" % _RESP_MAX_LINE)
+                return None, -1
+            kind = buffer[position]
+            text = bytes(buffer[position + 1 : end])
+            position = end + 2
+            value: Any
+            if kind == 0x2B:  # + simple string
+                value = text.decode("utf-8", "replace")
+            elif kind == 0x2D:  # - error
+                value = _RespError(text.decode("utf-8", "replace"))
+            elif kind == 0x3A:  # : integer
+                value = _resp_int(text)
+            elif kind == 0x24:  # $ bulk string, $-1 null
+                length = _resp_int(text)
+                if length == -1:
+                    value = None
+                elif length < 0 or length > self._max_bulk:
+                    raise ProtocolError("Redis sent a bulk string of %d bytes" % length)
+                elif position + length - start > self._max_reply:
+                    raise ProtocolError("Redis sent a reply over %d bytes" % self._max_reply)
+                elif len(buffer) < position + length + 2:
+                    return None, -1
+                elif buffer[position + length : position + length + 2] != b"\r\n":
+                    raise ProtocolError("Redis sent a bulk string without its CRLF")
+                else:
+                    value = bytes(buffer[position : position + length])
+                    position += length + 2
+            elif kind == 0x2A:  # * array, *-1 null
+                count = _resp_int(text)
+                if count == -1:
+                    value = None
+                elif count < 0:
+                    raise ProtocolError("Redis sent an array of %d items" % count)
+                elif count == 0:
+                    value = []
+                else:
+                    items += count
+                    if items > _RESP_MAX_ITEMS:
+                        raise ProtocolError("Redis sent a reply of over %d items" % _RESP_MAX_ITEMS)
+                    if len(stack) >= _RESP_MAX_DEPTH:
+                        raise ProtocolError("Redis sent arrays nested over %d deep" % _RESP_MAX_DEPTH)
+                    stack.append([[], count])
+                    continue
+            else:
+                raise ProtocolError("not a RESP2 reply (first byte %r)" % bytes((kind,)))
+            # Put the value in the innermost open array; close what is full.
+            while stack:
+                top = stack[-1]
+                top[0].append(value)
+                top[1] -= 1
+                if top[1]:
+                    break
+                stack.pop()
+                value = top[0]
+            else:
+                return value, position
 
 
 def _parse_redis_url(url: str) -> Tuple[str, int, Optional[str], Optional[str], int, bool]:
@@ -2639,41 +2725,106 @@ def _parse_redis_url(url: str) -> Tuple[str, int, Optional[str], Optional[str], 
     return parts.hostname, port, user, password, int(db_text), scheme == "rediss"
 
 
-class _RedisLink:
-    """One connection to Redis, driven by the loop: connect, TLS, AUTH,
-    SELECT, then commands; on any failure, close and let the broker retry."""
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
-    def __init__(self, broker: RedisBroker, name: str):
-        self.broker = broker
+
+class _RedisLink:
+    """One connection to one Redis server, driven by the loop: resolve,
+    connect, TLS, AUTH, SELECT, then commands; on any failure, close
+    abortively and let the broker retry."""
+
+    def __init__(self, shard: _RedisShard, name: str):
+        self.shard = shard
+        self.broker = shard.broker
         self.name = name  # "subscriber" or "publisher"
         self.state = "disconnected"  # then "connecting", "ready"
         self.sock: Optional[socket.socket] = None
         self.outgoing = bytearray()
-        self.parser = _RespParser(broker.max_message)
+        self.parser = _RespParser(self.broker.max_message + _ENVELOPE.size)
         self.expected: Deque[str] = collections.deque()  # replies we wait for, in order
         self.ping_sent: Optional[float] = None
         self.attempts = 0
         self.events = 0
+        self.resolving = False
+        self._resolver: Optional[threading.Thread] = None
         self._tls_pending = False
         self._deadline: Optional[_Timer] = None
+        self._reading_on = False  # a read is queued for the next turn
+
+    def __repr__(self) -> str:
+        return "<redis %s %s:%d %s>" % (self.name, self.shard.host, self.shard.port, self.state)
+
+    def label(self) -> str:
+        return "redis %s:%d %s" % (self.shard.host, self.shard.port, self.name)
 
     # -- connecting -----------------------------------------------------------
 
     def connect(self) -> None:
-        broker = self.broker
-        loop = broker.loop
+        loop = self.broker.loop
         assert loop is not None
         self.state = "connecting"
-        self.parser = _RespParser(broker.max_message)
+        self.parser = _RespParser(self.broker.max_message + _ENVELOPE.size)
         self.outgoing.clear()
         self.expected.clear()
         self.ping_sent = None
+        # Resolving, connecting, TLS and AUTH must all be done within
+        # ping_timeout: a stopped Redis still completes TCP handshakes from
+        # its backlog, and a silent DNS answers nothing at all.
+        self._deadline = loop.call_later(self.broker.ping_timeout, self._timed_out)
+        host, port = self.shard.host, self.shard.port
+        if _is_ip_address(host):  # nothing to look up: answered at once
+            self._open(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST))
+            return
+        self.resolving = True
+        if self._resolver is not None and self._resolver.is_alive():
+            return  # the lookup under way will answer this attempt
+        # getaddrinfo blocks for as long as the resolver likes (seconds with
+        # a silent DNS): ask on a thread and take the answer through the door.
+        self._resolver = threading.Thread(
+            target=self._resolve, args=(host, port, loop), name="wsloop-redis-resolve", daemon=True
+        )
+        self._resolver.start()
+
+    def _resolve(self, host: str, port: int, loop: _EventLoop) -> None:
+        """On the resolver thread: look ``host`` up, hand the answer back."""
+        answer: Union[List[Any], OSError]
         try:
-            infos = socket.getaddrinfo(broker.host, broker.port, type=socket.SOCK_STREAM)
+            answer = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            answer = exc
+        except UnicodeError as exc:  # a host name IDNA cannot encode
+            answer = OSError(str(exc))
+        loop.call_soon_threadsafe(self._resolved, answer)
+
+    def _resolved(self, answer: Union[List[Any], OSError]) -> None:
+        if self.state != "connecting" or not self.resolving:
+            return  # this attempt already failed; the next one asks again
+        self.resolving = False
+        if isinstance(answer, OSError):
+            self.fail("cannot resolve %s: %s" % (self.shard.host, answer.strerror or answer))
+            return
+        self._open(answer)
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        if self.resolving:
+            self.fail("resolving %s took over %s s" % (self.shard.host, self.broker.ping_timeout))
+        else:
+            self.fail("no answer while connecting")
+
+    def _open(self, infos: List[Any]) -> None:
+        loop = self.broker.loop
+        assert loop is not None
+        try:
             family, kind, proto, _, address = infos[0]
             sock = socket.socket(family, kind, proto)
-        except OSError as exc:
-            self.fail("cannot resolve %s: %s" % (broker.host, exc.strerror or exc))
+        except (OSError, IndexError) as exc:
+            self.fail("cannot connect: %s" % exc)
             return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -2683,21 +2834,18 @@ class _RedisLink:
             self.fail("cannot connect: %s" % os.strerror(error))
             return
         self.sock = sock
-        self._tls_pending = broker.tls
+        self._tls_pending = self.shard.tls
         self.events = _EVENT_WRITE
         loop.selector.register(sock, _EVENT_WRITE, self)
-        # Connecting, TLS and AUTH must all be done within ping_timeout: a
-        # stopped Redis still completes TCP handshakes from its backlog.
-        self._deadline = loop.call_later(broker.ping_timeout, self.fail, "no answer while connecting")
 
     def _connected(self) -> None:
         """TCP (and TLS) is up: say who we are, then the role's first commands."""
-        broker = self.broker
-        if broker.password is not None:
-            args = ["AUTH"] + ([broker.user] if broker.user else []) + [broker.password]
+        shard = self.shard
+        if shard.password is not None:
+            args = ["AUTH"] + ([shard.user] if shard.user else []) + [shard.password]
             self.command(*args, expect="auth")
-        if broker.db:
-            self.command("SELECT", str(broker.db), expect="select")
+        if shard.db:
+            self.command("SELECT", str(shard.db), expect="select")
         self.command("PING", expect="ready")
 
     def ready(self) -> None:
@@ -2706,7 +2854,7 @@ class _RedisLink:
             self._deadline = None
         self.state = "ready"
         self.attempts = 0
-        self.broker._link_ready(self)
+        self.shard.link_ready(self)
 
     # -- I/O ------------------------------------------------------------------
 
@@ -2739,6 +2887,16 @@ class _RedisLink:
             self.broker.loop.selector.modify(self.sock, events, self)  # type: ignore[union-attr]
 
     def _handle_io(self, mask: int) -> None:
+        try:
+            self._io(mask)
+        except Exception as exc:
+            # The last line of defence: whatever Redis sent, the bridge
+            # fails alone and the server's other sockets go on.
+            logger.error("%s: unexpected %s: %s", self.label(), type(exc).__name__, exc, exc_info=True)
+            if self.sock is not None:
+                self.fail("internal error")
+
+    def _io(self, mask: int) -> None:
         sock: Any = self.sock
         if sock is None:
             return
@@ -2747,12 +2905,12 @@ class _RedisLink:
             if error:
                 self.fail("cannot connect: %s" % os.strerror(error))
                 return
-            if self.broker.tls:
+            if self.shard.tls:
                 self._tls_pending = True
-                context: Any = self.broker.ssl_context
+                context: Any = self.shard.ssl_context
                 try:
                     self.sock = sock = context.wrap_socket(
-                        sock, server_hostname=self.broker.host, do_handshake_on_connect=False
+                        sock, server_hostname=self.shard.host, do_handshake_on_connect=False
                     )
                 except (OSError, ssl.SSLError) as exc:
                     self.fail("TLS failed: %s" % exc)
@@ -2783,9 +2941,14 @@ class _RedisLink:
             self.flush()
 
     def _read(self) -> None:
-        # Read until it would block: Redis disconnects a subscriber that
-        # falls behind, and TLS may hold bytes the selector cannot see.
+        # Read until it would block, or this turn's budget is spent: Redis
+        # disconnects a subscriber that falls behind, yet a flood must not
+        # keep the other sockets waiting.  The selector reports a socket
+        # with bytes left again next turn; TLS may hold decrypted bytes the
+        # selector cannot see, so then the next turn's read is queued here.
         sock: Any = self.sock
+        budget = _REDIS_TURN_BUDGET
+        more = False
         while True:
             try:
                 data = sock.recv(RECV_SIZE)
@@ -2798,43 +2961,73 @@ class _RedisLink:
                 self.fail("Redis closed the connection")
                 return
             self.parser.feed(data)
-            if len(data) < RECV_SIZE and not (self.broker.tls and sock.pending()):
+            budget -= len(data)
+            tls_pending = self.shard.tls and sock.pending()
+            if len(data) < RECV_SIZE and not tls_pending:
+                break
+            if budget <= 0:
+                more = bool(tls_pending)
                 break
         try:
             for reply in self.parser.replies():
                 self._on_reply(reply)
-                if self.sock is None:
-                    return
+                if self.sock is not None:
+                    continue
+                return
         except (ProtocolError, ValueError) as exc:
-            self.fail("bad reply: %s" % exc)
+            self.protocol_error(str(exc))
+            return
+        if more and not self._reading_on:
+            self._reading_on = True
+            self.broker.loop.call_soon(self._read_on)  # type: ignore[union-attr]
+
+    def _read_on(self) -> None:
+        self._reading_on = False
+        if self.sock is not None and self.state != "disconnected":
+            self._handle_io(_EVENT_READ)
 
     def _on_reply(self, reply: Any) -> None:
-        if isinstance(reply, list) and reply and isinstance(reply[0], bytes):
-            kind = reply[0].lower()
-            if kind == b"message" and len(reply) == 3:
-                self.broker._on_message(reply[1], reply[2])
+        """Act on one reply, after checking it has the shape its place calls for."""
+        if isinstance(reply, list):
+            kind = reply[0].lower() if reply and isinstance(reply[0], bytes) else None
+            if kind == b"message" and len(reply) == 3 and isinstance(reply[1], bytes) and isinstance(reply[2], bytes):
+                self.broker._on_message(self, reply[1], reply[2])
                 return
-            if kind in (b"subscribe", b"unsubscribe"):
-                return
-            if kind == b"pong":  # PING while subscribed
-                if self.expected and self.expected[0] == "ping":
-                    self.expected.popleft()
+            if kind in (b"subscribe", b"unsubscribe") and len(reply) == 3 and isinstance(reply[2], int):
+                if isinstance(reply[1], bytes) and self.name == "subscriber":
+                    self.broker._check_channel(reply[1])
+                    if kind == b"subscribe":
+                        self.shard.confirmed()
+                    return
+            if kind == b"pong" and len(reply) == 2 and self.expected and self.expected[0] == "ping":
+                self.expected.popleft()  # PING while subscribed
                 self.ping_sent = None
                 return
-        expect = self.expected.popleft() if self.expected else "ignore"
+            raise ProtocolError("Redis sent an unexpected array %s" % _describe_reply(reply))
+        if not self.expected:
+            raise ProtocolError("Redis sent a reply nobody asked for: %s" % _describe_reply(reply))
+        expect = self.expected.popleft()
         if isinstance(reply, _RespError):
             if expect == "auth" or str(reply).startswith(("NOAUTH", "WRONGPASS")):
-                self.broker._auth_failed(self, str(reply))
+                self.shard.auth_failed(self, str(reply))
                 return
             if expect in ("select", "ready"):
                 self.fail("Redis refused: %s" % reply)
                 return
-            logger.warning("redis %s: %s", self.name, reply)
+            logger.warning("%s: %s", self.label(), _escape_reply(str(reply)))
             return
-        if expect == "ping":
+        if expect in ("auth", "select"):
+            if reply != "OK":
+                raise ProtocolError("Redis answered %s with %s" % (expect.upper(), _describe_reply(reply)))
+        elif expect in ("ping", "ready"):
+            if reply != "PONG":
+                raise ProtocolError("Redis answered PING with %s" % _describe_reply(reply))
             self.ping_sent = None
-        elif expect == "ready":
-            self.ready()
+            if expect == "ready":
+                self.ready()
+        elif expect == "publish":
+            if not isinstance(reply, int) or isinstance(reply, bool):
+                raise ProtocolError("Redis answered PUBLISH with %s" % _describe_reply(reply))
 
     # -- liveness and the end -------------------------------------------------
 
@@ -2849,25 +3042,204 @@ class _RedisLink:
         self.ping_sent = now
         self.command("PING", expect="ping")
 
-    def fail(self, why: str) -> None:
-        was_ready = self.state == "ready"
-        self.close()
-        self.broker._link_failed(self, why, was_ready)
+    def protocol_error(self, why: str) -> None:
+        self.broker._counts["protocol_errors"] += 1
+        logger.warning("%s: protocol error, dropping the link: %s", self.label(), _escape_reply(why))
+        self.fail("protocol error", logged=True)
 
-    def close(self) -> None:
+    def fail(self, why: str, logged: bool = False) -> None:
+        was_ready = self.state == "ready"
+        self.close(abort=True)
+        self.shard.link_failed(self, why, was_ready, logged)
+
+    def close(self, abort: bool = False) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
         sock = self.sock
         self.sock = None
         self.state = "disconnected"
+        self.resolving = False
         self.events = 0
         if sock is not None:
             try:
                 self.broker.loop.selector.unregister(sock)  # type: ignore[union-attr]
             except (KeyError, ValueError):
                 pass
+            if abort:
+                # A link declared dead is reset, not closed: with a normal
+                # close the kernel would keep retransmitting its queued
+                # PUBLISHes, and Redis could run them long after newer ones.
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
             sock.close()
+
+
+def _escape_reply(text: str) -> str:
+    return text[:200].encode("ascii", "backslashreplace").decode("ascii").replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _describe_reply(reply: Any) -> str:
+    """A short, escaped picture of a reply for a log line."""
+    return _escape_reply(repr(reply))
+
+
+class _RedisShard:
+    """One Redis server of the broker's: its address, its two links, the
+    topics it carries, and the publishes waiting for it to come back."""
+
+    def __init__(self, broker: RedisBroker, url: str, index: int, ssl_context: Optional[ssl.SSLContext]):
+        self.broker = broker
+        self.index = index
+        self.url = url
+        self.host, self.port, self.user, self.password, self.db, self.tls = _parse_redis_url(url)
+        self.ssl_context = ssl_context or (ssl.create_default_context() if self.tls else None)
+        self.topics: Dict[str, None] = {}  # subscribed here, in order
+        self.subscriber = _RedisLink(self, "subscriber")
+        self.publisher = _RedisLink(self, "publisher")
+        self.waiting = bytearray()  # publishes made while it was away
+        self.waiting_count = 0
+        self.ever_ready = False
+        self.lost_subscriber = False
+        self.unconfirmed = 0  # SUBSCRIBEs of a resubscription not yet confirmed
+        self.resubscribe: List[str] = []  # topics still to resubscribe
+        self.auth_error: Optional[str] = None
+
+    def where(self) -> str:
+        return "%s:%d" % (self.host, self.port)
+
+    def resubscribed(self) -> bool:
+        return self.subscriber.state == "ready" and not self.resubscribe and not self.unconfirmed
+
+    def subscribe(self, topic: str) -> None:
+        self.topics[topic] = None
+        if self.subscriber.state == "ready":
+            self.unconfirmed += 1
+            self.subscriber.command("SUBSCRIBE", self.broker._channel(topic), expect=None)
+
+    def unsubscribe(self, topic: str) -> None:
+        self.topics.pop(topic, None)
+        if self.subscriber.state == "ready":
+            self.subscriber.command("UNSUBSCRIBE", self.broker._channel(topic), expect=None)
+
+    def publish(self, command: bytes) -> None:
+        broker = self.broker
+        publisher = self.publisher
+        if publisher.state == "ready" and not self.waiting:
+            if len(publisher.outgoing) > broker.max_buffer:
+                broker._counts["dropped"] += 1  # Redis is not keeping up
+                return
+            publisher.outgoing += command
+            publisher.expected.append("publish")
+            # Counted before the write: a reader that has seen the message
+            # arrive elsewhere must also see it counted here.
+            broker._counts["published"] += 1
+            publisher.flush()
+        elif len(self.waiting) + len(command) <= broker.max_buffer:
+            self.waiting += command  # sent once this process has resubscribed
+            self.waiting_count += 1
+        else:
+            broker._counts["dropped"] += 1
+
+    # -- what its links tell it -----------------------------------------------
+
+    def link_ready(self, link: _RedisLink) -> None:
+        broker = self.broker
+        if self.auth_error is not None:
+            logger.info("redis %s: authenticated again", self.where())
+            self.auth_error = None
+        if link is self.subscriber:
+            self.resubscribe = list(self.topics)
+            self.unconfirmed = 0
+            if self.lost_subscriber:
+                self.lost_subscriber = False
+                logger.warning(
+                    "redis %s: subscriber back; messages on %d topic(s) may be lost", self.where(), len(self.topics)
+                )
+                if self.topics:
+                    broker._report_gap(list(self.topics), None)
+            elif not self.ever_ready:
+                logger.info("redis: connected to %s", self.where())
+            self.ever_ready = True
+            # Paced: a restarted Redis is not hit by every channel of every
+            # process in one burst.  A jittered start, then one batch a turn.
+            assert broker.loop is not None
+            broker.loop.call_later(broker._random.random() * broker.resubscribe_jitter, self._resubscribe_some, link)
+        self.send_waiting()
+
+    def _resubscribe_some(self, link: _RedisLink) -> None:
+        if link.state != "ready" or link is not self.subscriber:
+            return
+        batch, self.resubscribe = self.resubscribe[:_RESUBSCRIBE_BATCH], self.resubscribe[_RESUBSCRIBE_BATCH:]
+        batch = [topic for topic in batch if topic in self.topics]
+        if batch:
+            self.unconfirmed += len(batch)
+            link.command("SUBSCRIBE", *[self.broker._channel(topic) for topic in batch], expect=None)
+        if self.resubscribe:
+            self.broker.loop.call_soon(self._resubscribe_some, link)  # type: ignore[union-attr]
+        else:
+            self.send_waiting()
+
+    def confirmed(self) -> None:
+        if self.unconfirmed:
+            self.unconfirmed -= 1
+            if not self.unconfirmed:
+                self.send_waiting()
+
+    def send_waiting(self) -> None:
+        """Publishes made while Redis was away go out once this process
+        has resubscribed (its own subscribers would miss them otherwise)."""
+        if not self.waiting or self.publisher.state != "ready" or not self.resubscribed():
+            return
+        publisher = self.publisher
+        publisher.outgoing += self.waiting
+        publisher.expected.extend(["publish"] * self.waiting_count)
+        self.broker._counts["published"] += self.waiting_count
+        self.waiting = bytearray()
+        self.waiting_count = 0
+        publisher.flush()
+
+    def link_failed(self, link: _RedisLink, why: str, was_ready: bool, logged: bool) -> None:
+        broker = self.broker
+        if broker._closed:
+            return
+        if link is self.subscriber:
+            self.resubscribe = []
+            self.unconfirmed = 0
+            if was_ready or self.ever_ready:
+                self.lost_subscriber = True
+        if was_ready:
+            broker._counts["reconnects"] += 1
+            if not logged:
+                logger.warning("%s: %s; reconnecting", link.label(), _escape_reply(why))
+        elif not self.ever_ready and link.attempts == 0 and not logged:
+            logger.warning("%s: cannot reach Redis: %s; retrying", link.label(), _escape_reply(why))
+        elif not logged:
+            logger.debug("%s: %s", link.label(), _escape_reply(why))
+        link.attempts += 1
+        if self.auth_error is not None:
+            delay = broker.reconnect_max  # a wrong password will not fix itself soon
+        else:
+            delay = min(broker.reconnect_max, 0.05 * 2**link.attempts)
+        delay *= 0.5 + broker._random.random() / 2  # jitter: not every node at once
+        assert broker.loop is not None
+        broker.loop.call_later(delay, self._reconnect, link)
+
+    def _reconnect(self, link: _RedisLink) -> None:
+        if not self.broker._closed and link.state == "disconnected":
+            link.connect()
+
+    def auth_failed(self, link: _RedisLink, reply: str) -> None:
+        if self.auth_error != reply:
+            logger.error(
+                "redis %s: authentication failed (%s): check the user and password in the URL",
+                self.where(), _escape_reply(reply),
+            )
+        self.auth_error = reply
+        link.close(abort=True)
+        self.link_failed(link, "authentication failed", False, True)
 
 
 class RedisBroker:
@@ -2876,79 +3248,116 @@ class RedisBroker:
 
     ``url`` is ``redis://[user:password@]host:port[/db]``, or ``rediss://``
     for TLS (the certificate is checked; ``ssl_context`` replaces the
-    default).  Topic ``t`` is the Redis channel ``prefix:t``, so several
+    default), or a list of such URLs: topic ``t`` then lives on server
+    ``redis_shard(t, len(urls))`` and losing one server affects only its
+    topics.  Topic ``t`` is the Redis channel ``prefix:t``, so several
     applications can share one Redis.  ``ping_interval``/``ping_timeout``
-    detect a dead or stalled Redis; reconnecting backs off up to
-    ``reconnect_max`` seconds; while it is down, up to ``max_buffer`` bytes
-    of publishes wait and the rest are dropped (and counted).
+    detect a dead or stalled Redis (and bound resolving and connecting);
+    reconnecting backs off up to ``reconnect_max`` seconds and resubscribes
+    in batches from a random moment within ``resubscribe_jitter`` seconds;
+    while a server is away (until this process has resubscribed to it), up
+    to ``max_buffer`` bytes of publishes per server wait and the rest are
+    dropped (and counted).
 
     Promise: at most once between processes, in order per publisher per
-    topic, bounded memory, local delivery whatever Redis does.  Not
-    promised: replay after a gap (the handler's ``on_broker_gap(server,
-    topics)`` says when one may have happened), global order, presence.
+    topic (a message older than one delivered is dropped, never delivered
+    late), bounded memory, local delivery whatever Redis does, and loss
+    reported on the process that lost it: the handler's
+    ``on_broker_gap(server, topics)`` after a reconnect, and when a
+    publisher's sequence numbers jump (with ``missed``, topic -> node id ->
+    count, if the method takes a third argument).  Not promised: replay,
+    global order, presence.
     """
 
     def __init__(
         self,
-        url: str,
+        url: Union[str, List[str]],
         prefix: str = "wsloop",
         *,
         ping_interval: float = 5.0,
         ping_timeout: float = 5.0,
         reconnect_max: float = 5.0,
+        resubscribe_jitter: float = 0.25,
         max_buffer: int = 2**20,
         max_message: int = 64 * 2**20,
         ssl_context: Optional[ssl.SSLContext] = None,
     ):
-        self.host, self.port, self.user, self.password, self.db, self.tls = _parse_redis_url(url)
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("no Redis URL")
         if not prefix or any(char in prefix for char in "*?[]"):
             raise ValueError("prefix must be non-empty, without glob characters")
         _timeout("ping_interval", ping_interval)
         _timeout("ping_timeout", ping_timeout)
-        self.url = url
+        if resubscribe_jitter < 0:
+            raise ValueError("resubscribe_jitter must not be negative")
+        self.url = urls[0]
+        self.urls = urls
         self.prefix = prefix
+        self._prefix_bytes = prefix.encode("utf-8") + b":"
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.reconnect_max = reconnect_max
+        self.resubscribe_jitter = resubscribe_jitter
         self.max_buffer = max_buffer
         self.max_message = max_message
-        self.ssl_context = ssl_context or (ssl.create_default_context() if self.tls else None)
         self.node_id = os.urandom(8)
+        self._random = random.Random()  # jitter; its own, so no one else's seed decides it
         self.loop: Optional[_EventLoop] = None
         self._deliver: Optional[Callable[[str, Union[str, bytes]], Any]] = None
-        self._gap: Optional[Callable[[List[str]], None]] = None
-        self._topics: Dict[str, None] = {}  # subscribed here, in order
-        self._subscriber = _RedisLink(self, "subscriber")
-        self._publisher = _RedisLink(self, "publisher")
-        self._sequence = 0
-        self._waiting = bytearray()  # publishes made while the publisher is down
-        self._waiting_count = 0
-        self._ever_ready = False
-        self._lost_subscriber = False
-        self._auth_error: Optional[str] = None
-        self._ping_timer: Optional[_Timer] = None
+        self._gap: Optional[Callable[[List[str], Optional[Dict[str, Dict[str, int]]]], None]] = None
         self._closed = False
-        self._counts = {"published": 0, "received": 0, "dropped": 0, "reconnects": 0, "gaps": 0}
+        self._counts = {
+            "published": 0, "received": 0, "dropped": 0, "reconnects": 0, "gaps": 0,
+            "missed": 0, "stale": 0, "protocol_errors": 0,
+        }
+        self._shards = [_RedisShard(self, one, index, ssl_context) for index, one in enumerate(urls)]
+        first = self._shards[0]
+        self.host, self.port, self.tls = first.host, first.port, first.tls
+        self._topics: Dict[str, None] = {}  # subscribed here, in order
+        # Sequence numbers this node publishes: per topic, and the highest
+        # one used, where a new run starts (see the section's comment).
+        self._sequences: Dict[str, int] = {}
+        self._highest = 0
+        # What this node has delivered: per topic, per publishing node, the
+        # last sequence number; and losses seen, reported once a turn.
+        self._seen: Dict[str, Dict[bytes, int]] = {}
+        self._missed: Dict[str, Dict[str, int]] = {}
+        self._ping_timer: Optional[_Timer] = None
 
     def __repr__(self) -> str:
-        return "<RedisBroker %s:%d prefix %s %s>" % (self.host, self.port, self.prefix, self.state)
+        where = ",".join(shard.where() for shard in self._shards)
+        return "<RedisBroker %s prefix %s %s>" % (where, self.prefix, self.state)
 
     @property
     def state(self) -> str:
-        """"connected" (both links ready), "connecting" or "disconnected"."""
-        links = (self._subscriber.state, self._publisher.state)
-        if links == ("ready", "ready"):
+        """"connected" (every link ready), "connecting" or "disconnected"."""
+        links = [link.state for shard in self._shards for link in (shard.subscriber, shard.publisher)]
+        if all(state == "ready" for state in links):
             return "connected"
         if "connecting" in links or "ready" in links:
             return "connecting"
         return "disconnected"
 
+    def is_up(self) -> bool:
+        """True while at least one link to Redis is ready (what
+        ``--health-requires-broker`` asks)."""
+        return any(
+            link.state == "ready" for shard in self._shards for link in (shard.subscriber, shard.publisher)
+        )
+
     def stats(self) -> Dict[str, Any]:
-        """The bridge's state and counters: published, received, dropped,
-        reconnects, gaps, and the topics subscribed."""
+        """The bridge's state and counters: published, received, dropped
+        (publishes not sent), reconnects, gaps (reports made), missed
+        (messages from other nodes known lost), stale (arrived after a newer
+        one, dropped), protocol_errors, and the topics subscribed."""
         figures: Dict[str, Any] = dict(self._counts)
         figures["state"] = self.state
         figures["topics"] = len(self._topics)
+        figures["servers"] = [
+            {"url": shard.where(), "subscriber": shard.subscriber.state, "publisher": shard.publisher.state}
+            for shard in self._shards
+        ]
         return figures
 
     # -- what the server calls (the loop's thread) ----------------------------
@@ -2957,145 +3366,146 @@ class RedisBroker:
         self,
         loop: _EventLoop,
         deliver: Callable[[str, Union[str, bytes]], Any],
-        gap: Callable[[List[str]], None],
+        gap: Callable[[List[str], Optional[Dict[str, Dict[str, int]]]], None],
     ) -> None:
         self.loop = loop
         self._deliver = deliver
         self._gap = gap
-        self._subscriber.connect()
-        self._publisher.connect()
+        for shard in self._shards:
+            shard.subscriber.connect()
+            shard.publisher.connect()
         self._ping_timer = loop.call_later(self.ping_interval, self._keepalive)
 
     def _close(self) -> None:
         self._closed = True
         if self._ping_timer is not None:
             self._ping_timer.cancel()
-        self._subscriber.close()
-        self._publisher.close()
+        for shard in self._shards:
+            shard.subscriber.close()
+            shard.publisher.close()
+
+    def _shard(self, topic: str) -> _RedisShard:
+        shards = self._shards
+        return shards[0] if len(shards) == 1 else shards[redis_shard(topic, len(shards))]
 
     def _subscribe(self, topic: str) -> None:
         self._topics[topic] = None
-        if self._subscriber.state == "ready":
-            self._subscriber.command("SUBSCRIBE", self._channel(topic), expect=None)
+        self._shard(topic).subscribe(topic)
 
     def _unsubscribe(self, topic: str) -> None:
         self._topics.pop(topic, None)
-        if self._subscriber.state == "ready":
-            self._subscriber.command("UNSUBSCRIBE", self._channel(topic), expect=None)
+        self._seen.pop(topic, None)
+        self._shard(topic).unsubscribe(topic)
 
     def _publish(self, topic: str, message: Union[str, bytes]) -> None:
-        self._sequence += 1
+        sequence = self._sequences.get(topic)
         if isinstance(message, str):
             kind, payload = b"t", message.encode("utf-8")
         else:
             kind, payload = b"b", message
-        envelope = _ENVELOPE.pack(self.node_id, self._sequence, kind) + payload
-        command = _resp_command("PUBLISH", self._channel(topic), envelope)
-        publisher = self._publisher
-        if publisher.state == "ready":
-            if len(publisher.outgoing) > self.max_buffer:
-                self._counts["dropped"] += 1  # Redis is not keeping up
-                return
-            publisher.outgoing += command
-            publisher.expected.append("ignore")
-            # Counted before the write: a reader that has seen the message
-            # arrive elsewhere must also see it counted here.
-            self._counts["published"] += 1
-            publisher.flush()
-        elif len(self._waiting) + len(command) <= self.max_buffer:
-            self._waiting += command  # sent once the publisher is back
-            self._waiting_count += 1
-        else:
+        if len(payload) > self.max_message:
+            # Every other node would refuse it (and drop its link): local only.
             self._counts["dropped"] += 1
+            return
+        if sequence is None:
+            if len(self._sequences) >= _MAX_PUBLISHED_TOPICS:
+                self._sequences.clear()  # every topic starts a new run
+            sequence = self._highest
+            kind = kind.upper()  # the first of a run: no gap before it
+        sequence += 1
+        self._sequences[topic] = sequence
+        if sequence > self._highest:
+            self._highest = sequence
+        envelope = _ENVELOPE.pack(self.node_id, sequence, kind) + payload
+        self._shard(topic).publish(_resp_command("PUBLISH", self._channel(topic), envelope))
 
     # -- what the links tell the broker ---------------------------------------
 
     def _channel(self, topic: str) -> str:
         return self.prefix + ":" + topic
 
-    def _on_message(self, channel: bytes, data: bytes) -> None:
+    def _check_channel(self, channel: bytes) -> str:
+        """The topic of one of our channels, or a ProtocolError."""
+        if not channel.startswith(self._prefix_bytes):
+            raise ProtocolError("Redis sent channel %s, outside prefix %s" % (_describe_reply(channel), self.prefix))
+        try:
+            return channel[len(self._prefix_bytes) :].decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("Redis sent channel %s, not UTF-8" % _describe_reply(channel)) from None
+
+    def _on_message(self, link: _RedisLink, channel: bytes, data: bytes) -> None:
+        if link.name != "subscriber":
+            raise ProtocolError("Redis sent a message to the publishing connection")
+        topic = self._check_channel(channel)
         if len(data) < _ENVELOPE.size:
-            return  # not one of ours
-        node, _sequence, kind = _ENVELOPE.unpack_from(data)
+            return  # not one of ours: another program publishing there
+        node, sequence, kind = _ENVELOPE.unpack_from(data)
         if node == self.node_id:
             return  # ours, delivered locally when published
-        topic = channel.decode("utf-8", "replace")[len(self.prefix) + 1 :]
+        if topic not in self._topics:
+            return  # sent before our UNSUBSCRIBE took effect
+        first = kind in _FIRST_OF_RUN
+        if first:
+            kind = _FIRST_OF_RUN[kind]
         payload = data[_ENVELOPE.size :]
         message: Union[str, bytes]
         if kind == b"t":
             try:
                 message = payload.decode("utf-8")
             except UnicodeDecodeError:
-                return
-        else:
+                return  # not one of ours
+        elif kind == b"b":
             message = payload
+        else:
+            return  # not one of ours
+        seen = self._seen.get(topic)
+        if seen is None:
+            seen = self._seen[topic] = {}
+        last = seen.get(node)
+        if last is not None:
+            if sequence <= last:
+                self._counts["stale"] += 1  # older than one delivered: never late
+                return
+            if sequence != last + 1 and not first:
+                self._note_missed(topic, node, sequence - last - 1)
+            if len(seen) > 1:
+                del seen[node]  # to the end: the first is the one heard from longest ago
+        elif len(seen) >= _MAX_NODES_PER_TOPIC:
+            del seen[next(iter(seen))]  # the node heard from longest ago
+        seen[node] = sequence
         self._counts["received"] += 1
         if self._deliver is not None:
             self._deliver(topic, message)
 
-    def _link_ready(self, link: _RedisLink) -> None:
-        if self._auth_error is not None:
-            logger.info("redis: authenticated again")
-            self._auth_error = None
-        if link is self._subscriber:
-            topics = list(self._topics)
-            for start in range(0, len(topics), 256):
-                channels = [self._channel(topic) for topic in topics[start : start + 256]]
-                link.command("SUBSCRIBE", *channels, expect=None)
-            if self._lost_subscriber:
-                self._lost_subscriber = False
-                logger.warning("redis: subscriber back; messages on %d topic(s) may be lost", len(topics))
-                if topics and self._gap is not None:
-                    self._counts["gaps"] += 1
-                    self._gap(topics)
-            elif not self._ever_ready:
-                logger.info("redis: connected to %s:%d", self.host, self.port)
-            self._ever_ready = True
-        else:
-            if self._waiting:
-                link.outgoing += self._waiting
-                link.expected.extend(["ignore"] * self._waiting_count)
-                self._counts["published"] += self._waiting_count
-                self._waiting = bytearray()
-                self._waiting_count = 0
-                link.flush()
+    def _note_missed(self, topic: str, node: bytes, count: int) -> None:
+        self._counts["missed"] += count
+        if not self._missed:
+            self.loop.call_soon(self._report_missed)  # type: ignore[union-attr]
+        per_node = self._missed.setdefault(topic, {})
+        key = node.hex()
+        per_node[key] = per_node.get(key, 0) + count
 
-    def _link_failed(self, link: _RedisLink, why: str, was_ready: bool) -> None:
-        if self._closed:
-            return
-        if link is self._subscriber and (was_ready or self._ever_ready):
-            self._lost_subscriber = True
-        if was_ready:
-            self._counts["reconnects"] += 1
-            logger.warning("redis %s: %s; reconnecting", link.name, why)
-        else:
-            logger.debug("redis %s: %s", link.name, why)
-        link.attempts += 1
-        if self._auth_error is not None:
-            delay = self.reconnect_max  # a wrong password will not fix itself soon
-        else:
-            delay = min(self.reconnect_max, 0.05 * 2**link.attempts)
-        delay *= 0.5 + random.random() / 2  # jitter: not every node at once
-        assert self.loop is not None
-        self.loop.call_later(delay, self._reconnect, link)
+    def _report_missed(self) -> None:
+        missed, self._missed = self._missed, {}
+        if missed:
+            logger.warning(
+                "redis: %d message(s) from other nodes lost on %d topic(s)",
+                sum(sum(counts.values()) for counts in missed.values()), len(missed),
+            )
+            self._report_gap(list(missed), missed)
 
-    def _reconnect(self, link: _RedisLink) -> None:
-        if not self._closed and link.state == "disconnected":
-            link.connect()
-
-    def _auth_failed(self, link: _RedisLink, reply: str) -> None:
-        if self._auth_error != reply:
-            logger.error("redis: authentication failed (%s): check the user and password in the URL", reply)
-        self._auth_error = reply
-        link.close()
-        self._link_failed(link, "authentication failed", False)
+    def _report_gap(self, topics: List[str], missed: Optional[Dict[str, Dict[str, int]]]) -> None:
+        self._counts["gaps"] += 1
+        if self._gap is not None:
+            self._gap(topics, missed)
 
     def _keepalive(self) -> None:
         if self._closed:
             return
         now = time.monotonic()
-        self._subscriber.ping(now)
-        self._publisher.ping(now)
+        for shard in self._shards:
+            shard.subscriber.ping(now)
+            shard.publisher.ping(now)
         assert self.loop is not None
         self._ping_timer = self.loop.call_later(self.ping_interval, self._keepalive)
 
@@ -3132,9 +3542,11 @@ class Handler:
         """The connection is gone; ``code`` 1006 means it ended without a close frame."""
 
     def on_broker_gap(self, server: Server, topics: List[str]) -> None:
-        """The broker was disconnected and is back: messages published in
-        other processes on these topics meanwhile may be lost (Redis pub/sub
-        replays nothing).  A place to resynchronise clients."""
+        """Messages published in other processes on these topics may be
+        lost (Redis pub/sub replays nothing): the broker reconnected, or a
+        publisher's sequence numbers jumped.  A place to resynchronise
+        clients.  A method that takes a third argument ``missed`` also gets
+        the counts known: topic -> publishing node id (hex) -> messages."""
 
     def on_start(self, server: Server) -> None:
         """The server is serving (the first thing its loop does): a place to
@@ -3269,6 +3681,7 @@ class _Options:
         self.health_path = health_path
         self.pages = dict(pages or {})
         self.name: Optional[str] = None  # the server's name, on its health check
+        self.health_broker: Optional[RedisBroker] = None  # 503 while it is down
         # Operators' limits and visibility (set by Server, see its docstring).
         self.max_connections: Optional[int] = None
         self.max_connections_per_ip: Optional[int] = None
@@ -3337,8 +3750,17 @@ class PreparedMessage:
 
 
 def _check_topic(topic: Any) -> None:
+    """A topic is a non-empty str that encodes as UTF-8 in at most
+    MAX_TOPIC_BYTES bytes: checked in the caller's thread, so a bad name
+    never reaches the loop or Redis (where it would be a channel name)."""
     if not isinstance(topic, str) or not topic:
         raise TypeError("a topic is a non-empty str, not %r" % (topic,))
+    try:
+        size = len(topic.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError("a topic must be encodable as UTF-8 (no lone surrogates): %r" % topic[:64]) from None
+    if size > MAX_TOPIC_BYTES:
+        raise ValueError("a topic is at most %d bytes of UTF-8, not %d" % (MAX_TOPIC_BYTES, size))
 
 
 def _checked_message(message: Any) -> Union[str, bytes]:
@@ -4322,7 +4744,9 @@ class Server:
     request gets 503.
 
     Fan-out: ``broker`` (a :class:`RedisBroker`) carries :meth:`publish` to
-    the subscribers of other processes.  Listening: ``sock`` is a socket to
+    the subscribers of other processes; ``health_requires_broker`` makes
+    the health check answer 503 while no link to Redis is up; one
+    connection holds at most ``max_topics`` topics.  Listening: ``sock`` is a socket to
     serve on instead of binding (an inherited or systemd-passed one);
     ``reuse_port`` binds with SO_REUSEPORT so several processes share the
     port; ``name`` (e.g. "worker 2") is what the health check answers.
@@ -4360,6 +4784,8 @@ class Server:
         health_path: Optional[str] = None,
         pages: Optional[Dict[str, Tuple[str, bytes]]] = None,
         broker: Optional[RedisBroker] = None,
+        health_requires_broker: bool = False,
+        max_topics: int = DEFAULT_MAX_TOPICS,
         max_connections: Optional[int] = None,
         max_connections_per_ip: Optional[int] = None,
         max_messages_per_second: Optional[float] = None,
@@ -4376,6 +4802,9 @@ class Server:
     ):
         self.handler = handler if handler is not None else Echo()
         self.broker = broker
+        if max_topics < 1:
+            raise ValueError("max_topics must be at least 1")
+        self.max_topics = max_topics
         self.options = _Options(
             self.handler, max_size, max_fragments, open_timeout, close_timeout,
             ping_interval, ping_timeout, write_high_water, max_pending_output,
@@ -4403,6 +4832,10 @@ class Server:
         self._loop = _EventLoop()
         options = self.options
         options.name = name
+        if health_requires_broker:
+            if broker is None:
+                raise ValueError("health_requires_broker needs a broker")
+            options.health_broker = broker
         for limit_name, limit in (("max_connections", max_connections),
                                   ("max_connections_per_ip", max_connections_per_ip)):
             if limit is not None and limit < 1:
@@ -4677,6 +5110,10 @@ class Server:
                    [("", int(figures["broker"]["state"] == "connected"))], min)
             metric("broker_gaps_total", "counter", "Reconnects after which messages may be lost.", broker("gaps"))
             metric("broker_dropped_total", "counter", "Publishes dropped while Redis was away.", broker("dropped"))
+            metric("broker_missed_total", "counter", "Messages from other nodes known lost (sequence gaps).",
+                   broker("missed"))
+            metric("broker_stale_total", "counter", "Messages dropped for arriving after a newer one.",
+                   broker("stale"))
             metric("broker_published_total", "counter", "Messages published to Redis.", broker("published"))
             metric("broker_received_total", "counter", "Messages received from Redis.", broker("received"))
         return ("\n".join(lines) + "\n").encode("utf-8")
@@ -4717,6 +5154,12 @@ class Server:
         from any thread.  With a broker, the first local subscriber makes
         this process subscribe to the topic in Redis."""
         _check_topic(topic)
+        held = self._subscriptions.get(connection, ())
+        if len(held) >= self.max_topics and topic not in held:
+            # Measured (tracemalloc): about 105 bytes per topic a connection
+            # holds, about 390 more for a topic's first subscriber in the
+            # process (which also costs one Redis subscription).
+            raise ValueError("a connection holds at most %d topics (max_topics)" % self.max_topics)
         if not self._loop.in_loop_thread:
             self._loop.call_soon_threadsafe(self.subscribe, connection, topic)
             return
@@ -4795,11 +5238,14 @@ class Server:
                 pass
         return delivered
 
-    def _broker_gap(self, topics: List[str]) -> None:
+    def _broker_gap(self, topics: List[str], missed: Optional[Dict[str, Dict[str, int]]] = None) -> None:
         on_gap = self.options.on_broker_gap
         if on_gap is not None:
             try:
-                on_gap(self, topics)
+                if _takes_missed(on_gap):
+                    on_gap(self, topics, missed or {})
+                else:
+                    on_gap(self, topics)
             except Exception:
                 logger.exception("error in on_broker_gap")
 
@@ -5711,8 +6157,9 @@ def _build_parser() -> argparse.ArgumentParser:
     scale = parser.add_argument_group("several processes")
     scale.add_argument("--workers", type=int, default=1, metavar="N", help="run N worker processes on the port (default 1)")
     scale.add_argument("--worker-timeout", type=_seconds, default=30.0, metavar="SECONDS", help="kill and restart a worker whose loop has not turned for this long (default 30; 'none' disables)")
-    scale.add_argument("--redis", metavar="URL", help="fan out topics (and --broadcast) through Redis: redis://[user:password@]host:port[/db] or rediss://")
+    scale.add_argument("--redis", metavar="URL", action="append", help="fan out topics (and --broadcast) through Redis: redis://[user:password@]host:port[/db] or rediss://; repeat it to spread topics over several Redis servers")
     scale.add_argument("--redis-prefix", default="wsloop", metavar="PREFIX", help="Redis channel prefix (default wsloop)")
+    scale.add_argument("--health-requires-broker", action="store_true", help="the health check answers 503 while no link to Redis is up (default: off)")
     client = parser.add_argument_group("client console")
     client.add_argument("--connect", metavar="URL", help="connect to ws:// or wss:// URL: send each line typed, print each message")
     client.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'", help="a request header (repeatable)")
@@ -6023,7 +6470,7 @@ _COUNTED = ("connections_accepted", "connections_refused", "handshakes", "messag
             "bytes_in", "bytes_out", "close_codes_sent", "close_codes_received", "slow_consumer_closes",
             "keepalive_timeouts")
 _COUNTED_TABLES = ("connections_refused", "handshakes", "close_codes_sent", "close_codes_received")
-_BROKER_COUNTED = ("published", "received", "dropped", "reconnects", "gaps")
+_BROKER_COUNTED = ("published", "received", "dropped", "reconnects", "gaps", "missed", "stale", "protocol_errors")
 
 
 def _counted(figures: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
@@ -6323,6 +6770,8 @@ def _main(argv: Optional[List[str]] = None) -> int:
                 broker = RedisBroker(args.redis, prefix=args.redis_prefix)
             except ValueError as exc:
                 raise _UsageError("--redis: %s" % exc) from None
+        if args.health_requires_broker and broker is None:
+            raise _UsageError("--health-requires-broker goes with --redis")
         ssl_context = None
         if args.certfile:
             ssl_context = _server_ssl_context(args.certfile, args.keyfile)
@@ -6375,6 +6824,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
             health_path=None if args.health_path.lower() == "none" else args.health_path,
             pages=pages,
             broker=broker,
+            health_requires_broker=args.health_requires_broker,
             max_connections=args.max_connections,
             max_connections_per_ip=args.max_connections_per_ip,
             max_messages_per_second=args.max_messages_per_second,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from redis_fixture import RedisServer
+from redis_fixture import FakeRedis, PartitionProxy, RedisServer
 
 
 @pytest.fixture
@@ -30,3 +30,26 @@ def start_redis(tmp_path_factory):
 def redis_server(start_redis):
     """A redis-server with no password, on a free port."""
     return start_redis()
+
+
+@pytest.fixture
+def fake_redis():
+    """A fake Redis (see redis_fixture.FakeRedis), closed at the end."""
+    fake = FakeRedis()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def partition_proxy():
+    """A factory: ``partition_proxy(port)`` is a PartitionProxy to ``port``,
+    closed at the end."""
+    proxies = []
+
+    def start(port):
+        proxies.append(PartitionProxy(port))
+        return proxies[-1]
+
+    yield start
+    for proxy in proxies:
+        proxy.close()

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import redis
@@ -216,3 +217,366 @@ class RedisServer:
     def connections_received(self):
         """INFO stats total_connections_received (every accept, the admin's too)."""
         return int(self.admin.info("stats")["total_connections_received"])
+
+
+# -- faults a real Redis will not produce ------------------------------------------
+
+
+def _read_commands(buffer):
+    """Whole RESP2 commands (arrays of bulk strings) at the front of
+    ``buffer`` (a bytearray, consumed); what wsloop sends is well formed."""
+    commands = []
+    while True:
+        position, args = 0, []
+        end = buffer.find(b"\r\n")
+        if end < 0 or buffer[:1] != b"*":
+            return commands
+        count = int(buffer[1:end])
+        position = end + 2
+        for _ in range(count):
+            end = buffer.find(b"\r\n", position)
+            if end < 0:
+                return commands
+            length = int(buffer[position + 1 : end])
+            if len(buffer) < end + 2 + length + 2:
+                return commands
+            args.append(bytes(buffer[end + 2 : end + 2 + length]))
+            position = end + 2 + length + 2
+        del buffer[:position]
+        commands.append(args)
+
+
+def _close_listener(listener):
+    """Close a listening socket and wake the thread blocked in accept()."""
+    try:
+        listener.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    listener.close()
+
+
+def bulk(data):
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def push(*items):
+    """A RESP2 array of bulk strings (bytes) and integers."""
+    parts = [b"*%d\r\n" % len(items)]
+    for item in items:
+        parts.append(b":%d\r\n" % item if isinstance(item, int) else bulk(item))
+    return b"".join(parts)
+
+
+class FakeRedis:
+    """A RESP2 server on a free loopback port that answers what wsloop's
+    bridge asks (AUTH, SELECT, PING, SUBSCRIBE, UNSUBSCRIBE, PUBLISH) well
+    enough to get it connected, and lets the test send a connection any
+    bytes at all: malformed replies, floods.  For the faults a real Redis
+    will not produce; everything else is tested against redis-server.
+
+    ``subscribers`` lists, in order, the connections that sent SUBSCRIBE;
+    ``log`` every command received, as (connection number, args);
+    ``hold_confirmations`` keeps SUBSCRIBE's answers back until
+    ``release_confirmations()``."""
+
+    def __init__(self):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.url = "redis://127.0.0.1:%d" % self.port
+        self.changed = threading.Condition()
+        self.connections = []
+        self.subscribers = []
+        self.log = []
+        self.hold_confirmations = False
+        self._held = []
+        self._send_lock = threading.Lock()
+        self._closed = False
+        self._threads = []
+        thread = threading.Thread(target=self._accept, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _accept(self):
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.changed:
+                if self._closed:
+                    sock.close()
+                    return
+                self.connections.append(sock)
+                number = len(self.connections) - 1
+                self.changed.notify_all()
+            thread = threading.Thread(target=self._serve, args=(sock, number), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _serve(self, sock, number):
+        buffer = bytearray()
+        subscribed = 0
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                with self.changed:
+                    if sock in self.subscribers:
+                        self.subscribers[self.subscribers.index(sock)] = None
+                    self.changed.notify_all()
+                return
+            buffer += data
+            for args in _read_commands(buffer):
+                name = args[0].upper()
+                answer = b""
+                with self.changed:
+                    self.log.append((number, args))
+                    if name == b"SUBSCRIBE" and sock not in self.subscribers:
+                        self.subscribers.append(sock)
+                    self.changed.notify_all()
+                if name in (b"AUTH", b"SELECT"):
+                    answer = b"+OK\r\n"
+                elif name == b"PING":
+                    answer = push(b"pong", b"") if subscribed else b"+PONG\r\n"
+                elif name in (b"SUBSCRIBE", b"UNSUBSCRIBE"):
+                    for channel in args[1:]:
+                        subscribed += 1 if name == b"SUBSCRIBE" else -1
+                        reply = push(name.lower(), channel, max(subscribed, 0))
+                        with self.changed:
+                            if name == b"SUBSCRIBE" and self.hold_confirmations:
+                                self._held.append((sock, reply))
+                                continue
+                        answer += reply
+                elif name == b"PUBLISH":
+                    answer = b":0\r\n"
+                self.send(sock, answer)
+
+    def wait(self, predicate, timeout=10.0, message="the fake Redis never saw it"):
+        """Wait (bounded) until ``predicate()``, called under the lock, is true; return it."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                value = predicate()
+                if value:
+                    return value
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(message)
+                self.changed.wait(remaining)
+
+    def subscriber(self, after=0, timeout=10.0):
+        """The first live subscribing connection numbered ``after`` or later,
+        with its number: (number, socket)."""
+
+        def found():
+            for number in range(after, len(self.subscribers)):
+                if self.subscribers[number] is not None:
+                    return number, self.subscribers[number]
+            return None
+
+        return self.wait(found, timeout, "no new subscriber connection")
+
+    def send(self, sock, data):
+        """Send ``data`` on a connection; a connection wsloop dropped is fine.
+        (The test's sends and the fake's answers may come from two threads:
+        only one writes at a time.)"""
+        with self._send_lock:
+            try:
+                sock.sendall(data)
+            except OSError:
+                pass
+
+    def release_confirmations(self):
+        with self.changed:
+            self.hold_confirmations = False
+            held, self._held = self._held, []
+            self.log.append((None, [b"RELEASED"]))
+        for sock, reply in held:
+            self.send(sock, reply)
+
+    def drop_all(self):
+        """Close every connection (as a Redis restart would)."""
+        with self.changed:
+            connections = list(self.connections)
+        for sock in connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        with self.changed:
+            self._closed = True
+            connections = list(self.connections)
+        _close_listener(self.listener)
+        for sock in connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        for thread in self._threads:
+            thread.join(5)
+
+
+class PartitionProxy:
+    """A TCP proxy to ``port`` that the test can cut like a network.
+
+    ``partition()``: from now on nothing crosses, either way, on the
+    connections open now or made later; what is sent waits "in flight", as
+    in a real partition where the sender's kernel keeps retransmitting it.
+    A side that resets its connection (RST) loses what it had in flight, as
+    TCP does; one that closes normally (FIN) has it delivered later.
+    ``heal()``: new connections cross again.  ``release()``: the
+    connections cut by the partition deliver what they held (their
+    retransmissions finally getting through) and it returns how many bytes
+    went on towards the server that way.
+    """
+
+    def __init__(self, port):
+        self.target = port
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.url = "redis://127.0.0.1:%d" % self.port
+        self.lock = threading.Lock()
+        self.partitioned = False
+        self.resets = 0  # connections a client reset while cut
+        self.ended = 0  # connections a client ended (reset or closed) while cut
+        self._pipes = []
+        self._closed = False
+        self._threads = []
+        self._start(self._accept)
+
+    def _start(self, target, *args):
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                if self._closed:
+                    client.close()
+                    return
+                pipe = {"client": client, "server": None, "cut": self.partitioned,
+                        "to_server": bytearray(), "to_client": bytearray(),
+                        "client_done": False, "reset": False}
+                self._pipes.append(pipe)
+            self._start(self._pump, pipe)
+
+    def _pump(self, pipe):
+        import selectors
+
+        client = pipe["client"]
+        with selectors.DefaultSelector() as selector:
+            selector.register(client, selectors.EVENT_READ, "client")
+            while not self._closed:
+                with self.lock:
+                    if not pipe["cut"] and pipe["server"] is None:
+                        try:
+                            pipe["server"] = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+                        except OSError:
+                            break
+                        selector.register(pipe["server"], selectors.EVENT_READ, "server")
+                    if not pipe["cut"]:
+                        self._forward(pipe)
+                    if pipe["reset"] or (pipe["client_done"] and not pipe["cut"]):
+                        break
+                for key, _ in selector.select(0.02):
+                    side = key.data
+                    try:
+                        data = key.fileobj.recv(65536)
+                    except ConnectionResetError:
+                        data = None
+                    except OSError:
+                        data = b""
+                    with self.lock:
+                        if side == "client":
+                            if data is None:  # RST: what was in flight is gone
+                                pipe["reset"] = True
+                                pipe["to_server"].clear()
+                                if pipe["cut"]:
+                                    self.resets += 1
+                                    self.ended += 1
+                            elif not data:
+                                pipe["client_done"] = True
+                                selector.unregister(client)
+                                if pipe["cut"]:
+                                    self.ended += 1
+                            else:
+                                pipe["to_server"] += data
+                        else:
+                            if not data:
+                                pipe["client_done"] = True
+                            else:
+                                pipe["to_client"] += data
+        with self.lock:
+            self._close_pipe(pipe)
+
+    def _forward(self, pipe):
+        """Under the lock: what waits goes on; returns bytes sent to the server."""
+        sent = len(pipe["to_server"])
+        for name, buffer in (("server", pipe["to_server"]), ("client", pipe["to_client"])):
+            if buffer and pipe[name] is not None:
+                try:
+                    pipe[name].sendall(buffer)
+                except OSError:
+                    pass
+                buffer.clear()
+        return sent if pipe["server"] is not None else 0
+
+    def _close_pipe(self, pipe):
+        for name in ("client", "server"):
+            if pipe[name] is not None:
+                pipe[name].close()
+                pipe[name] = None
+
+    def partition(self):
+        with self.lock:
+            self.partitioned = True
+            for pipe in self._pipes:
+                pipe["cut"] = True
+
+    def heal(self):
+        with self.lock:
+            self.partitioned = False
+
+    def release(self):
+        """The cut connections deliver what they held; bytes sent on to the server."""
+        released = 0
+        with self.lock:
+            for pipe in self._pipes:
+                if pipe["cut"] and not pipe["reset"]:
+                    pipe["cut"] = False
+                    if pipe["server"] is None and pipe["to_server"]:
+                        try:
+                            pipe["server"] = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+                        except OSError:
+                            continue
+                    released += self._forward(pipe)
+                    if pipe["client_done"] and pipe["server"] is not None:
+                        try:
+                            pipe["server"].shutdown(socket.SHUT_WR)
+                        except OSError:
+                            pass
+        return released
+
+    def close(self):
+        with self.lock:
+            self._closed = True
+        _close_listener(self.listener)
+        for thread in self._threads:
+            thread.join(5)
+        with self.lock:
+            for pipe in self._pipes:
+                self._close_pipe(pipe)
