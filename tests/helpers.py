@@ -303,3 +303,16 @@ class StrictReader:
                 self.compressed_frames += 1
             received.append(payload.decode("utf-8") if opcode == TEXT else payload)
         return received
+
+
+def make_gate(origins=None, health_path=None, pages=None, subprotocols=(), select_subprotocol=None,
+              name=None, metrics=b"metrics\n", **limits):
+    """A server's real admission gate, built without a server or a socket:
+    the policy options a Server would give it, and ``limits`` (the gate's
+    own keywords: max_connections, forwarded_allow_ips, ...)."""
+    options = wsloop._Options(
+        wsloop.Echo(), wsloop.DEFAULT_MAX_SIZE, None, None, None, None, None, 1, 1, False, None,
+        origins, subprotocols, select_subprotocol, (), health_path, pages,
+    )
+    options.name = name
+    return wsloop._Gate(options, wsloop._Stats(), lambda: metrics, **limits)

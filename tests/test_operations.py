@@ -290,21 +290,46 @@ def test_refused_clients_are_answered_at_once_and_freed_slots_are_reused():
 def test_silent_clients_past_the_limit_are_held_only_up_to_a_bound():
     """Each client past max_connections costs a Connection until its request
     comes and its 503 goes out; 16 + max_connections / 4 such at most.  Past
-    that a new one is closed at once, with no answer, and the ones held are
-    still answered 503 when they speak."""
+    that, the oldest silent one is closed to make room for the newcomer (so
+    a flood of silent clients cannot keep a health check out), and the ones
+    still held are answered 503 when they speak."""
     with running_server(max_connections=1) as server:
         holder = ws_from(server.port)
         silent = [tcp_from("127.0.0.1", server.port) for _ in range(16)]  # the bound for 1
         wait_until(lambda: server.stats()["connections_accepted"] == 17, 5, message="not all accepted")
         extra = tcp_from("127.0.0.1", server.port)
-        assert extra.recv(1024) == b""  # closed without a word
+        assert silent[0].recv(1024) == b""  # the oldest waiter: closed without a word
         assert server.stats()["connections_refused"] == {"max_connections": 1}
-        for sock in silent:
+        for sock in silent[1:] + [extra]:
             refused = SocketClient(sock, handshake=False)
             refused.sock.sendall(request_bytes())
             assert refused.read_http_response()[0] == 503
+        silent[0].close()
         assert echoes(holder)
         assert server.stats()["connections_refused"] == {"max_connections": 17}
+
+
+def test_health_and_metrics_are_answered_past_a_full_room_of_silent_clients():
+    """max_connections held by silent clients, and as many silent clients
+    waiting past the limit as may wait: the health check and metrics still
+    get their answer (the oldest silent waiter makes room)."""
+    with running_server(max_connections=2, health_path="/healthz", metrics_path="/metrics") as server:
+        held = [tcp_from("127.0.0.1", server.port) for _ in range(2)]
+        waiting = [tcp_from("127.0.0.1", server.port) for _ in range(16)]
+        wait_until(lambda: server.stats()["connections_accepted"] == 18, 5, message="not all accepted")
+        assert http_get(server.port, "/healthz")[0::2] == (200, b"ok\n")
+        assert scrape(server.port).value("wsloop_connections_open") == 0
+        for sock in held + waiting:
+            sock.close()
+
+
+def test_health_and_metrics_are_exempt_from_the_per_ip_limit():
+    with running_server(max_connections_per_ip=1, health_path="/healthz", metrics_path="/metrics") as server:
+        holder = ws_from(server.port)
+        assert refusal(server.port)[0] == 429  # a second WebSocket is refused...
+        assert http_get(server.port, "/healthz")[0::2] == (200, b"ok\n")  # ...the operator's views are not
+        assert scrape(server.port).value("wsloop_connections_open") == 1
+        assert echoes(holder)
 
 
 def test_a_full_server_still_answers_its_health_check_and_metrics():
@@ -459,13 +484,25 @@ def connection_seen(headers, **options):
         ),
         pytest.param(
             ["127.0.0.1"], {"Forwarded": "for=203.0.113.7", "X-Forwarded-For": "198.51.100.66"},
-            ("203.0.113.7", 0), "http", id="forwarded-wins-over-xff",
+            ("203.0.113.7", 0), "http", id="forwarded-mode-ignores-xff",
+        ),
+        # The default believes X-Forwarded-For alone: a Forwarded the proxy
+        # let through from the client is ignored, whatever it says.
+        pytest.param(
+            ["127.0.0.1"], {"Forwarded": "for=203.0.113.7;proto=https", "X-Forwarded-For": "198.51.100.66"},
+            ("198.51.100.66", 0), "http", id="xff-mode-ignores-forwarded",
+        ),
+        pytest.param(
+            ["127.0.0.1"], {"Forwarded": "for=203.0.113.7;proto=https"}, None, "http",
+            id="xff-mode-ignores-forwarded-alone",
         ),
     ],
 )
-def test_client_address_and_scheme(trusted, headers, address, scheme):
+def test_client_address_and_scheme(trusted, headers, address, scheme, request):
     """``address`` None: the headers are ignored, the TCP peer is the client."""
     options = {} if trusted is None else {"forwarded_allow_ips": trusted}
+    if request.node.callspec.id.startswith("forwarded"):
+        options["forwarded_header"] = "forwarded"
     conn, own_address = connection_seen(headers, **options)
     assert conn.peer_address == own_address
     assert conn.remote_address == (own_address if address is None else address)
@@ -514,7 +551,8 @@ def test_per_ip_limit_groups_ipv6_clients_by_their_64():
     def via_proxy(address):
         return {"Forwarded": 'for="[%s]"' % address}
 
-    with running_server(max_connections_per_ip=1, forwarded_allow_ips=["127.0.0.1"]) as server:
+    with running_server(max_connections_per_ip=1, forwarded_allow_ips=["127.0.0.1"],
+                        forwarded_header="forwarded") as server:
         held = ws_from(server.port, headers=via_proxy("2001:db8::1"))
         assert refusal(server.port, headers=via_proxy("2001:db8::2"))[0] == 429  # same /64
         assert echoes(held)
@@ -547,6 +585,36 @@ def test_demo_page_origin_check_uses_the_forwarded_scheme():
 # =============================================================================
 # uds / uds_mode: listening on a Unix socket
 # =============================================================================
+
+
+@pytest.mark.parametrize("trusted", ["unix", "*"])
+def test_behind_a_proxy_on_a_unix_socket_the_forwarded_client_is_the_client(short_dir, caplog, trusted):
+    """--forwarded-allow-ips unix (or *): the per-address limit, the metrics
+    allow-list and the logs see the client the proxy names, as over TCP."""
+    caplog.set_level(logging.INFO, logger="wsloop")
+    path = os.path.join(short_dir, "ws.sock")
+    recorder = Recorder()
+    with running_server(recorder, uds=path, forwarded_allow_ips=[trusted], max_connections_per_ip=1,
+                        metrics_path="/metrics") as server:
+        held = SocketClient(unix_socket(path), path="/via-uds", headers={"X-Forwarded-For": "203.0.113.7"})
+        assert connected(recorder, 1)[0].remote_address == ("203.0.113.7", 0)
+        second = SocketClient(unix_socket(path), handshake=False)
+        second.sock.sendall(request_bytes(headers={"X-Forwarded-For": "203.0.113.7"}))
+        assert second.read_http_response()[0] == 429
+        assert echoes(SocketClient(unix_socket(path), headers={"X-Forwarded-For": "203.0.113.8"}))
+
+        def metrics_for(address):
+            plain = SocketClient(unix_socket(path), handshake=False)
+            plain.sock.sendall(("GET /metrics HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: %s\r\n\r\n"
+                                % address).encode())
+            return plain.read_http_response()[0]
+
+        assert metrics_for("127.0.0.1") == 200
+        assert metrics_for("203.0.113.7") == 403
+        assert echoes(held)
+    access = [r.getMessage() for r in caplog.records if r.name == "wsloop.access" and "/via-uds" in r.getMessage()]
+    assert len(access) == 1 and access[0].startswith("203.0.113.7:"), access
+    assert server.address == path
 
 
 def test_echo_over_a_unix_socket(short_dir):
@@ -1022,6 +1090,14 @@ def test_cli_forwarded_allow_ips(cli):
     assert echoes(ws)
 
 
+def test_cli_forwarded_header_forwarded_and_unix_peers(cli, short_dir):
+    path = os.path.join(short_dir, "ws.sock")
+    server = cli("--uds", path, "--forwarded-allow-ips", "unix", "--forwarded-header", "forwarded")
+    ws = SocketClient(unix_socket(path), headers={"Forwarded": "for=203.0.113.9", "X-Forwarded-For": "198.51.100.1"})
+    assert "open from 203.0.113.9" in server.wait_for("open from")
+    assert echoes(ws)
+
+
 def test_cli_unix_socket(cli, short_dir):
     path = os.path.join(short_dir, "ws.sock")
     server = cli("--uds", path, "--uds-mode", "600")
@@ -1080,6 +1156,8 @@ def test_cli_access_log(cli, flags, logged):
         (["--max-messages-per-second", "10", "--message-burst", "x"], "--message-burst"),
         (["--forwarded-allow-ips", "not-an-ip"], "--forwarded-allow-ips"),
         (["--forwarded-allow-ips", "10.0.0.0/33"], "--forwarded-allow-ips"),
+        (["--forwarded-allow-ips", "unix,nowhere"], "--forwarded-allow-ips"),
+        (["--forwarded-header", "x-real-ip"], "--forwarded-header"),
         (["--metrics-allow-ips", "300.1.1.1"], "--metrics-allow-ips"),
         (["--uds", "/nonexistent/ws.sock", "--uds-mode", "999"], "--uds-mode"),
         (["--uds", "/nonexistent/ws.sock", "--uds-mode", "rw-rw----"], "--uds-mode"),
