@@ -289,6 +289,30 @@ _XOR_TABLES: List[Optional[bytes]] = [None] * 256
 _TRANSLATE_FROM = 2048  # below this many bytes the big integer is faster
 
 
+def _printable(text: str) -> str:
+    """``text`` from a peer (a close reason, a request target, a header
+    value, a subprotocol name), fit for one log line: every character that
+    is not printable (C0 controls such as CR, LF, ESC and NUL, DEL, C1
+    controls such as U+0085 and U+009B, the line and paragraph separators
+    U+2028/U+2029, format characters) becomes a Python-style escape, and so
+    do ``"`` and the backslash, so that a quoted field cannot be closed
+    early and an escape cannot be forged.  No client byte starts a new line
+    or moves a terminal's cursor."""
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return text  # the common case, one C-speed scan
+    out = []
+    for char in text:
+        if char == '"' or char == "\\":
+            out.append("\\" + char)
+        elif char.isprintable():
+            out.append(char)
+        else:
+            point = ord(char)
+            out.append("\\x%02x" % point if point < 0x100 else
+                       "\\u%04x" % point if point < 0x10000 else "\\U%08x" % point)
+    return "".join(out)
+
+
 def _xor_table(key_byte: int) -> bytes:
     table = _XOR_TABLES[key_byte]
     if table is None:
@@ -4073,8 +4097,8 @@ class Connection:
     def _log_peer_close(self) -> None:
         if logger.isEnabledFor(logging.DEBUG):
             protocol = self._protocol
-            logger.debug("connection %d: close frame received: %s %r", self.id,
-                         protocol.close_code, protocol.close_reason)
+            logger.debug("connection %d: close frame received: %s", self.id,
+                         _describe_close(protocol.close_code or CloseCode.NO_STATUS, protocol.close_reason))
 
     # -- the opening handshake -------------------------------------------------
 
@@ -4116,15 +4140,17 @@ class Connection:
             request = self._protocol.request
             headers = request.headers if request is not None else Headers()
             extension = None if self._protocol.extension is None else "permessage-deflate"
+            # Every field a client wrote goes through _printable: one line per
+            # request, and a quoted field ends only at its closing quote.
             access_logger.info(
                 '%s "%s %s" %d subprotocol=%s extension=%s "%s"',
                 _format_address(self.remote_address),
-                request.method if request else "-",
-                request.target if request else "-",
+                _printable(request.method) if request else "-",
+                _printable(request.target) if request else "-",
                 status,
-                self._protocol.subprotocol or "-",
+                _printable(self._protocol.subprotocol or "-"),
                 extension or "-",
-                (headers.get("User-Agent") or "-").replace('"', "'"),
+                _printable(headers.get("User-Agent") or "-"),
             )
 
     def _respond(self, response: Response) -> None:
@@ -4137,10 +4163,10 @@ class Connection:
                 "connection %d from %s: %s %s answered %d: %s",
                 self.id,
                 _format_address(self.remote_address),
-                request.method if request else "-",
-                request.path if request else "-",
+                _printable(request.method) if request else "-",
+                _printable(request.path) if request else "-",
                 response.status,
-                response._reason or _HTTP_REASONS.get(response.status, ""),
+                _printable(response._reason or _HTTP_REASONS.get(response.status, "")),
             )
         self._after_protocol()
 
@@ -4152,7 +4178,7 @@ class Connection:
                 self.id,
                 "to" if self._protocol.client else "from",
                 _format_address(self.remote_address),
-                "" if self._protocol.client else " path " + self.path,
+                "" if self._protocol.client else " path " + _printable(self.path),
             )
         self._start_keepalive()
         on_connect = self._options.on_connect
@@ -4287,7 +4313,7 @@ class Connection:
             error = protocol.handshake_error
             if error is not None and not protocol.client and logger.isEnabledFor(logging.INFO):
                 logger.info("connection %d from %s refused: %d %s", self.id, address,
-                            error.status, error.reason)
+                            error.status, _printable(error.reason))
             return
         code = protocol.close_code if protocol.close_code is not None else CloseCode.ABNORMAL
         stats = self._stats
@@ -4316,7 +4342,7 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 def _describe_close(code: int, reason: str) -> str:
-    return "%d (%s)" % (code, reason) if reason else str(code)
+    return "%d (%s)" % (code, _printable(reason)) if reason else str(code)
 
 
 def _format_address(address: Any) -> str:

@@ -570,6 +570,66 @@ def test_logs_name_the_forwarded_client(caplog):
     assert len(access) == 1 and "203.0.113.7" in access[0], access
 
 
+# Every kind of character a client could use to forge or hide a log line:
+# CR, LF, ESC, NUL, DEL, C1 (NEL U+0085, CSI U+009B), the Unicode line and
+# paragraph separators, a bidi override, and the quote and backslash that
+# would end or fake a quoted field.
+HOSTILE_REASON = 'bye\r\n2026-01-01 wsloop INFO forged\x1b[2J\x00\x7f\u0085\u009b\u2028\u2029\u202e"\\end'
+# Header values (latin-1 on the wire): C0 controls other than tab are
+# refused at the parser, so what reaches a log is tab, C1, DEL-free obs-text, quotes.
+HOSTILE_AGENT = 'agent\t\x85\x9b[31m" injected="yes\\'
+ACCESS_LINE = re.compile(
+    r'^(\S+) "((?:[^"\\]|\\.)*) ((?:[^"\\]|\\.)*)" (\d{3}) subprotocol=(\S+) extension=(\S+) "((?:[^"\\]|\\.)*)"$'
+)
+
+
+def log_lines(caplog):
+    return [(r.name, r.getMessage()) for r in caplog.records if r.name.startswith("wsloop")]
+
+
+def assert_one_printable_line(message):
+    bad = [char for char in message if not char.isprintable()]
+    assert not bad, "unescaped %r in log line %r" % (bad, message)
+
+
+def test_client_text_cannot_write_into_the_logs(caplog):
+    """Through real sockets, every client-supplied string that reaches a log
+    record (close reason, target, path, User-Agent, subprotocol, a refusal's
+    reason) is escaped: one printable line, and the access line's quoted
+    fields parse unambiguously back to what the client sent."""
+    caplog.set_level(logging.DEBUG, logger="wsloop")
+    recorder = Recorder()
+    target = '/room"x\\y?q="1"'
+    with running_server(recorder, select_subprotocol=lambda conn, offered: offered[0],
+                        origins=["https://app.example"]) as server:
+        ws = ws_from(server.port, path=target, headers={
+            "Origin": "https://app.example", "User-Agent": HOSTILE_AGENT,
+            "Sec-WebSocket-Protocol": 'p"\x85\x9bq'})
+        ws.close(4000, HOSTILE_REASON.encode("utf-8"))
+        assert ws.expect_close()[0] == 4000
+        assert recorder.close_event.wait(5)
+        refused = refusal(server.port, headers={"Origin": "https://e\x85vil\x9b\"x", "User-Agent": HOSTILE_AGENT})
+        assert refused[0] == 403
+    assert recorder.closed[0][2] == HOSTILE_REASON  # the handler gets the reason as sent
+    lines = log_lines(caplog)
+    for _, message in lines:
+        assert_one_printable_line(message)
+    access = [message for name, message in lines if name == "wsloop.access"]
+    assert len(access) == 2, access
+    fields = [ACCESS_LINE.match(line) for line in access]
+    assert all(fields), access
+    unescape = lambda text: text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    opened, forbidden = fields
+    assert unescape(opened.group(3)) == target and opened.group(4) == "101"
+    assert unescape(opened.group(7)) == HOSTILE_AGENT
+    assert unescape(opened.group(5)) == 'p"\x85\x9bq'
+    assert forbidden.group(4) == "403" and unescape(forbidden.group(7)) == HOSTILE_AGENT
+    closes = [message for _, message in lines if "closed: received 4000" in message]
+    assert len(closes) == 1 and "forged\\x1b[2J\\x00\\x7f\\x85\\x9b\\u2028\\u2029\\u202e\\\"\\\\end" in closes[0], closes
+    refusals = [message for _, message in lines if "answered 403" in message]
+    assert len(refusals) == 1 and 'e\\x85vil\\x9b\\"x' in refusals[0], refusals
+
+
 def test_demo_page_origin_check_uses_the_forwarded_scheme():
     pages = {"/": ("text/html; charset=utf-8", b"<h1>demo</h1>")}
     https_proxy = {"Host": "chat.example", "X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
