@@ -1506,6 +1506,7 @@ class Protocol:
         "_key",
         "_offered_subprotocols",
         "_refusal",
+        "_frames",
     )
 
     def __init__(
@@ -1558,6 +1559,10 @@ class Protocol:
         # The data message being received in pieces, and its frame being
         # read: only while there is one (an idle connection holds none).
         self._incoming: Optional[_Incoming] = None
+        # Frames read by the general path (control frames, fragments, and
+        # what the fast path leaves) since take_frames(): what a rate limit
+        # charges besides whole messages.
+        self._frames = 0
 
     def __repr__(self) -> str:
         return "<Protocol %s>" % self.state.value
@@ -1753,9 +1758,11 @@ class Protocol:
                     payload = buffer[position + header_length : frame_end]
                     payload = _unmask(payload, mask) if mask else bytes(payload)
                     position = frame_end
+                    self._frames += 1
                     yield self._receive_control(opcode, payload)
                     continue
                 position += header_length
+                self._frames += 1
                 incoming = self._start_data_frame(opcode, first, length)
                 incoming.frame_mask = mask
                 incoming.frame_offset = 0
@@ -1775,6 +1782,14 @@ class Protocol:
                     del self._buffer[:position]  # type: ignore[union-attr]  # a bytearray when not empty
                 if not self._buffer:
                     self._buffer = b""
+
+    def take_frames(self) -> int:
+        """How many frames the general path has read since the last call:
+        every control frame and fragment, but not a whole message that
+        took the fast path (which the caller counts as its message)."""
+        frames = self._frames
+        self._frames = 0
+        return frames
 
     def receive_eof(self) -> None:
         """The peer closed its side of TCP (or the connection dropped)."""
@@ -4012,7 +4027,7 @@ class Connection:
         """Hand a message to the handler; False when no more may follow now
         (the rate limit closed the connection, or the handler paused reading)."""
         rate = self._options.max_messages_per_second
-        if rate is not None and not self._take_token(rate):
+        if rate is not None and not self._take_token(rate, self._protocol.take_frames() or 1):
             return False
         on_message = self._options.on_message
         if on_message is not None:
@@ -4042,8 +4057,15 @@ class Connection:
                     self._backlog = True
                     self._loop.call_soon(self._continue_backlog)
                     break
-            elif kind is Event.PONG:
-                self._on_pong(value)
+            elif kind is Event.PING or kind is Event.PONG:
+                # Control frames cost like messages, or a limited client
+                # could spend a core on pings (and their pongs).
+                rate = self._options.max_messages_per_second
+                if rate is not None and not self._take_token(rate, self._protocol.take_frames()):
+                    events.close()
+                    break
+                if kind is Event.PONG:
+                    self._on_pong(value)
             elif kind is Event.REQUEST or kind is Event.HTTP_REQUEST:
                 self._on_request(value)
             elif kind is Event.RESPONSE:
@@ -4054,19 +4076,21 @@ class Connection:
         self._stats.messages_in += received
         self._after_protocol()
 
-    def _take_token(self, rate: float) -> bool:
+    def _take_token(self, rate: float, cost: int) -> bool:
         """The message-rate limit: a token bucket of ``message_burst``
-        filled at ``rate`` a second; False (and a 1008) when it is empty."""
+        filled at ``rate`` a second, from which each frame takes one (a
+        whole message one, a message in k fragments k, each ping or pong
+        one); False (and a 1008) when it cannot pay ``cost``."""
         now = time.monotonic()
         burst = self._options.message_burst
         tokens = min(burst, self._tokens + (now - self._tokens_at) * rate) if self._tokens_at else burst
         self._tokens_at = now
-        if tokens < 1.0:
+        if tokens < cost:
             logger.info("connection %d from %s: over %g messages a second: closed",
                         self.id, _format_address(self.remote_address), rate)
             self._close_now(CloseCode.POLICY_VIOLATION, "message rate limit exceeded")
             return False
-        self._tokens = tokens - 1.0
+        self._tokens = tokens - cost
         return True
 
     def _continue_backlog(self) -> None:

@@ -18,6 +18,7 @@ import re
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -426,6 +427,43 @@ def test_message_bucket_is_per_connection():
         assert greedy.recv_message() == "a" and greedy.recv_message() == "b"
         assert greedy.expect_close() == (1008, "message rate limit exceeded")
         assert echoes(other, "x") and echoes(other, "y")
+
+
+@pytest.mark.parametrize("opcode", [0x9, 0xA], ids=["pings", "pongs"])
+def test_control_frames_cost_tokens_like_messages(opcode):
+    """A client limited to 5 messages a second that sends 1,000 pings (or
+    unsolicited pongs) in one write gets at most 5 answered, then 1008: it
+    cannot make the server spend a core answering pings."""
+    with running_server(max_messages_per_second=5) as server:
+        ws = ws_from(server.port)
+        ws.sock.sendall(b"".join(client_frame(opcode, b"p%d" % index) for index in range(1000)))
+        pongs = 0
+        while True:
+            fin, kind, payload = ws.recv_frame()
+            if kind == 0xA:
+                pongs += 1
+                continue
+            assert kind == 0x8, kind
+            assert struct.unpack("!H", payload[:2])[0] == 1008
+            assert payload[2:] == b"message rate limit exceeded"
+            break
+        # The protocol answers a ping as it reads it, before the charge: at
+        # most one pong beyond the burst.
+        assert pongs <= (5 + 1 if opcode == 0x9 else 0), pongs
+
+
+def test_each_fragment_costs_a_token():
+    """A message in 40 fragments costs 40 tokens: with a burst of 30 it is
+    refused with 1008, where one whole message would have been let through."""
+    with running_server(max_messages_per_second=1, message_burst=30) as server:
+        ws = ws_from(server.port)
+        frames = [client_frame(TEXT if index == 0 else 0x0, b"f", fin=(index == 39)) for index in range(40)]
+        ws.sock.sendall(b"".join(frames))
+        assert ws.expect_close() == (1008, "message rate limit exceeded")
+        ok = ws_from(server.port)
+        frames = [client_frame(TEXT if index == 0 else 0x0, b"g", fin=(index == 9)) for index in range(10)]
+        ok.sock.sendall(b"".join(frames))
+        assert ok.recv_message() == "g" * 10  # 10 fragments within the burst: one message
 
 
 def test_no_message_rate_limit_by_default():
