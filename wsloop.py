@@ -4520,6 +4520,11 @@ class Server:
             self._listeners.append(_Listener(self, listener, uds))
         address = sockets[0].getsockname()
         self._address = address[:2] if isinstance(address, tuple) else address
+        # One descriptor held in reserve: out of descriptors, it is given
+        # back to accept a client and answer it 503 (see _refuse_with_spare).
+        self._spare_fd = _open_spare_fd()
+        self._short_of: Optional[str] = None  # why accepting fails, during an episode
+        self._refused_short = 0
         self._uds = uds
 
     # -- properties -----------------------------------------------------------
@@ -4848,15 +4853,71 @@ class Server:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    self._short_of_resources(exc)
+                    answered = self._refuse_with_spare(listener)
+                    if answered is None:
+                        return  # nobody else waiting
+                    if answered:
+                        continue
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of descriptors: pause accepting briefly instead of
-                    # spinning on a listener that stays readable; one line a pause.
-                    logger.error("cannot accept connections: %s; pausing for 0.5 s", exc.strerror)
+                    # Pause accepting briefly instead of spinning on a
+                    # listener that stays readable.
+                    self._short_of_resources(exc)
                     self._pause_accepting(0.5)
                     return
                 logger.debug("accept failed: %s", exc)
                 continue
+            if self._short_of is not None:
+                logger.warning("accepting connections again (after %d refused: %s)",
+                               self._refused_short, self._short_of)
+                self._short_of = None
             self._add_connection(sock, address or "unix:" + (listener.path or "?"))
+
+    def _short_of_resources(self, exc: OSError) -> None:
+        """One ERROR line per episode of running out, not one per try."""
+        if self._short_of is None:
+            self._short_of = exc.strerror or str(exc)
+            self._refused_short = 0
+            logger.error("cannot accept connections: %s; new clients get 503 until some close "
+                         "(raise the open-file limit: ulimit -n, LimitNOFILE)", self._short_of)
+
+    def _refuse_with_spare(self, listener: _Listener) -> Optional[bool]:
+        """Out of descriptors: give back the one kept in reserve, accept the
+        next client on it, answer 503 at once and close, and take the
+        reserve again.  True if a client was answered, None if none was
+        waiting, False if that could not be done (then the caller pauses)."""
+        spare = self._spare_fd
+        if spare is None:
+            self._spare_fd = _open_spare_fd()  # a connection may have closed since
+            return False
+        self._spare_fd = None
+        os.close(spare)
+        try:
+            sock, _ = listener.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            self._spare_fd = _open_spare_fd()
+            return None
+        except OSError:
+            self._spare_fd = _open_spare_fd()
+            return False
+        self._stats.count(self._stats.refused, "out_of_file_descriptors")
+        self._refused_short += 1
+        try:
+            sock.setblocking(False)
+            if self.options.ssl_context is None:  # over TLS there is no 503 to give without a handshake
+                try:
+                    sock.recv(_SPARE_READ)  # what the request sent so far: close then sends FIN, not RST
+                except OSError:
+                    pass
+                sock.send(_OUT_OF_FDS_ANSWER)
+                sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+        self._spare_fd = _open_spare_fd()
+        return True
 
     def _pause_accepting(self, delay: float) -> None:
         if self._accept_paused:
@@ -4925,6 +4986,9 @@ class Server:
         if self.broker is not None and self.broker.loop is self._loop:
             self.broker._close()
         self._close_listeners()
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
+            self._spare_fd = None
         self._loop.close()
         with self._phase_lock:
             self._phase = "done"
@@ -4935,6 +4999,17 @@ class Server:
         self._listeners = []
         for listener in listeners:
             listener.close()
+
+
+_SPARE_READ = 65536
+_OUT_OF_FDS_ANSWER = _http_response(503, [("Retry-After", "5")], b"server busy: out of file descriptors\n")
+
+
+def _open_spare_fd() -> Optional[int]:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
 
 
 class _Listener:
