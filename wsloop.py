@@ -4401,6 +4401,17 @@ class Server:
     anywhere else); anything else gets 426.  Once shutdown begins, every
     request gets 503.
 
+    Who gets in is decided by one gate (see :class:`_Gate`): the client is
+    the TCP or Unix-socket peer, or, when the peer is among
+    ``forwarded_allow_ips`` (addresses, networks, ``"unix"``, ``"*"``), the
+    one named by the single ``forwarded_header`` (``"x-forwarded-for"``, the
+    default, or ``"forwarded"``); ``max_connections`` (503),
+    ``max_connections_per_ip`` (429, upgrades only) and the origin check
+    apply to it, while the health check and ``metrics_path`` (served to
+    ``metrics_allow_ips``) are exempt from every limit.
+    ``max_messages_per_second`` with ``message_burst`` is a token bucket
+    from which every frame takes one (pings, pongs and fragments too).
+
     Fan-out: ``broker`` (a :class:`RedisBroker`) carries :meth:`publish` to
     the subscribers of other processes.  Listening: ``sock`` is a socket to
     serve on instead of binding (an inherited or systemd-passed one);
