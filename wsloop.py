@@ -3301,6 +3301,10 @@ class _Gate:
             self._per_address[key] = self._per_address.get(key, 0) + 1
             self._key_of[who] = key
 
+    def at_capacity(self) -> bool:
+        """Whether the next connection would be past max_connections."""
+        return self.max_connections is not None and self.held >= self.max_connections
+
     def waiting(self, who: Any) -> bool:
         """Whether ``who`` was accepted past max_connections."""
         return who in self._waiting

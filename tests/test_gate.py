@@ -162,7 +162,9 @@ def test_per_address_limit_refuses_upgrades_only_and_releases_on_leave():
 def test_past_max_connections_only_the_health_check_and_metrics_are_answered():
     gate = make_gate(max_connections=1, health_path="/healthz", metrics_path="/metrics")
     inside, past = object(), object()
+    assert not gate.at_capacity()
     assert gate.arrive(inside) is None
+    assert gate.at_capacity()
     assert gate.arrive(past) is None and gate.waiting(past)
     assert status(decide(gate, upgrade(), who=past)) == 503
     assert status(decide(gate, plain("/healthz"), who=past)) == 200
@@ -171,6 +173,7 @@ def test_past_max_connections_only_the_health_check_and_metrics_are_answered():
     assert status(decide(gate, upgrade(path="/metrics"), who=past)) == 503
     gate.leave(inside)
     gate.leave(past)
+    assert not gate.at_capacity()
     later = object()
     assert gate.arrive(later) is None and not gate.waiting(later)
 
@@ -210,3 +213,23 @@ def test_the_gate_chooses_the_subprotocol():
         raise RuntimeError("boom")
 
     assert status(decide(make_gate(select_subprotocol=failing), upgrade({"Sec-WebSocket-Protocol": "a"}))) == 500
+
+
+# -- what reaches a log ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, logged",
+    [
+        ("plain /path?q=1 é", "plain /path?q=1 é"),
+        ("a\r\nb", "a\\x0d\\x0ab"),
+        ("\x1b[31m\x00\x7f", "\\x1b[31m\\x00\\x7f"),
+        ("\u0085\u009b", "\\x85\\x9b"),
+        ("\u2028\u2029\u202e", "\\u2028\\u2029\\u202e"),
+        ('say "hi" \\n', 'say \\"hi\\" \\\\n'),
+        ("\U000e0001", "\\U000e0001"),
+    ],
+)
+def test_client_text_is_escaped_for_the_log(text, logged):
+    assert wsloop._printable(text) == logged
+    assert wsloop._printable(text).isprintable()
