@@ -115,6 +115,21 @@ def test_nginx_conf_has_the_websocket_essentials():
     assert read_timeout > 20 * 2, "proxy_read_timeout must outlast wsloop's ping interval (20 s)"
 
 
+def test_every_nginx_location_names_the_client_and_clears_what_the_client_sent():
+    """proxy_set_header in a location replaces the server block's, so each
+    location that proxies must set X-Forwarded-For itself (wsloop believes
+    that header alone) and clear a client's own Forwarded and X-Real-IP."""
+    text, _ = nginx_upstream()
+    text = re.sub(r"#.*", "", text)
+    locations = re.findall(r"location\s+[^{]*{([^}]*)}", text)
+    proxying = [body for body in locations if "proxy_pass" in body]
+    assert len(proxying) == 3, locations
+    for body in proxying:
+        assert re.search(r"proxy_set_header\s+X-Forwarded-For\s+\$remote_addr;", body), body
+        assert re.search(r'proxy_set_header\s+Forwarded\s+"";', body), body
+        assert re.search(r'proxy_set_header\s+X-Real-IP\s+"";', body), body
+
+
 # -- nginx in front of a socket-activated wsloop, for real ------------------------
 
 # Runs as systemd would: the listening socket moved to fd 3, LISTEN_PID set
