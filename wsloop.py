@@ -3254,7 +3254,7 @@ class _Gate:
         self.forwarded_header = forwarded_header
         self.metrics_path = metrics_path
         self.metrics_allow = list(_LOOPBACK) if metrics_allow_ips is None else _parse_networks(metrics_allow_ips)
-        self.held = 0  # connections within max_connections
+        self.held = 0  # connections that arrived within max_connections (all, with no limit)
         # Accepted past max_connections, oldest first, until they end.
         self._waiting: Dict[Any, None] = {}
         self._per_address: Dict[str, int] = {}  # open connections by _address_key
@@ -3284,7 +3284,7 @@ class _Gate:
         """A connection ended: release whatever it held."""
         if who in self._waiting:
             del self._waiting[who]
-        elif self.max_connections is not None:
+        else:
             self.held -= 1
         key = self._key_of.pop(who, None)
         if key is not None:

@@ -193,6 +193,21 @@ def test_the_oldest_waiter_makes_room_when_the_waiting_room_is_full():
     assert gate.held == 0
 
 
+def test_counts_return_to_zero_with_and_without_limits():
+    for limits in ({}, {"max_connections": 2, "max_connections_per_ip": 1}):
+        gate = make_gate(**limits)
+        people = [object() for _ in range(5)]
+        for who in people:
+            gate.arrive(who)
+            admitted = decide(gate, upgrade(), who=who)
+            if admitted.response is None:
+                gate.opened(who, admitted.address)
+        for who in people:
+            gate.leave(who)
+        assert gate.held == 0 and not gate.waiting(people[-1]) and not gate.at_capacity(), limits
+        assert status(decide(gate, upgrade())) is None  # the per-address count was released too
+
+
 def test_during_shutdown_everything_gets_503():
     gate = make_gate(health_path="/healthz", metrics_path="/metrics")
     for request in (upgrade(), plain("/healthz"), plain("/metrics")):
