@@ -4495,7 +4495,6 @@ class Server:
         self._phase = "new"
         self._phase_lock = threading.Lock()
         self._done = threading.Event()
-        self._loop = _EventLoop()
         options = self.options
         options.name = name
         if max_messages_per_second is not None:
@@ -4517,6 +4516,7 @@ class Server:
             metrics_path=metrics_path,
             metrics_allow_ips=metrics_allow_ips,
         )
+        self._loop = _EventLoop()  # after every check: a bad argument leaks no descriptor
         self._listeners: List[_Listener] = []
         try:
             if uds is not None:

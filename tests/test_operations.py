@@ -1188,9 +1188,10 @@ def test_cli_forwarded_allow_ips(cli):
     assert echoes(ws)
 
 
-def test_cli_forwarded_header_forwarded_and_unix_peers(cli, short_dir):
+@pytest.mark.parametrize("trusted", ["unix", "*"])
+def test_cli_forwarded_header_forwarded_and_unix_peers(cli, short_dir, trusted):
     path = os.path.join(short_dir, "ws.sock")
-    server = cli("--uds", path, "--forwarded-allow-ips", "unix", "--forwarded-header", "forwarded")
+    server = cli("--uds", path, "--forwarded-allow-ips", trusted, "--forwarded-header", "forwarded")
     ws = SocketClient(unix_socket(path), headers={"Forwarded": "for=203.0.113.9", "X-Forwarded-For": "198.51.100.1"})
     assert "open from 203.0.113.9" in server.wait_for("open from")
     assert echoes(ws)
@@ -1274,9 +1275,14 @@ def test_cli_bad_values_get_one_line_and_status_2(args, flag):
         {"max_messages_per_second": -1},
         {"max_messages_per_second": 10, "message_burst": -1},
         {"forwarded_allow_ips": ["not-an-ip"]},
+        {"forwarded_allow_ips": ["unix, *, nowhere"]},
+        {"forwarded_header": "x-real-ip"},
         {"metrics_allow_ips": ["10.0.0.0/33"]},
+        {"metrics_allow_ips": ["unix"]},
     ],
 )
 def test_api_bad_values_are_valueerrors(options):
+    before = len(os.listdir("/proc/self/fd"))
     with pytest.raises(ValueError):
         wsloop.Server(port=0, **options).close()
+    assert len(os.listdir("/proc/self/fd")) == before  # nothing left open by the refused server
