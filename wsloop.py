@@ -776,6 +776,8 @@ def _hop_address(text: str) -> Optional[Tuple[str, int]]:
         port = rest[1:] if rest.startswith(":") else ""
     elif text.count(":") == 1:
         text, _, port = text.partition(":")  # IPv4 with a port
+    if "%" in text:
+        return None  # an IPv6 zone ("fe80::1%eth0") means nothing off its host, and is free text
     try:
         address = str(ipaddress.ip_address(text))
     except ValueError:

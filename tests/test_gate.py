@@ -79,6 +79,8 @@ def test_x_real_ip_is_never_believed():
         ("forwarded", "for=unknown"),
         ("forwarded", "for=_hidden, for=127.0.0.1"),
         ("forwarded", "proto=https"),  # an element without for=
+        ("forwarded", 'for="[fe80::1%\x85\x9b]"'),  # a zone is free text
+        ("x-forwarded-for", "fe80::1%eth0"),
     ],
 )
 def test_a_hop_that_is_not_an_address_never_becomes_a_trusted_address(header, value):
