@@ -1188,6 +1188,22 @@ def test_cli_forwarded_allow_ips(cli):
     assert echoes(ws)
 
 
+def test_cli_log_lines_cannot_be_forged_by_a_close_reason(cli):
+    """The CLI's own log, at its default level: a close reason with CR/LF
+    and an ESC sequence stays inside its one, escaped, line."""
+    server = cli("--port", "0")
+    ws = Client(server.port, path="/forge", headers={"User-Agent": "ua\x85\x9b[2J"})
+    ws.close(4000, "x\r\nwsloop INFO forged\x1b[2J\u2028".encode("utf-8"))
+    assert ws.expect_close()[0] == 4000
+    closed = server.wait_for("closed: received 4000")
+    assert "4000 (x\\x0d\\x0awsloop INFO forged\\x1b[2J\\u2028)" in closed, closed
+    access = server.wait_for("/forge")
+    assert access.rstrip("\n").endswith('"ua\\x85\\x9b[2J"'), access
+    lines = server.text().splitlines()
+    assert not [line for line in lines if line.startswith("wsloop INFO forged")], lines
+    assert all(line.isprintable() for line in lines), [line for line in lines if not line.isprintable()]
+
+
 @pytest.mark.parametrize("trusted", ["unix", "*"])
 def test_cli_forwarded_header_forwarded_and_unix_peers(cli, short_dir, trusted):
     path = os.path.join(short_dir, "ws.sock")
