@@ -368,6 +368,30 @@ _XOR_TABLES: List[Optional[bytes]] = [None] * 256
 _TRANSLATE_FROM = 2048  # below this many bytes the big integer is faster
 
 
+def _printable(text: str) -> str:
+    """``text`` from a peer (a close reason, a request target, a header
+    value, a subprotocol name), fit for one log line: every character that
+    is not printable (C0 controls such as CR, LF, ESC and NUL, DEL, C1
+    controls such as U+0085 and U+009B, the line and paragraph separators
+    U+2028/U+2029, format characters) becomes a Python-style escape, and so
+    do ``"`` and the backslash, so that a quoted field cannot be closed
+    early and an escape cannot be forged.  No client byte starts a new line
+    or moves a terminal's cursor."""
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return text  # the common case, one C-speed scan
+    out = []
+    for char in text:
+        if char == '"' or char == "\\":
+            out.append("\\" + char)
+        elif char.isprintable():
+            out.append(char)
+        else:
+            point = ord(char)
+            out.append("\\x%02x" % point if point < 0x100 else
+                       "\\u%04x" % point if point < 0x10000 else "\\U%08x" % point)
+    return "".join(out)
+
+
 def _xor_table(key_byte: int) -> bytes:
     table = _XOR_TABLES[key_byte]
     if table is None:
@@ -798,52 +822,6 @@ def _refusal(status: int, reason: str, headers: Iterable[Tuple[str, str]] = ()) 
     return response
 
 
-def _answer_request(
-    request: Request, is_upgrade: bool, options: Any, shutting_down: bool, scheme: Optional[str] = None
-) -> Optional[Response]:
-    """The server's policy for a whole, valid request, before any handler runs.
-
-    Returns the :class:`Response` to answer with (and then close), or None
-    for an upgrade that may go on (subprotocol, ``on_handshake``, 101).
-    ``options`` carries ``origins``, ``health_path``, ``pages`` and
-    ``ssl_context``; ``scheme`` is what a trusted proxy says the client
-    used.  Socket-free, so tested with bytes.
-    """
-    if shutting_down:
-        return _refusal(503, "server shutting down", [("Retry-After", "5")])
-    origins = options.origins
-    if is_upgrade:
-        origin = request.headers.get("Origin")
-        if origins is not None and origin not in origins:
-            # The defence against cross-site WebSocket hijacking: browsers
-            # always send Origin, and a page elsewhere cannot forge it.
-            return _refusal(403, "origin %s not allowed" % (origin or "(none)"))
-        return None
-    path = request.path
-    if options.health_path is not None and path == options.health_path:
-        broker = getattr(options, "health_broker", None)
-        if broker is not None and not broker.is_up():
-            return _refusal(503, "no link to Redis is up", [("Retry-After", "5")])
-        name = getattr(options, "name", None)
-        return Response(200, "ok %s\n" % name if name else "ok\n", [("Cache-Control", "no-store")])
-    page = options.pages.get(path)
-    if page is not None:
-        secure = options.ssl_context is not None or scheme == "https"
-        own_origin = ("https://" if secure else "http://") + (request.headers.get("Host") or "")
-        if origins is not None and own_origin not in origins:
-            return _refusal(
-                403,
-                "this page's origin %s is not among the allowed origins (--origin), "
-                "so its WebSocket would be refused" % own_origin,
-            )
-        content_type, body = page
-        return Response(200, body, [("Content-Type", content_type), ("Cache-Control", "no-store")])
-    # RFC 9110 15.5.22: 426 names the protocol to upgrade to.
-    response = Response(426, _PLAIN_HTTP_BODY, [("Upgrade", "websocket"), ("Connection", "Upgrade")])
-    response._reason = "not a WebSocket request"
-    return response
-
-
 def _offered_subprotocols(request: Request) -> List[str]:
     """The subprotocols the client offers, in its order of preference."""
     values = ",".join(request.headers.get_all("Sec-WebSocket-Protocol"))
@@ -897,6 +875,8 @@ def _hop_address(text: str) -> Optional[Tuple[str, int]]:
         port = rest[1:] if rest.startswith(":") else ""
     elif text.count(":") == 1:
         text, _, port = text.partition(":")  # IPv4 with a port
+    if "%" in text:
+        return None  # an IPv6 zone ("fe80::1%eth0") means nothing off its host, and is free text
     try:
         address = str(ipaddress.ip_address(text))
     except ValueError:
@@ -904,44 +884,79 @@ def _hop_address(text: str) -> Optional[Tuple[str, int]]:
     return address, int(port) if port.isdigit() and int(port) < 65536 else 0
 
 
+def _parse_proxies(items: Iterable[str]) -> Tuple[List[_Network], bool]:
+    """--forwarded-allow-ips: addresses and networks, ``unix`` (the peer on
+    a Unix socket: the proxy that can connect to it) and ``*`` (every peer,
+    TCP or Unix); (networks, whether a Unix-socket peer is trusted)."""
+    texts: List[str] = []
+    unix = everyone = False
+    for item in items:
+        for text in item.split(","):
+            text = text.strip()
+            if text == "*":
+                everyone = True
+            elif text == "unix":
+                unix = True
+            elif text:
+                texts.append(text)
+    networks = _parse_networks(texts)
+    if everyone:
+        networks = _parse_networks(["0.0.0.0/0", "::/0"])
+    return networks, unix or everyone
+
+
+# The proxy header an operator may choose to believe (--forwarded-header),
+# one at a time: reading both would let a client add the one its proxy
+# does not overwrite.
+_FORWARDED_HEADERS = ("x-forwarded-for", "forwarded")
+_UNKNOWN_CLIENT = ("unknown", 0)
+
+
 def _forwarded_client(
-    headers: Headers, peer: str, trusted: List[_Network]
-) -> Tuple[Tuple[str, int], Optional[str]]:
+    headers: Headers, header: str, trusted: List[_Network]
+) -> Tuple[Optional[Tuple[str, int]], Optional[str]]:
     """The client's (address, port) and scheme as a trusted proxy reports them.
 
-    Reads ``Forwarded`` (RFC 7239) or else ``X-Forwarded-For`` and
-    ``X-Forwarded-Proto``, walking from the right: each hop was appended by
-    the one after it, so the right-most hop that is not itself a trusted
-    proxy is the client (anything left of it is whatever the client said).
-    The caller has checked that ``peer`` is trusted.
+    Reads only ``header``: ``x-forwarded-for`` (with ``X-Forwarded-Proto``)
+    or ``forwarded`` (RFC 7239, ``for=`` and ``proto=``), walking from the
+    right: each hop was appended by the one after it, so the right-most hop
+    that is not itself a trusted proxy is the client (anything left of it is
+    whatever the client said).  A hop that is not an address ("unknown",
+    an obfuscated name, junk) ends the walk as ``("unknown", 0)``, never as
+    a trusted proxy's address.  The address is None when the proxy named no
+    hop (the peer is then the client).  The caller has checked that the
+    peer is trusted.
     """
     hops: List[str] = []
     protos: List[Optional[str]] = []
-    forwarded = headers.get_all("Forwarded")
-    if forwarded:
-        for element in ",".join(forwarded).split(","):
+    if header == "forwarded":
+        for element in ",".join(headers.get_all("Forwarded")).split(","):
             fields = {}
             for pair in element.split(";"):
                 key, _, value = pair.strip().partition("=")
                 fields[key.strip().lower()] = value.strip().strip('"')
             hops.append(fields.get("for", ""))
             protos.append(fields.get("proto"))
+        if hops == [""] and protos == [None]:
+            hops, protos = [], []  # no Forwarded header at all
     else:
         for value in headers.get_all("X-Forwarded-For"):
             hops.extend(value.split(","))
         proto_values = ",".join(headers.get_all("X-Forwarded-Proto")).split(",")
         protos = [value.strip() or None for value in proto_values]
-    client, proto = (peer, 0), None
+    client: Optional[Tuple[str, int]] = None
+    proto = None
     if not hops and protos:
         proto = protos[-1]  # a proxy that names only the scheme
     for index in range(len(hops) - 1, -1, -1):
-        hop = _hop_address(hops[index])
-        if hop is None:
-            break
-        client = hop
         # X-Forwarded-Proto may be a list like the addresses, or one value.
         position = index - (len(hops) - len(protos))
         proto = protos[position] if 0 <= position < len(protos) else (protos[0] if protos else None)
+        hop = _hop_address(hops[index])
+        if hop is None:
+            client = _UNKNOWN_CLIENT
+            break
+        client = hop
         if not _in_networks(hop[0], trusted):
             break
     if proto is not None:
@@ -1597,6 +1612,7 @@ class Protocol:
         "_key",
         "_offered_subprotocols",
         "_refusal",
+        "_frames",
     )
 
     def __init__(
@@ -1653,6 +1669,10 @@ class Protocol:
         # The data message being received in pieces, and its frame being
         # read: only while there is one (an idle connection holds none).
         self._incoming: Optional[_Incoming] = None
+        # Frames read by the general path (control frames, fragments, and
+        # what the fast path leaves) since take_frames(): what a rate limit
+        # charges besides whole messages.
+        self._frames = 0
 
     def __repr__(self) -> str:
         return "<Protocol %s>" % self.state.value
@@ -1854,9 +1874,11 @@ class Protocol:
                     payload = buffer[position + header_length : frame_end]
                     payload = _unmask(payload, mask) if mask else bytes(payload)
                     position = frame_end
+                    self._frames += 1
                     yield self._receive_control(opcode, payload)
                     continue
                 position += header_length
+                self._frames += 1
                 incoming = self._start_data_frame(opcode, first, length)
                 incoming.frame_mask = mask
                 incoming.frame_offset = 0
@@ -1876,6 +1898,14 @@ class Protocol:
                     del self._buffer[:position]  # type: ignore[union-attr]  # a bytearray when not empty
                 if not self._buffer:
                     self._buffer = b""
+
+    def take_frames(self) -> int:
+        """How many frames the general path has read since the last call:
+        every control frame and fragment, but not a whole message that
+        took the fast path (which the caller counts as its message)."""
+        frames = self._frames
+        self._frames = 0
+        return frames
 
     def receive_eof(self) -> None:
         """The peer closed its side of TCP (or the connection dropped)."""
@@ -3682,14 +3712,9 @@ class _Options:
         self.pages = dict(pages or {})
         self.name: Optional[str] = None  # the server's name, on its health check
         self.health_broker: Optional[RedisBroker] = None  # 503 while it is down
-        # Operators' limits and visibility (set by Server, see its docstring).
-        self.max_connections: Optional[int] = None
-        self.max_connections_per_ip: Optional[int] = None
+        # The message-rate limit (set by Server, see its docstring).
         self.max_messages_per_second: Optional[float] = None
         self.message_burst = 0.0
-        self.forwarded_allow: List[_Network] = []
-        self.metrics_path: Optional[str] = None
-        self.metrics_allow: List[_Network] = list(_LOOPBACK)
 
 
 class _Stats:
@@ -3715,6 +3740,236 @@ class _Stats:
 
     def count(self, table: Dict[Any, int], key: Any) -> None:
         table[key] = table.get(key, 0) + 1
+
+
+class _Admission:
+    """The gate's decision on one request: who the client is (``address``,
+    ``scheme``), and either the ``response`` to answer with and close (a
+    refusal, the health check, metrics, a page) or, when that is None, the
+    upgrade goes on with ``subprotocol``."""
+
+    __slots__ = ("address", "scheme", "response", "subprotocol")
+
+    def __init__(self, address: Any, scheme: str):
+        self.address = address
+        self.scheme = scheme
+        self.response: Optional[Response] = None
+        self.subprotocol: Optional[str] = None
+
+
+class _Gate:
+    """Who gets in: one per server, the only place admission is decided.
+
+    Socket-free: it is told the transport facts (the peer, TLS or not) and
+    the parsed request, and answers with an :class:`_Admission`.  It owns
+    the counts its limits check, each with its release:
+
+    - ``arrive(who)`` when a TCP connection is accepted, ``leave(who)`` when
+      it ends: connections held against ``max_connections``, and those
+      accepted past it, which wait for their request to be answered 503
+      (or, for the health check and metrics, served);
+    - ``opened(who, address)`` when an upgrade is accepted: the open
+      connections per client address (``max_connections_per_ip``).
+
+    The rules, in the order ``decide`` applies them: the client's address is
+    the peer's, or, when the peer is a trusted proxy, the one its
+    ``forwarded_header`` names (never another header); during shutdown
+    everything gets 503; the health check and metrics (plain GETs of
+    ``health_path`` and ``metrics_path``) are exempt from every limit;
+    metrics are served only to ``metrics_allow`` (by the client's address);
+    a connection past ``max_connections`` gets 503; an upgrade past
+    ``max_connections_per_ip`` 429, from an Origin not allowed 403.
+    """
+
+    def __init__(
+        self,
+        options: _Options,
+        stats: _Stats,
+        metrics: Callable[[], bytes],
+        max_connections: Optional[int] = None,
+        max_connections_per_ip: Optional[int] = None,
+        forwarded_allow_ips: Optional[Iterable[str]] = None,
+        forwarded_header: str = "x-forwarded-for",
+        metrics_path: Optional[str] = None,
+        metrics_allow_ips: Optional[Iterable[str]] = None,
+    ):
+        for limit_name, limit in (("max_connections", max_connections),
+                                  ("max_connections_per_ip", max_connections_per_ip)):
+            if limit is not None and limit < 1:
+                raise ValueError("%s must be at least 1" % limit_name)
+        forwarded_header = forwarded_header.lower()
+        if forwarded_header not in _FORWARDED_HEADERS:
+            raise ValueError("forwarded_header must be one of %s, got %r"
+                             % (", ".join(_FORWARDED_HEADERS), forwarded_header))
+        if metrics_path is not None and not metrics_path.startswith("/"):
+            raise ValueError("metrics_path must start with /, got %r" % metrics_path)
+        self._options = options
+        self._stats = stats
+        self._metrics = metrics
+        self.max_connections = max_connections
+        self.max_connections_per_ip = max_connections_per_ip
+        self.forwarded_allow, self.forwarded_unix = _parse_proxies(forwarded_allow_ips or ())
+        self.forwarded_header = forwarded_header
+        self.metrics_path = metrics_path
+        self.metrics_allow = list(_LOOPBACK) if metrics_allow_ips is None else _parse_networks(metrics_allow_ips)
+        self.held = 0  # connections that arrived within max_connections (all, with no limit)
+        # Accepted past max_connections, oldest first, until they end.
+        self._waiting: Dict[Any, None] = {}
+        self._per_address: Dict[str, int] = {}  # open connections by _address_key
+        self._key_of: Dict[Any, str] = {}
+
+    # -- the counts and their release -----------------------------------------
+
+    def arrive(self, who: Any) -> Optional[Any]:
+        """A TCP connection was accepted.  Past ``max_connections`` it waits
+        for its request (to be answered 503, or served if it is the health
+        check or metrics) at a cost of one small Connection; at most
+        16 + max_connections / 4 wait, and past that the oldest waiter, which
+        has sent nothing whole yet, is returned for the caller to close, so
+        a flood of silent clients cannot keep the health check out."""
+        limit = self.max_connections
+        if limit is None or self.held < limit:
+            self.held += 1
+            return None
+        waiting = self._waiting
+        evict = next(iter(waiting)) if len(waiting) >= 16 + limit // 4 else None
+        if evict is not None:  # it stays counted until it leaves
+            self._stats.count(self._stats.refused, "max_connections")
+        waiting[who] = None
+        return evict
+
+    def leave(self, who: Any) -> None:
+        """A connection ended: release whatever it held."""
+        if who in self._waiting:
+            del self._waiting[who]
+        else:
+            self.held -= 1
+        key = self._key_of.pop(who, None)
+        if key is not None:
+            left = self._per_address[key] - 1
+            if left:
+                self._per_address[key] = left
+            else:
+                del self._per_address[key]
+
+    def opened(self, who: Any, address: Any) -> None:
+        """An upgrade was accepted: count it against its client's address."""
+        if self.max_connections_per_ip is not None and isinstance(address, tuple):
+            key = _address_key(address[0])
+            self._per_address[key] = self._per_address.get(key, 0) + 1
+            self._key_of[who] = key
+
+    def at_capacity(self) -> bool:
+        """Whether the next connection would be past max_connections."""
+        return self.max_connections is not None and self.held >= self.max_connections
+
+    def waiting(self, who: Any) -> bool:
+        """Whether ``who`` was accepted past max_connections."""
+        return who in self._waiting
+
+    # -- the decision -----------------------------------------------------------
+
+    def trusts(self, peer: Any) -> bool:
+        """Whether ``peer`` (an (address, port) tuple, or a Unix socket's
+        name) is a proxy whose forwarded header is believed."""
+        if isinstance(peer, tuple):
+            return bool(self.forwarded_allow) and _in_networks(peer[0], self.forwarded_allow)
+        return self.forwarded_unix
+
+    def client(self, request: Request, peer: Any, tls: bool) -> Tuple[Any, str]:
+        """The client's address and scheme ("http" or "https")."""
+        scheme = "https" if tls else "http"
+        if not self.trusts(peer):
+            return peer, scheme
+        address, proto = _forwarded_client(request.headers, self.forwarded_header, self.forwarded_allow)
+        if proto is not None:
+            scheme = "https" if proto in ("https", "wss") else "http"
+        if address is None or (isinstance(peer, tuple) and address[0] == peer[0]):
+            return peer, scheme  # the proxy named no one else: keep its port
+        return address, scheme
+
+    def decide(
+        self, who: Any, request: Request, is_upgrade: bool, peer: Any, tls: bool, shutting_down: bool
+    ) -> _Admission:
+        """The answer to a whole, valid request from ``who`` (passed to the
+        subprotocol chooser), which came from ``peer`` over TLS or not."""
+        address, scheme = self.client(request, peer, tls)
+        admission = _Admission(address, scheme)
+        admission.response = self._refusal(who, request, is_upgrade, address, scheme, shutting_down)
+        if admission.response is None:
+            admission.subprotocol, admission.response = self._subprotocol(who, request)
+        return admission
+
+    def _refusal(
+        self, who: Any, request: Request, is_upgrade: bool, address: Any, scheme: str, shutting_down: bool
+    ) -> Optional[Response]:
+        options = self._options
+        if shutting_down:
+            return _refusal(503, "server shutting down", [("Retry-After", "5")])
+        path = request.path
+        # The operator's own views: exempt from every limit below.
+        health = not is_upgrade and path == options.health_path
+        metrics = not is_upgrade and path == self.metrics_path
+        if who in self._waiting and not (health or metrics):
+            self._stats.count(self._stats.refused, "max_connections")
+            return _refusal(503, "too many connections", [("Retry-After", "5")])
+        if metrics:
+            if not isinstance(address, tuple) or not _in_networks(address[0], self.metrics_allow):
+                return _refusal(403, "metrics are not served to %s" % _format_address(address))
+            return Response(200, self._metrics(), [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
+                                                   ("Cache-Control", "no-store")])
+        if health:
+            broker = options.health_broker
+            if broker is not None and not broker.is_up():
+                return _refusal(503, "no link to Redis is up", [("Retry-After", "5")])
+            name = options.name
+            return Response(200, "ok %s\n" % name if name else "ok\n", [("Cache-Control", "no-store")])
+        origins = options.origins
+        if is_upgrade:
+            limit = self.max_connections_per_ip
+            if limit is not None and isinstance(address, tuple):
+                key = _address_key(address[0])
+                if self._per_address.get(key, 0) >= limit:
+                    self._stats.count(self._stats.refused, "max_connections_per_ip")
+                    # 429, not 503: this client holds too much; the server is fine.
+                    return _refusal(429, "too many connections from %s" % key, [("Retry-After", "5")])
+            origin = request.headers.get("Origin")
+            if origins is not None and origin not in origins:
+                # The defence against cross-site WebSocket hijacking: browsers
+                # always send Origin, and a page elsewhere cannot forge it.
+                return _refusal(403, "origin %s not allowed" % (origin or "(none)"))
+            return None
+        page = options.pages.get(path)
+        if page is not None:
+            own_origin = scheme + "://" + (request.headers.get("Host") or "")
+            if origins is not None and own_origin not in origins:
+                return _refusal(
+                    403,
+                    "this page's origin %s is not among the allowed origins (--origin), "
+                    "so its WebSocket would be refused" % own_origin,
+                )
+            content_type, body = page
+            return Response(200, body, [("Content-Type", content_type), ("Cache-Control", "no-store")])
+        # RFC 9110 15.5.22: 426 names the protocol to upgrade to.
+        response = Response(426, _PLAIN_HTTP_BODY, [("Upgrade", "websocket"), ("Connection", "Upgrade")])
+        response._reason = "not a WebSocket request"
+        return response
+
+    def _subprotocol(self, who: Any, request: Request) -> Tuple[Optional[str], Optional[Response]]:
+        """The subprotocol to answer with, or a 500 if the chooser failed."""
+        offered = _offered_subprotocols(request)
+        if not offered:
+            return None, None
+        select = self._options.select_subprotocol
+        if select is None:
+            return _default_subprotocol(offered, self._options.subprotocols), None
+        try:
+            chosen = select(who, offered)
+        except Exception:
+            logger.exception("connection %s: error in select_subprotocol", getattr(who, "id", "?"))
+            return None, _refusal(500, "internal error")
+        # RFC 6455 4.2.2: only a subprotocol the client offered may be named.
+        return (chosen if chosen in offered else None), None
 
 
 class PreparedMessage:
@@ -4351,7 +4606,7 @@ class Connection:
         """Hand a message to the handler; False when no more may follow now
         (the rate limit closed the connection, or the handler paused reading)."""
         rate = self._options.max_messages_per_second
-        if rate is not None and not self._take_token(rate):
+        if rate is not None and not self._take_token(rate, self._protocol.take_frames() or 1):
             return False
         on_message = self._options.on_message
         if on_message is not None:
@@ -4381,8 +4636,15 @@ class Connection:
                     self._backlog = True
                     self._loop.call_soon(self._continue_backlog)
                     break
-            elif kind is Event.PONG:
-                self._on_pong(value)
+            elif kind is Event.PING or kind is Event.PONG:
+                # Control frames cost like messages, or a limited client
+                # could spend a core on pings (and their pongs).
+                rate = self._options.max_messages_per_second
+                if rate is not None and not self._take_token(rate, self._protocol.take_frames()):
+                    events.close()
+                    break
+                if kind is Event.PONG:
+                    self._on_pong(value)
             elif kind is Event.REQUEST or kind is Event.HTTP_REQUEST:
                 self._on_request(value)
             elif kind is Event.RESPONSE:
@@ -4393,19 +4655,21 @@ class Connection:
         self._stats.messages_in += received
         self._after_protocol()
 
-    def _take_token(self, rate: float) -> bool:
+    def _take_token(self, rate: float, cost: int) -> bool:
         """The message-rate limit: a token bucket of ``message_burst``
-        filled at ``rate`` a second; False (and a 1008) when it is empty."""
+        filled at ``rate`` a second, from which each frame takes one (a
+        whole message one, a message in k fragments k, each ping or pong
+        one); False (and a 1008) when it cannot pay ``cost``."""
         now = time.monotonic()
         burst = self._options.message_burst
         tokens = min(burst, self._tokens + (now - self._tokens_at) * rate) if self._tokens_at else burst
         self._tokens_at = now
-        if tokens < 1.0:
+        if tokens < cost:
             logger.info("connection %d from %s: over %g messages a second: closed",
                         self.id, _format_address(self.remote_address), rate)
             self._close_now(CloseCode.POLICY_VIOLATION, "message rate limit exceeded")
             return False
-        self._tokens = tokens - 1.0
+        self._tokens = tokens - cost
         return True
 
     def _continue_backlog(self) -> None:
@@ -4436,8 +4700,8 @@ class Connection:
     def _log_peer_close(self) -> None:
         if logger.isEnabledFor(logging.DEBUG):
             protocol = self._protocol
-            logger.debug("connection %d: close frame received: %s %r", self.id,
-                         protocol.close_code, protocol.close_reason)
+            logger.debug("connection %d: close frame received: %s", self.id,
+                         _describe_close(protocol.close_code or CloseCode.NO_STATUS, protocol.close_reason))
 
     # -- the opening handshake -------------------------------------------------
 
@@ -4446,15 +4710,10 @@ class Connection:
         protocol = self._protocol
         options = self._options
         self._cancel_open_timer()
-        if options.forwarded_allow and isinstance(self.peer_address, tuple):
-            if _in_networks(self.peer_address[0], options.forwarded_allow):
-                self._take_forwarded(request)
-        answer = self._owner._answer(self, request)
-        if answer is None:
-            answer = _answer_request(request, protocol.is_upgrade, options, self._owner.shutting_down, self.scheme)
-        subprotocol = None
-        if answer is None:
-            subprotocol, answer = self._choose_subprotocol(request)
+        admission = self._owner._admit(self, request, protocol.is_upgrade, self.peer_address, self._tls)
+        self.remote_address = admission.address
+        self.scheme = admission.scheme
+        answer = admission.response
         headers = options.response_headers
         if answer is None and options.on_handshake is not None:
             try:
@@ -4474,33 +4733,9 @@ class Connection:
         if answer is not None:
             self._respond(answer)
             return
-        protocol.accept(headers, subprotocol)
+        protocol.accept(headers, admission.subprotocol)
         self._log_access(101)
         self._opened()
-
-    def _choose_subprotocol(self, request: Request) -> Tuple[Optional[str], Optional[Response]]:
-        """The subprotocol to answer with, or a 500 if the chooser failed."""
-        offered = _offered_subprotocols(request)
-        if not offered:
-            return None, None
-        select = self._options.select_subprotocol
-        if select is None:
-            return _default_subprotocol(offered, self._options.subprotocols), None
-        try:
-            chosen = select(self, offered)
-        except Exception:
-            logger.exception("connection %d: error in select_subprotocol", self.id)
-            return None, _refusal(500, "internal error")
-        # RFC 6455 4.2.2: only a subprotocol the client offered may be named.
-        return (chosen if chosen in offered else None), None
-
-    def _take_forwarded(self, request: Request) -> None:
-        """The peer is a trusted proxy: the client is the one it names."""
-        peer = self.peer_address
-        client, scheme = _forwarded_client(request.headers, peer[0], self._options.forwarded_allow)
-        self.remote_address = client if client[0] != peer[0] else peer
-        if scheme is not None:
-            self.scheme = "https" if scheme in ("https", "wss") else "http"
 
     def _log_access(self, status: int) -> None:
         self._stats.count(self._stats.handshakes, status)
@@ -4508,15 +4743,17 @@ class Connection:
             request = self._protocol.request
             headers = request.headers if request is not None else Headers()
             extension = None if self._protocol.extension is None else "permessage-deflate"
+            # Every field a client wrote goes through _printable: one line per
+            # request, and a quoted field ends only at its closing quote.
             access_logger.info(
                 '%s "%s %s" %d subprotocol=%s extension=%s "%s"',
                 _format_address(self.remote_address),
-                request.method if request else "-",
-                request.target if request else "-",
+                _printable(request.method) if request else "-",
+                _printable(request.target) if request else "-",
                 status,
-                self._protocol.subprotocol or "-",
+                _printable(self._protocol.subprotocol or "-"),
                 extension or "-",
-                (headers.get("User-Agent") or "-").replace('"', "'"),
+                _printable(headers.get("User-Agent") or "-"),
             )
 
     def _respond(self, response: Response) -> None:
@@ -4529,10 +4766,10 @@ class Connection:
                 "connection %d from %s: %s %s answered %d: %s",
                 self.id,
                 _format_address(self.remote_address),
-                request.method if request else "-",
-                request.path if request else "-",
+                _printable(request.method) if request else "-",
+                _printable(request.path) if request else "-",
                 response.status,
-                response._reason or _HTTP_REASONS.get(response.status, ""),
+                _printable(response._reason or _HTTP_REASONS.get(response.status, "")),
             )
         self._after_protocol()
 
@@ -4544,7 +4781,7 @@ class Connection:
                 self.id,
                 "to" if self._protocol.client else "from",
                 _format_address(self.remote_address),
-                "" if self._protocol.client else " path " + self.path,
+                "" if self._protocol.client else " path " + _printable(self.path),
             )
         self._start_keepalive()
         on_connect = self._options.on_connect
@@ -4679,7 +4916,7 @@ class Connection:
             error = protocol.handshake_error
             if error is not None and not protocol.client and logger.isEnabledFor(logging.INFO):
                 logger.info("connection %d from %s refused: %d %s", self.id, address,
-                            error.status, error.reason)
+                            error.status, _printable(error.reason))
             return
         code = protocol.close_code if protocol.close_code is not None else CloseCode.ABNORMAL
         stats = self._stats
@@ -4708,7 +4945,7 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 def _describe_close(code: int, reason: str) -> str:
-    return "%d (%s)" % (code, reason) if reason else str(code)
+    return "%d (%s)" % (code, _printable(reason)) if reason else str(code)
 
 
 def _format_address(address: Any) -> str:
@@ -4742,6 +4979,17 @@ class Server:
     where its own origin is allowed, since its WebSocket would be refused
     anywhere else); anything else gets 426.  Once shutdown begins, every
     request gets 503.
+
+    Who gets in is decided by one gate (see :class:`_Gate`): the client is
+    the TCP or Unix-socket peer, or, when the peer is among
+    ``forwarded_allow_ips`` (addresses, networks, ``"unix"``, ``"*"``), the
+    one named by the single ``forwarded_header`` (``"x-forwarded-for"``, the
+    default, or ``"forwarded"``); ``max_connections`` (503),
+    ``max_connections_per_ip`` (429, upgrades only) and the origin check
+    apply to it, while the health check and ``metrics_path`` (served to
+    ``metrics_allow_ips``) are exempt from every limit.
+    ``max_messages_per_second`` with ``message_burst`` is a token bucket
+    from which every frame takes one (pings, pongs and fragments too).
 
     Fan-out: ``broker`` (a :class:`RedisBroker`) carries :meth:`publish` to
     the subscribers of other processes; ``health_requires_broker`` makes
@@ -4791,6 +5039,7 @@ class Server:
         max_messages_per_second: Optional[float] = None,
         message_burst: Optional[float] = None,
         forwarded_allow_ips: Optional[Iterable[str]] = None,
+        forwarded_header: str = "x-forwarded-for",
         metrics_path: Optional[str] = None,
         metrics_allow_ips: Optional[Iterable[str]] = None,
         name: Optional[str] = None,
@@ -4829,19 +5078,12 @@ class Server:
         self._phase = "new"
         self._phase_lock = threading.Lock()
         self._done = threading.Event()
-        self._loop = _EventLoop()
         options = self.options
         options.name = name
         if health_requires_broker:
             if broker is None:
                 raise ValueError("health_requires_broker needs a broker")
             options.health_broker = broker
-        for limit_name, limit in (("max_connections", max_connections),
-                                  ("max_connections_per_ip", max_connections_per_ip)):
-            if limit is not None and limit < 1:
-                raise ValueError("%s must be at least 1" % limit_name)
-        options.max_connections = max_connections
-        options.max_connections_per_ip = max_connections_per_ip
         if max_messages_per_second is not None:
             if not max_messages_per_second > 0:
                 raise ValueError("max_messages_per_second must be positive")
@@ -4850,18 +5092,18 @@ class Server:
                 raise ValueError("message_burst must be at least 1")
             options.max_messages_per_second = float(max_messages_per_second)
             options.message_burst = float(burst)
-        options.forwarded_allow = _parse_networks(forwarded_allow_ips or ())
-        if metrics_path is not None and not metrics_path.startswith("/"):
-            raise ValueError("metrics_path must start with /, got %r" % metrics_path)
-        options.metrics_path = metrics_path
-        if metrics_allow_ips is not None:
-            options.metrics_allow = _parse_networks(metrics_allow_ips)
         self._stats = _Stats()
-        # Per client address (see _address_key): the open connections.
-        self._per_address: Dict[str, int] = {}
-        self._address_of: Dict[Connection, str] = {}
-        # Connections accepted past max_connections, being answered 503.
-        self._over_limit: Dict[Connection, None] = {}
+        # Who gets in, and the counts that decides it by (see _Gate).
+        self._gate = _Gate(
+            options, self._stats, self._metrics_text,
+            max_connections=max_connections,
+            max_connections_per_ip=max_connections_per_ip,
+            forwarded_allow_ips=forwarded_allow_ips,
+            forwarded_header=forwarded_header,
+            metrics_path=metrics_path,
+            metrics_allow_ips=metrics_allow_ips,
+        )
+        self._loop = _EventLoop()  # after every check: a bad argument leaks no descriptor
         self._listeners: List[_Listener] = []
         try:
             if uds is not None:
@@ -4880,6 +5122,11 @@ class Server:
             self._listeners.append(_Listener(self, listener, uds))
         address = sockets[0].getsockname()
         self._address = address[:2] if isinstance(address, tuple) else address
+        # One descriptor held in reserve: out of descriptors, it is given
+        # back to accept a client and answer it 503 (see _refuse_with_spare).
+        self._spare_fd = _open_spare_fd()
+        self._short_of: Optional[str] = None  # why accepting fails, during an episode
+        self._refused_short = 0
         self._uds = uds
 
     # -- properties -----------------------------------------------------------
@@ -5118,34 +5365,11 @@ class Server:
             metric("broker_received_total", "counter", "Messages received from Redis.", broker("received"))
         return ("\n".join(lines) + "\n").encode("utf-8")
 
-    def _answer(self, connection: Connection, request: Request) -> Optional[Response]:
-        """What the server answers from its own tables: the limits on who
-        holds what, and the metrics endpoint."""
-        options = self.options
-        if connection in self._over_limit and not (
-            # The operator's own views stay open when the server is full.
-            "Upgrade" not in request.headers
-            and request.path in (options.health_path, options.metrics_path)
-        ):
-            self._stats.count(self._stats.refused, "max_connections")
-            return _refusal(503, "too many connections", [("Retry-After", "5")])
-        address = connection.remote_address
-        if options.metrics_path is not None and request.path == options.metrics_path:
-            if request.method not in ("GET", "HEAD") or connection.state is not _CONNECTING:
-                return None
-            if not isinstance(address, tuple) or not _in_networks(address[0], options.metrics_allow):
-                return _refusal(403, "metrics are not served to %s" % _format_address(address))
-            return Response(200, self._metrics_text(),
-                            [("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
-                             ("Cache-Control", "no-store")])
-        limit = options.max_connections_per_ip
-        if limit is not None and isinstance(address, tuple):
-            key = _address_key(address[0])
-            if self._per_address.get(key, 0) >= limit:
-                self._stats.count(self._stats.refused, "max_connections_per_ip")
-                # 429, not 503: this client holds too much; the server is fine.
-                return _refusal(429, "too many connections from %s" % key, [("Retry-After", "5")])
-        return None
+    def _admit(
+        self, connection: Connection, request: Request, is_upgrade: bool, peer: Any, tls: bool
+    ) -> _Admission:
+        """The gate's decision on a connection's request."""
+        return self._gate.decide(connection, request, is_upgrade, peer, tls, self._shutting_down)
 
     # -- topics ---------------------------------------------------------------
 
@@ -5257,22 +5481,11 @@ class Server:
 
     def _connection_opened(self, connection: Connection) -> None:
         self._connections[connection] = True
-        address = connection.remote_address
-        if self.options.max_connections_per_ip is not None and isinstance(address, tuple):
-            key = _address_key(address[0])
-            self._per_address[key] = self._per_address.get(key, 0) + 1
-            self._address_of[connection] = key
+        self._gate.opened(connection, connection.remote_address)
 
     def _connection_closed(self, connection: Connection) -> None:
         self._connections.pop(connection, None)
-        self._over_limit.pop(connection, None)
-        key = self._address_of.pop(connection, None)
-        if key is not None:
-            left = self._per_address[key] - 1
-            if left:
-                self._per_address[key] = left
-            else:
-                del self._per_address[key]
+        self._gate.leave(connection)
         for topic in list(self._subscriptions.get(connection, ())):
             self.unsubscribe(connection, topic)
         if self._shutting_down and not self._connections:
@@ -5288,15 +5501,71 @@ class Server:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    self._short_of_resources(exc)
+                    answered = self._refuse_with_spare(listener)
+                    if answered is None:
+                        return  # nobody else waiting
+                    if answered:
+                        continue
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of descriptors: pause accepting briefly instead of
-                    # spinning on a listener that stays readable; one line a pause.
-                    logger.error("cannot accept connections: %s; pausing for 0.5 s", exc.strerror)
+                    # Pause accepting briefly instead of spinning on a
+                    # listener that stays readable.
+                    self._short_of_resources(exc)
                     self._pause_accepting(0.5)
                     return
                 logger.debug("accept failed: %s", exc)
                 continue
+            if self._short_of is not None:
+                logger.warning("accepting connections again (after %d refused: %s)",
+                               self._refused_short, self._short_of)
+                self._short_of = None
             self._add_connection(sock, address or "unix:" + (listener.path or "?"))
+
+    def _short_of_resources(self, exc: OSError) -> None:
+        """One ERROR line per episode of running out, not one per try."""
+        if self._short_of is None:
+            self._short_of = exc.strerror or str(exc)
+            self._refused_short = 0
+            logger.error("cannot accept connections: %s; new clients get 503 until some close "
+                         "(raise the open-file limit: ulimit -n, LimitNOFILE)", self._short_of)
+
+    def _refuse_with_spare(self, listener: _Listener) -> Optional[bool]:
+        """Out of descriptors: give back the one kept in reserve, accept the
+        next client on it, answer 503 at once and close, and take the
+        reserve again.  True if a client was answered, None if none was
+        waiting, False if that could not be done (then the caller pauses)."""
+        spare = self._spare_fd
+        if spare is None:
+            self._spare_fd = _open_spare_fd()  # a connection may have closed since
+            return False
+        self._spare_fd = None
+        os.close(spare)
+        try:
+            sock, _ = listener.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            self._spare_fd = _open_spare_fd()
+            return None
+        except OSError:
+            self._spare_fd = _open_spare_fd()
+            return False
+        self._stats.count(self._stats.refused, "out_of_file_descriptors")
+        self._refused_short += 1
+        try:
+            sock.setblocking(False)
+            if self.options.ssl_context is None:  # over TLS there is no 503 to give without a handshake
+                try:
+                    sock.recv(_SPARE_READ)  # what the request sent so far: close then sends FIN, not RST
+                except OSError:
+                    pass
+                sock.send(_OUT_OF_FDS_ANSWER)
+                sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+        self._spare_fd = _open_spare_fd()
+        return True
 
     def _pause_accepting(self, delay: float) -> None:
         if self._accept_paused:
@@ -5321,18 +5590,6 @@ class Server:
                 hosts.clear()  # bounded, whatever addresses arrive
             address = (hosts.setdefault(address[0], address[0]),) + address[1:]
         self._stats.accepted += 1
-        over_limit = False
-        limit = options.max_connections
-        if limit is not None and len(self._connections) - len(self._over_limit) >= limit:
-            # Past the limit the client still gets its answer, a 503 (it
-            # costs a small Connection until its request arrives, not a
-            # stalled backlog), up to a bounded number at once; past that,
-            # a plain close.
-            if len(self._over_limit) >= 16 + limit // 4:
-                self._stats.count(self._stats.refused, "max_connections")
-                sock.close()
-                return
-            over_limit = True
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -5342,8 +5599,9 @@ class Server:
         connection = Connection(self, sock, address, self._next_id, options, self._loop, None, self._stats)
         self._next_id += 1
         self._connections[connection] = False
-        if over_limit:
-            self._over_limit[connection] = None
+        evict = self._gate.arrive(connection)
+        if evict is not None:
+            evict.abort()  # a silent client past the limit makes room for this one
 
     # -- stopping -------------------------------------------------------------
 
@@ -5401,6 +5659,9 @@ class Server:
         if self.broker is not None and self.broker.loop is self._loop:
             self.broker._close()
         self._close_listeners()
+        if self._spare_fd is not None:
+            os.close(self._spare_fd)
+            self._spare_fd = None
         self._loop.close()
         with self._phase_lock:
             self._phase = "done"
@@ -5411,6 +5672,17 @@ class Server:
         self._listeners = []
         for listener in listeners:
             listener.close()
+
+
+_SPARE_READ = 65536
+_OUT_OF_FDS_ANSWER = _http_response(503, [("Retry-After", "5")], b"server busy: out of file descriptors\n")
+
+
+def _open_spare_fd() -> Optional[int]:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
 
 
 class _Listener:
@@ -6148,7 +6420,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ops.add_argument("--max-connections-per-ip", type=_positive, metavar="N", help="past N open connections from one address (IPv6: its /64), 429")
     ops.add_argument("--max-messages-per-second", type=_positive_float, metavar="R", help="close (1008) a client sending faster than R messages a second (default: no limit)")
     ops.add_argument("--message-burst", type=_positive_float, metavar="B", help="messages a client may send at once within that rate (default R)")
-    ops.add_argument("--forwarded-allow-ips", metavar="LIST", help="proxies (addresses, networks, comma-separated) whose Forwarded / X-Forwarded-For / X-Forwarded-Proto are believed")
+    ops.add_argument("--forwarded-allow-ips", metavar="LIST", help="proxies (addresses, networks, 'unix' for a Unix-socket peer, '*' for any; comma-separated) whose --forwarded-header is believed")
+    ops.add_argument("--forwarded-header", default="x-forwarded-for", type=str.lower, choices=list(_FORWARDED_HEADERS), help="the one header naming the client that a trusted proxy sets: x-forwarded-for (with X-Forwarded-Proto; default) or forwarded (RFC 7239); the other is ignored")
     ops.add_argument("--uds", metavar="PATH", help="listen on this Unix socket instead of TCP (for a proxy on the same host)")
     ops.add_argument("--uds-mode", type=_octal, default=0o660, metavar="MODE", help="the Unix socket's permissions (default 660)")
     ops.add_argument("--metrics-path", metavar="PATH", help="serve Prometheus metrics at this path (e.g. /metrics; default off)")
@@ -6550,8 +6823,7 @@ class _WorkerServer(Server):
             self._stop_taking()
 
     def _at_capacity(self) -> bool:
-        limit = self.options.max_connections
-        return limit is not None and len(self._connections) - len(self._over_limit) >= limit
+        return self._gate.at_capacity()
 
     def _stop_taking(self) -> None:
         if self._own_socket:
@@ -6567,7 +6839,7 @@ class _WorkerServer(Server):
             # A shared socket: the others accept what this one leaves.
             for listener in self._listeners:
                 listener.unwatch()
-        logger.info("at max_connections (%d): taking no new connections", self.options.max_connections or 0)
+        logger.info("at max_connections (%d): taking no new connections", self._gate.max_connections or 0)
         self._full_timer = self.call_later(_FULL_CHECK, self._take_again)
 
     def _take_again(self) -> None:
@@ -6778,10 +7050,11 @@ def _main(argv: Optional[List[str]] = None) -> int:
         if args.message_burst is not None and args.max_messages_per_second is None:
             raise _UsageError("--message-burst goes with --max-messages-per-second")
         networks = {}
-        for flag in ("forwarded_allow_ips", "metrics_allow_ips"):
+        for flag, parse in (("forwarded_allow_ips", _parse_proxies), ("metrics_allow_ips", _parse_networks)):
             value = getattr(args, flag)
+            networks[flag] = None if value is None else [value]
             try:
-                networks[flag] = None if value is None else [str(net) for net in _parse_networks([value])]
+                parse(networks[flag] or ())  # one line here, not a traceback from Server
             except ValueError as exc:
                 raise _UsageError("--%s: %s" % (flag.replace("_", "-"), exc)) from None
         if args.metrics_path is not None and not args.metrics_path.startswith("/"):
@@ -6830,6 +7103,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
             max_messages_per_second=args.max_messages_per_second,
             message_burst=args.message_burst,
             forwarded_allow_ips=networks["forwarded_allow_ips"],
+            forwarded_header=args.forwarded_header,
             metrics_path=args.metrics_path,
             metrics_allow_ips=networks["metrics_allow_ips"],
             name="worker " + worker if worker else None,

@@ -473,3 +473,16 @@ def close_on_a_worker(client, log):
     assert client.expect_close()[0] == 1000
     client.shutdown()
     log.wait_for(r"from 127\.0\.0\.1:%d closed" % local_port)
+
+
+def make_gate(origins=None, health_path=None, pages=None, subprotocols=(), select_subprotocol=None,
+              name=None, metrics=b"metrics\n", **limits):
+    """A server's real admission gate, built without a server or a socket:
+    the policy options a Server would give it, and ``limits`` (the gate's
+    own keywords: max_connections, forwarded_allow_ips, ...)."""
+    options = wsloop._Options(
+        wsloop.Echo(), wsloop.DEFAULT_MAX_SIZE, None, None, None, None, None, 1, 1, False, None,
+        origins, subprotocols, select_subprotocol, (), health_path, pages,
+    )
+    options.name = name
+    return wsloop._Gate(options, wsloop._Stats(), lambda: metrics, **limits)

@@ -8,6 +8,7 @@ here rather than skipping, so a deploy config nobody ran never passes.
 """
 
 import configparser
+import contextlib
 import os
 import re
 import shlex
@@ -114,6 +115,21 @@ def test_nginx_conf_has_the_websocket_essentials():
     assert read_timeout > 20 * 2, "proxy_read_timeout must outlast wsloop's ping interval (20 s)"
 
 
+def test_every_nginx_location_names_the_client_and_clears_what_the_client_sent():
+    """proxy_set_header in a location replaces the server block's, so each
+    location that proxies must set X-Forwarded-For itself (wsloop believes
+    that header alone) and clear a client's own Forwarded and X-Real-IP."""
+    text, _ = nginx_upstream()
+    text = re.sub(r"#.*", "", text)
+    locations = re.findall(r"location\s+[^{]*{([^}]*)}", text)
+    proxying = [body for body in locations if "proxy_pass" in body]
+    assert len(proxying) == 3, locations
+    for body in proxying:
+        assert re.search(r"proxy_set_header\s+X-Forwarded-For\s+\$remote_addr;", body), body
+        assert re.search(r'proxy_set_header\s+Forwarded\s+"";', body), body
+        assert re.search(r'proxy_set_header\s+X-Real-IP\s+"";', body), body
+
+
 # -- nginx in front of a socket-activated wsloop, for real ------------------------
 
 # Runs as systemd would: the listening socket moved to fd 3, LISTEN_PID set
@@ -166,12 +182,15 @@ def handshake_via(port, source):
     return sock, rest
 
 
-def test_websocket_through_nginx_reaches_wsloop_with_the_client_address(tmp_path):
+@contextlib.contextmanager
+def nginx_in_front(tmp, extra_flags=()):
+    """deploy/nginx.conf run by a real nginx, in front of wsloop started as
+    wsloop.service starts it (plus ``extra_flags``): (nginx's port, the path
+    of wsloop's log)."""
     nginx = shutil.which("nginx") or next(
         (path for path in ("/usr/sbin/nginx", "/sbin/nginx") if os.access(path, os.X_OK)), None)
     if nginx is None:
         pytest.fail("nginx is not installed: tests/run installs it (Debian's nginx package)", pytrace=False)
-    tmp = str(tmp_path)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(128)
@@ -180,7 +199,7 @@ def test_websocket_through_nginx_reaches_wsloop_with_the_client_address(tmp_path
 
     # wsloop as wsloop.service runs it, with this checkout and this Python.
     argv = exec_start_argv()
-    argv = [sys.executable, WSLOOP_PY] + argv[2:]
+    argv = [sys.executable, WSLOOP_PY] + argv[2:] + list(extra_flags)
     log_path = os.path.join(tmp, "wsloop.log")
     with open(log_path, "w") as log:
         server = subprocess.Popen([sys.executable, "-c", ACTIVATOR, str(listener.fileno())] + argv,
@@ -209,7 +228,27 @@ def test_websocket_through_nginx_reaches_wsloop_with_the_client_address(tmp_path
 
         wait_until(nginx_up, 10, "nginx to listen")
         assert server.poll() is None, open(log_path).read()
+        yield nginx_port, log_path
+    finally:
+        if proxy is not None:
+            proxy.terminate()
+            try:
+                proxy.wait(10)
+            except subprocess.TimeoutExpired:
+                proxy.kill()
+                proxy.wait()
+            proxy.stdout.close()
+        server.terminate()
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
+
+def test_websocket_through_nginx_reaches_wsloop_with_the_client_address(tmp_path):
+    tmp = str(tmp_path)
+    with nginx_in_front(tmp) as (nginx_port, log_path):
         sock, rest = handshake_via(nginx_port, CLIENT_ADDRESS)
         sock.sendall(client_frame(1, "hello through nginx"))
         data = bytearray(rest)
@@ -240,18 +279,65 @@ def test_websocket_through_nginx_reaches_wsloop_with_the_client_address(tmp_path
             nginx_lines = [line for line in log if "/through-nginx" in line]
         assert nginx_lines and nginx_lines[0].startswith(CLIENT_ADDRESS + " ") and '" 101 ' in nginx_lines[0], \
             nginx_lines
-    finally:
-        if proxy is not None:
-            proxy.terminate()
-            try:
-                proxy.wait(10)
-            except subprocess.TimeoutExpired:
-                proxy.kill()
-                proxy.wait()
-            proxy.stdout.close()
-        server.terminate()
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+
+
+def spoofing(address):
+    """What a client adds to claim to be ``address``."""
+    return {"Forwarded": "for=%s" % address, "X-Forwarded-For": address, "X-Real-IP": address}
+
+
+def request_via(port, path, headers, upgrade=True):
+    """A request from CLIENT_ADDRESS through nginx: (status, the socket)."""
+    sock = socket.socket()
+    sock.settimeout(10)
+    sock.bind((CLIENT_ADDRESS, 0))
+    sock.connect(("127.0.0.1", port))
+    lines = ["GET %s HTTP/1.1" % path, "Host: example.com"]
+    if upgrade:
+        lines += ["Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Key: " + KEY,
+                  "Sec-WebSocket-Version: 13"]
+    lines += ["%s: %s" % item for item in headers.items()]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        assert chunk, "nginx closed before answering: %r" % head
+        head += chunk
+    return int(head.split(b" ")[1]), sock
+
+
+def test_through_nginx_a_client_cannot_choose_its_own_address(tmp_path):
+    """Behind the shipped nginx config, a client sending its own Forwarded,
+    X-Forwarded-For and X-Real-IP is still the address nginx saw: the
+    per-address limit holds, the metrics allow-list holds, and the access
+    log names the real address.  (The metrics path is moved off nginx's
+    own `location = /metrics` so that the request reaches wsloop.)"""
+    tmp = str(tmp_path)
+    flags = ["--workers", "1", "--max-connections-per-ip", "2", "--metrics-path", "/stats",
+             "--metrics-allow-ips", "127.0.0.1"]
+    with nginx_in_front(tmp, flags) as (nginx_port, log_path):
+        held = []
+        for index in range(2):
+            status, sock = request_via(nginx_port, "/spoof-%d" % index, spoofing("198.51.100.%d" % index))
+            held.append(sock)
+            assert status == 101
+        status, sock = request_via(nginx_port, "/spoof-2", spoofing("198.51.100.2"))
+        sock.close()
+        assert status == 429  # the third from one address, whatever it claims
+        status, sock = request_via(nginx_port, "/stats", spoofing("127.0.0.1"), upgrade=False)
+        sock.close()
+        assert status == 403  # not the proxy's (allowed) address
+        for sock in held:
+            sock.close()
+
+        def logged():
+            with open(log_path) as log:
+                return log.read().count("wsloop.access") >= 4
+
+        wait_until(logged, 10, "wsloop to log the four requests")
+        with open(log_path) as log:
+            access = [line for line in log.read().splitlines() if "wsloop.access" in line]
+        assert len(access) == 4, access
+        for line in access:
+            assert line.split(" wsloop.access INFO ", 1)[1].startswith(CLIENT_ADDRESS + ":"), line
+            assert "198.51.100." not in line, line

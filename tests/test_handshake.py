@@ -3,7 +3,7 @@
 import pytest
 
 import wsloop
-from helpers import KEY, client_frame, request_bytes
+from helpers import KEY, client_frame, make_gate, request_bytes
 
 
 def feed(data, chunks=None):
@@ -169,30 +169,23 @@ def test_whole_head_limit():
 # -- the server's handshake policy, socket-free ---------------------------------
 
 
-def policy(**overrides):
-    """The options _answer_request reads, as a Server would pass them."""
-    fields = dict(origins=None, health_path=None, pages={}, ssl_context=None)
-    fields.update(overrides)
-    return type("Options", (), fields)()
-
-
-def answer(data, options, shutting_down=False):
-    """The policy's answer to a request given as bytes: a Response or None."""
+def answer(data, gate, shutting_down=False, peer=("127.0.0.1", 40000), tls=False):
+    """The gate's answer to a request given as bytes: a Response or None."""
     protocol, events = feed(data)
     assert len(events) == 1, "the request itself must be valid here"
-    return wsloop._answer_request(events[0][1], protocol.is_upgrade, options, shutting_down)
+    return gate.decide(object(), events[0][1], protocol.is_upgrade, peer, tls, shutting_down).response
 
 
 PLAIN_GET = b"GET %s HTTP/1.1\r\nHost: example.com:8765\r\n\r\n"
 
 
 def test_policy_lets_a_plain_upgrade_go_on():
-    assert answer(request_bytes(), policy()) is None
+    assert answer(request_bytes(), make_gate()) is None
 
 
 @pytest.mark.parametrize("data", [request_bytes(), PLAIN_GET % b"/healthz"])
 def test_policy_answers_503_to_everything_while_shutting_down(data):
-    response = answer(data, policy(health_path="/healthz"), shutting_down=True)
+    response = answer(data, make_gate(health_path="/healthz"), shutting_down=True)
     assert response.status == 503 and ("Retry-After", "5") in response.headers
 
 
@@ -208,7 +201,7 @@ def test_policy_answers_503_to_everything_while_shutting_down(data):
 )
 def test_policy_checks_the_origin_of_upgrades(origin, allowed, expected):
     headers = {"Origin": origin} if origin else {}
-    response = answer(request_bytes(headers=headers), policy(origins=allowed))
+    response = answer(request_bytes(headers=headers), make_gate(origins=allowed))
     assert (response and response.status) == expected
     if expected:
         assert (origin or "(none)") in response.body.decode()
@@ -216,7 +209,7 @@ def test_policy_checks_the_origin_of_upgrades(origin, allowed, expected):
 
 def test_policy_answers_the_health_check_pages_and_426():
     pages = {"/": ("text/html", b"<p>hi</p>")}
-    options = policy(health_path="/healthz", pages=pages)
+    options = make_gate(health_path="/healthz", pages=pages)
     health = answer(PLAIN_GET % b"/healthz", options)
     assert (health.status, health.body) == (200, b"ok\n")
     page = answer(PLAIN_GET % b"/", options)
@@ -236,8 +229,8 @@ def test_policy_answers_the_health_check_pages_and_426():
     ],
 )
 def test_policy_serves_a_page_only_where_its_own_origin_is_allowed(allowed, secure, expected):
-    options = policy(pages={"/": ("text/html", b"page")}, origins=allowed, ssl_context=secure or None)
-    response = answer(PLAIN_GET % b"/", options)
+    gate = make_gate(pages={"/": ("text/html", b"page")}, origins=allowed)
+    response = answer(PLAIN_GET % b"/", gate, tls=secure)
     assert response.status == expected
     if expected == 403:
         assert b"example.com:8765" in response.body

@@ -18,6 +18,7 @@ import re
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -290,21 +291,46 @@ def test_refused_clients_are_answered_at_once_and_freed_slots_are_reused():
 def test_silent_clients_past_the_limit_are_held_only_up_to_a_bound():
     """Each client past max_connections costs a Connection until its request
     comes and its 503 goes out; 16 + max_connections / 4 such at most.  Past
-    that a new one is closed at once, with no answer, and the ones held are
-    still answered 503 when they speak."""
+    that, the oldest silent one is closed to make room for the newcomer (so
+    a flood of silent clients cannot keep a health check out), and the ones
+    still held are answered 503 when they speak."""
     with running_server(max_connections=1) as server:
         holder = ws_from(server.port)
         silent = [tcp_from("127.0.0.1", server.port) for _ in range(16)]  # the bound for 1
         wait_until(lambda: server.stats()["connections_accepted"] == 17, 5, message="not all accepted")
         extra = tcp_from("127.0.0.1", server.port)
-        assert extra.recv(1024) == b""  # closed without a word
+        assert silent[0].recv(1024) == b""  # the oldest waiter: closed without a word
         assert server.stats()["connections_refused"] == {"max_connections": 1}
-        for sock in silent:
+        for sock in silent[1:] + [extra]:
             refused = SocketClient(sock, handshake=False)
             refused.sock.sendall(request_bytes())
             assert refused.read_http_response()[0] == 503
+        silent[0].close()
         assert echoes(holder)
         assert server.stats()["connections_refused"] == {"max_connections": 17}
+
+
+def test_health_and_metrics_are_answered_past_a_full_room_of_silent_clients():
+    """max_connections held by silent clients, and as many silent clients
+    waiting past the limit as may wait: the health check and metrics still
+    get their answer (the oldest silent waiter makes room)."""
+    with running_server(max_connections=2, health_path="/healthz", metrics_path="/metrics") as server:
+        held = [tcp_from("127.0.0.1", server.port) for _ in range(2)]
+        waiting = [tcp_from("127.0.0.1", server.port) for _ in range(16)]
+        wait_until(lambda: server.stats()["connections_accepted"] == 18, 5, message="not all accepted")
+        assert http_get(server.port, "/healthz")[0::2] == (200, b"ok\n")
+        assert scrape(server.port).value("wsloop_connections_open") == 0
+        for sock in held + waiting:
+            sock.close()
+
+
+def test_health_and_metrics_are_exempt_from_the_per_ip_limit():
+    with running_server(max_connections_per_ip=1, health_path="/healthz", metrics_path="/metrics") as server:
+        holder = ws_from(server.port)
+        assert refusal(server.port)[0] == 429  # a second WebSocket is refused...
+        assert http_get(server.port, "/healthz")[0::2] == (200, b"ok\n")  # ...the operator's views are not
+        assert scrape(server.port).value("wsloop_connections_open") == 1
+        assert echoes(holder)
 
 
 def test_a_full_server_still_answers_its_health_check_and_metrics():
@@ -403,6 +429,43 @@ def test_message_bucket_is_per_connection():
         assert echoes(other, "x") and echoes(other, "y")
 
 
+@pytest.mark.parametrize("opcode", [0x9, 0xA], ids=["pings", "pongs"])
+def test_control_frames_cost_tokens_like_messages(opcode):
+    """A client limited to 5 messages a second that sends 1,000 pings (or
+    unsolicited pongs) in one write gets at most 5 answered, then 1008: it
+    cannot make the server spend a core answering pings."""
+    with running_server(max_messages_per_second=5) as server:
+        ws = ws_from(server.port)
+        ws.sock.sendall(b"".join(client_frame(opcode, b"p%d" % index) for index in range(1000)))
+        pongs = 0
+        while True:
+            fin, kind, payload = ws.recv_frame()
+            if kind == 0xA:
+                pongs += 1
+                continue
+            assert kind == 0x8, kind
+            assert struct.unpack("!H", payload[:2])[0] == 1008
+            assert payload[2:] == b"message rate limit exceeded"
+            break
+        # The protocol answers a ping as it reads it, before the charge: at
+        # most one pong beyond the burst.
+        assert pongs <= (5 + 1 if opcode == 0x9 else 0), pongs
+
+
+def test_each_fragment_costs_a_token():
+    """A message in 40 fragments costs 40 tokens: with a burst of 30 it is
+    refused with 1008, where one whole message would have been let through."""
+    with running_server(max_messages_per_second=1, message_burst=30) as server:
+        ws = ws_from(server.port)
+        frames = [client_frame(TEXT if index == 0 else 0x0, b"f", fin=(index == 39)) for index in range(40)]
+        ws.sock.sendall(b"".join(frames))
+        assert ws.expect_close() == (1008, "message rate limit exceeded")
+        ok = ws_from(server.port)
+        frames = [client_frame(TEXT if index == 0 else 0x0, b"g", fin=(index == 9)) for index in range(10)]
+        ok.sock.sendall(b"".join(frames))
+        assert ok.recv_message() == "g" * 10  # 10 fragments within the burst: one message
+
+
 def test_no_message_rate_limit_by_default():
     with running_server() as server:
         ws = ws_from(server.port)
@@ -459,13 +522,25 @@ def connection_seen(headers, **options):
         ),
         pytest.param(
             ["127.0.0.1"], {"Forwarded": "for=203.0.113.7", "X-Forwarded-For": "198.51.100.66"},
-            ("203.0.113.7", 0), "http", id="forwarded-wins-over-xff",
+            ("203.0.113.7", 0), "http", id="forwarded-mode-ignores-xff",
+        ),
+        # The default believes X-Forwarded-For alone: a Forwarded the proxy
+        # let through from the client is ignored, whatever it says.
+        pytest.param(
+            ["127.0.0.1"], {"Forwarded": "for=203.0.113.7;proto=https", "X-Forwarded-For": "198.51.100.66"},
+            ("198.51.100.66", 0), "http", id="xff-mode-ignores-forwarded",
+        ),
+        pytest.param(
+            ["127.0.0.1"], {"Forwarded": "for=203.0.113.7;proto=https"}, None, "http",
+            id="xff-mode-ignores-forwarded-alone",
         ),
     ],
 )
-def test_client_address_and_scheme(trusted, headers, address, scheme):
+def test_client_address_and_scheme(trusted, headers, address, scheme, request):
     """``address`` None: the headers are ignored, the TCP peer is the client."""
     options = {} if trusted is None else {"forwarded_allow_ips": trusted}
+    if request.node.callspec.id.startswith("forwarded"):
+        options["forwarded_header"] = "forwarded"
     conn, own_address = connection_seen(headers, **options)
     assert conn.peer_address == own_address
     assert conn.remote_address == (own_address if address is None else address)
@@ -514,7 +589,8 @@ def test_per_ip_limit_groups_ipv6_clients_by_their_64():
     def via_proxy(address):
         return {"Forwarded": 'for="[%s]"' % address}
 
-    with running_server(max_connections_per_ip=1, forwarded_allow_ips=["127.0.0.1"]) as server:
+    with running_server(max_connections_per_ip=1, forwarded_allow_ips=["127.0.0.1"],
+                        forwarded_header="forwarded") as server:
         held = ws_from(server.port, headers=via_proxy("2001:db8::1"))
         assert refusal(server.port, headers=via_proxy("2001:db8::2"))[0] == 429  # same /64
         assert echoes(held)
@@ -532,6 +608,66 @@ def test_logs_name_the_forwarded_client(caplog):
     assert len(access) == 1 and "203.0.113.7" in access[0], access
 
 
+# Every kind of character a client could use to forge or hide a log line:
+# CR, LF, ESC, NUL, DEL, C1 (NEL U+0085, CSI U+009B), the Unicode line and
+# paragraph separators, a bidi override, and the quote and backslash that
+# would end or fake a quoted field.
+HOSTILE_REASON = 'bye\r\n2026-01-01 wsloop INFO forged\x1b[2J\x00\x7f\u0085\u009b\u2028\u2029\u202e"\\end'
+# Header values (latin-1 on the wire): C0 controls other than tab are
+# refused at the parser, so what reaches a log is tab, C1, DEL-free obs-text, quotes.
+HOSTILE_AGENT = 'agent\t\x85\x9b[31m" injected="yes\\'
+ACCESS_LINE = re.compile(
+    r'^(\S+) "((?:[^"\\]|\\.)*) ((?:[^"\\]|\\.)*)" (\d{3}) subprotocol=(\S+) extension=(\S+) "((?:[^"\\]|\\.)*)"$'
+)
+
+
+def log_lines(caplog):
+    return [(r.name, r.getMessage()) for r in caplog.records if r.name.startswith("wsloop")]
+
+
+def assert_one_printable_line(message):
+    bad = [char for char in message if not char.isprintable()]
+    assert not bad, "unescaped %r in log line %r" % (bad, message)
+
+
+def test_client_text_cannot_write_into_the_logs(caplog):
+    """Through real sockets, every client-supplied string that reaches a log
+    record (close reason, target, path, User-Agent, subprotocol, a refusal's
+    reason) is escaped: one printable line, and the access line's quoted
+    fields parse unambiguously back to what the client sent."""
+    caplog.set_level(logging.DEBUG, logger="wsloop")
+    recorder = Recorder()
+    target = '/room"x\\y?q="1"'
+    with running_server(recorder, select_subprotocol=lambda conn, offered: offered[0],
+                        origins=["https://app.example"]) as server:
+        ws = ws_from(server.port, path=target, headers={
+            "Origin": "https://app.example", "User-Agent": HOSTILE_AGENT,
+            "Sec-WebSocket-Protocol": 'p"\x85\x9bq'})
+        ws.close(4000, HOSTILE_REASON.encode("utf-8"))
+        assert ws.expect_close()[0] == 4000
+        assert recorder.close_event.wait(5)
+        refused = refusal(server.port, headers={"Origin": "https://e\x85vil\x9b\"x", "User-Agent": HOSTILE_AGENT})
+        assert refused[0] == 403
+    assert recorder.closed[0][2] == HOSTILE_REASON  # the handler gets the reason as sent
+    lines = log_lines(caplog)
+    for _, message in lines:
+        assert_one_printable_line(message)
+    access = [message for name, message in lines if name == "wsloop.access"]
+    assert len(access) == 2, access
+    fields = [ACCESS_LINE.match(line) for line in access]
+    assert all(fields), access
+    unescape = lambda text: text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    opened, forbidden = fields
+    assert unescape(opened.group(3)) == target and opened.group(4) == "101"
+    assert unescape(opened.group(7)) == HOSTILE_AGENT
+    assert unescape(opened.group(5)) == 'p"\x85\x9bq'
+    assert forbidden.group(4) == "403" and unescape(forbidden.group(7)) == HOSTILE_AGENT
+    closes = [message for _, message in lines if "closed: received 4000" in message]
+    assert len(closes) == 1 and "forged\\x1b[2J\\x00\\x7f\\x85\\x9b\\u2028\\u2029\\u202e\\\"\\\\end" in closes[0], closes
+    refusals = [message for _, message in lines if "answered 403" in message]
+    assert len(refusals) == 1 and 'e\\x85vil\\x9b\\"x' in refusals[0], refusals
+
+
 def test_demo_page_origin_check_uses_the_forwarded_scheme():
     pages = {"/": ("text/html; charset=utf-8", b"<h1>demo</h1>")}
     https_proxy = {"Host": "chat.example", "X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
@@ -547,6 +683,36 @@ def test_demo_page_origin_check_uses_the_forwarded_scheme():
 # =============================================================================
 # uds / uds_mode: listening on a Unix socket
 # =============================================================================
+
+
+@pytest.mark.parametrize("trusted", ["unix", "*"])
+def test_behind_a_proxy_on_a_unix_socket_the_forwarded_client_is_the_client(short_dir, caplog, trusted):
+    """--forwarded-allow-ips unix (or *): the per-address limit, the metrics
+    allow-list and the logs see the client the proxy names, as over TCP."""
+    caplog.set_level(logging.INFO, logger="wsloop")
+    path = os.path.join(short_dir, "ws.sock")
+    recorder = Recorder()
+    with running_server(recorder, uds=path, forwarded_allow_ips=[trusted], max_connections_per_ip=1,
+                        metrics_path="/metrics") as server:
+        held = SocketClient(unix_socket(path), path="/via-uds", headers={"X-Forwarded-For": "203.0.113.7"})
+        assert connected(recorder, 1)[0].remote_address == ("203.0.113.7", 0)
+        second = SocketClient(unix_socket(path), handshake=False)
+        second.sock.sendall(request_bytes(headers={"X-Forwarded-For": "203.0.113.7"}))
+        assert second.read_http_response()[0] == 429
+        assert echoes(SocketClient(unix_socket(path), headers={"X-Forwarded-For": "203.0.113.8"}))
+
+        def metrics_for(address):
+            plain = SocketClient(unix_socket(path), handshake=False)
+            plain.sock.sendall(("GET /metrics HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: %s\r\n\r\n"
+                                % address).encode())
+            return plain.read_http_response()[0]
+
+        assert metrics_for("127.0.0.1") == 200
+        assert metrics_for("203.0.113.7") == 403
+        assert echoes(held)
+    access = [r.getMessage() for r in caplog.records if r.name == "wsloop.access" and "/via-uds" in r.getMessage()]
+    assert len(access) == 1 and access[0].startswith("203.0.113.7:"), access
+    assert server.address == path
 
 
 def test_echo_over_a_unix_socket(short_dir):
@@ -929,7 +1095,7 @@ def test_access_log_can_be_silenced_alone(caplog):
 
 
 # =============================================================================
-# EMFILE: pause accepting, one error line per pause, keep serving
+# EMFILE: a 503 from the descriptor in reserve, one error line per episode, keep serving
 # =============================================================================
 
 # The server, with RLIMIT_NOFILE lowered to leave it room for exactly
@@ -957,33 +1123,33 @@ EMFILE_SERVER = textwrap.dedent("""
 SPARE = 4
 
 
-def test_out_of_file_descriptors_pauses_accepting_and_keeps_serving(processes):
+def test_out_of_file_descriptors_new_clients_get_503_and_one_log_line(processes):
+    """With every descriptor in use, a new client is answered 503 at once
+    (the server gives back the descriptor it keeps in reserve, accepts on
+    it, answers and closes) instead of hanging in the backlog; the log says
+    so once for the whole episode, not twice a second, and once when it is
+    over; the connections it has go on."""
     server = Process([sys.executable, "-c", EMFILE_SERVER, str(SPARE)], stdout=subprocess.PIPE)
     processes.append(server)
     port = int(server.process.stdout.readline())
     admitted = [Client(port) for _ in range(SPARE)]  # every descriptor in use
-    waiting = []
-    for _ in range(2):  # in the backlog: the server cannot accept them
-        ws = Client(port, handshake=False, timeout=10)
-        ws.sock.sendall(request_bytes())
-        waiting.append(ws)
-    server.wait_for("cannot accept")
-    server.wait_for("cannot accept", count=2)  # it retries after its pause...
-    assert echoes(admitted[0])  # ... and serves the connections it has meanwhile
-    # One line per pause (about 0.5 s), not one per failed accept().
+    for _ in range(5):
+        status, head, body = refusal(port)  # each within the client's 5 s timeout
+        assert (status, retry_after(head)) == (503, 5), head
+        assert body == b"server busy: out of file descriptors\n"
+    assert echoes(admitted[0])
     lines = server.matching("cannot accept")
-    elapsed = time.monotonic() - lines[0][0]
-    assert 2 <= len(lines) <= 2 + elapsed / 0.4, (len(lines), elapsed)
-    assert all(" ERROR " in " %s " % line for _, line in lines)
-    # Freed descriptors: the waiting clients are taken, then new ones too.
-    for ws in admitted[:3]:
+    assert len(lines) == 1 and " ERROR " in " %s " % lines[0][1], server.text()
+    # Freed descriptors: new clients are taken again, and the log says so once.
+    for ws in admitted[:2]:
         close_cleanly(ws)
-    for ws in waiting:
-        assert ws.read_head().startswith(b"HTTP/1.1 101 ")
-        assert echoes(ws)
-    assert echoes(Client(port))
-    assert len(server.matching("cannot accept")) < 20
+    late = Client(port)
+    assert "after 5 refused" in server.wait_for("accepting connections again")
+    assert echoes(late) and echoes(admitted[2])
+    assert len(server.matching("cannot accept")) == 1, server.text()
     assert "Traceback" not in server.text()
+    for ws in admitted[2:] + [late]:
+        ws.shutdown()
 
 
 # =============================================================================
@@ -1019,6 +1185,31 @@ def test_cli_forwarded_allow_ips(cli):
     server = cli("--port", "0", "--forwarded-allow-ips", "127.0.0.1,10.0.0.0/8")
     ws = Client(server.port, headers={"X-Forwarded-For": "203.0.113.7, 10.0.0.5"})
     assert "open from 203.0.113.7" in server.wait_for("open from")
+    assert echoes(ws)
+
+
+def test_cli_log_lines_cannot_be_forged_by_a_close_reason(cli):
+    """The CLI's own log, at its default level: a close reason with CR/LF
+    and an ESC sequence stays inside its one, escaped, line."""
+    server = cli("--port", "0")
+    ws = Client(server.port, path="/forge", headers={"User-Agent": "ua\x85\x9b[2J"})
+    ws.close(4000, "x\r\nwsloop INFO forged\x1b[2J\u2028".encode("utf-8"))
+    assert ws.expect_close()[0] == 4000
+    closed = server.wait_for("closed: received 4000")
+    assert "4000 (x\\x0d\\x0awsloop INFO forged\\x1b[2J\\u2028)" in closed, closed
+    access = server.wait_for("/forge")
+    assert access.rstrip("\n").endswith('"ua\\x85\\x9b[2J"'), access
+    lines = server.text().splitlines()
+    assert not [line for line in lines if line.startswith("wsloop INFO forged")], lines
+    assert all(line.isprintable() for line in lines), [line for line in lines if not line.isprintable()]
+
+
+@pytest.mark.parametrize("trusted", ["unix", "*"])
+def test_cli_forwarded_header_forwarded_and_unix_peers(cli, short_dir, trusted):
+    path = os.path.join(short_dir, "ws.sock")
+    server = cli("--uds", path, "--forwarded-allow-ips", trusted, "--forwarded-header", "forwarded")
+    ws = SocketClient(unix_socket(path), headers={"Forwarded": "for=203.0.113.9", "X-Forwarded-For": "198.51.100.1"})
+    assert "open from 203.0.113.9" in server.wait_for("open from")
     assert echoes(ws)
 
 
@@ -1080,6 +1271,8 @@ def test_cli_access_log(cli, flags, logged):
         (["--max-messages-per-second", "10", "--message-burst", "x"], "--message-burst"),
         (["--forwarded-allow-ips", "not-an-ip"], "--forwarded-allow-ips"),
         (["--forwarded-allow-ips", "10.0.0.0/33"], "--forwarded-allow-ips"),
+        (["--forwarded-allow-ips", "unix,nowhere"], "--forwarded-allow-ips"),
+        (["--forwarded-header", "x-real-ip"], "--forwarded-header"),
         (["--metrics-allow-ips", "300.1.1.1"], "--metrics-allow-ips"),
         (["--uds", "/nonexistent/ws.sock", "--uds-mode", "999"], "--uds-mode"),
         (["--uds", "/nonexistent/ws.sock", "--uds-mode", "rw-rw----"], "--uds-mode"),
@@ -1098,9 +1291,14 @@ def test_cli_bad_values_get_one_line_and_status_2(args, flag):
         {"max_messages_per_second": -1},
         {"max_messages_per_second": 10, "message_burst": -1},
         {"forwarded_allow_ips": ["not-an-ip"]},
+        {"forwarded_allow_ips": ["unix, *, nowhere"]},
+        {"forwarded_header": "x-real-ip"},
         {"metrics_allow_ips": ["10.0.0.0/33"]},
+        {"metrics_allow_ips": ["unix"]},
     ],
 )
 def test_api_bad_values_are_valueerrors(options):
+    before = len(os.listdir("/proc/self/fd"))
     with pytest.raises(ValueError):
         wsloop.Server(port=0, **options).close()
+    assert len(os.listdir("/proc/self/fd")) == before  # nothing left open by the refused server
