@@ -80,6 +80,7 @@ import hashlib
 import heapq
 import importlib
 import inspect
+import itertools
 import ipaddress
 import logging
 import os
@@ -222,6 +223,16 @@ _VALID_WIRE_CODES = frozenset(
 
 def _is_valid_close_code(code: int) -> bool:
     return code in _VALID_WIRE_CODES or 3000 <= code <= 4999
+
+
+def _default_max_total_pending() -> int:
+    """A quarter of the machine's physical memory (1 GiB if unknown): past
+    it the server closes its slowest consumers (Server's max_total_pending)."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        memory = -1
+    return memory // 4 if memory > 0 else 2**30
 
 
 def _default_max_fragments(max_size: int) -> int:
@@ -3126,11 +3137,51 @@ class _Options:
         # Operators' limits and visibility (set by Server, see its docstring).
         self.max_connections: Optional[int] = None
         self.max_connections_per_ip: Optional[int] = None
+        self.max_total_pending: Optional[int] = None
         self.max_messages_per_second: Optional[float] = None
         self.message_burst = 0.0
         self.forwarded_allow: List[_Network] = []
         self.metrics_path: Optional[str] = None
         self.metrics_allow: List[_Network] = list(_LOOPBACK)
+
+
+class _HeldOutput:
+    """The output a server's connections hold for peers that have not taken
+    it yet, counted once per chunk however many connections queue it: a
+    broadcast frame that a thousand slow receivers hold is one frame in
+    memory.  Owned by the loop's thread; connections add and release what
+    they queue (see Connection._enqueue), and those holding any are listed,
+    so that the slowest can be found when ``held`` passes the server's
+    ``max_total_pending``."""
+
+    __slots__ = ("held", "_refs", "holders")
+
+    def __init__(self) -> None:
+        self.held = 0  # bytes of distinct chunks queued
+        # id(chunk) -> queue entries that refer to it.  The id is a safe key:
+        # a counted chunk stays alive in the queues that count it.
+        self._refs: Dict[int, int] = {}
+        self.holders: Dict[Any, None] = {}  # connections with a queue
+
+    def hold(self, chunk: bytes) -> None:
+        refs = self._refs
+        key = id(chunk)
+        count = refs.get(key)
+        if count is None:
+            refs[key] = 1
+            self.held += len(chunk)
+        else:
+            refs[key] = count + 1
+
+    def release(self, chunk: bytes) -> None:
+        refs = self._refs
+        key = id(chunk)
+        count = refs[key]
+        if count == 1:
+            del refs[key]
+            self.held -= len(chunk)
+        else:
+            refs[key] = count - 1
 
 
 class _Stats:
@@ -3139,7 +3190,7 @@ class _Stats:
 
     __slots__ = ("accepted", "refused", "handshakes", "messages_in", "messages_out", "bytes_in",
                  "bytes_out", "close_sent", "close_received", "slow_consumer_closes",
-                 "keepalive_timeouts")
+                 "keepalive_timeouts", "output")
 
     def __init__(self) -> None:
         self.accepted = 0
@@ -3153,6 +3204,7 @@ class _Stats:
         self.close_received: Dict[int, int] = {}
         self.slow_consumer_closes = 0
         self.keepalive_timeouts = 0
+        self.output = _HeldOutput()
 
     def count(self, table: Dict[Any, int], key: Any) -> None:
         table[key] = table.get(key, 0) + 1
@@ -3223,9 +3275,12 @@ def _check_ping(payload: Any) -> bytes:
     return data
 
 
-# From this size a binary message's payload is not joined to its header
-# before it is queued (below it, one small join is cheaper than two appends).
+# From this size a frame is queued by reference (Connection._enqueue), not
+# copied into the output buffer: a large frame broadcast to many is held
+# once.  Below it, one append to a bytearray is cheaper than a queue entry.
 _COPY_FREE_FROM = 16 * 2**10
+# Queued chunks handed to one sendmsg() at most (IOV_MAX is 1024 on Linux).
+_BUFFERS_PER_WRITE = 64
 
 # Input a connection may handle in one turn of the loop before the others
 # get theirs: message bytes delivered (after inflating), plus a fixed cost
@@ -3284,6 +3339,9 @@ class Connection:
         "_stats",
         "_tokens",
         "_tokens_at",
+        "_queue",
+        "_queued",
+        "_head_sent",
     )
 
     def __init__(
@@ -3324,6 +3382,11 @@ class Connection:
         self._flush_scheduled = False
         self._drain_callbacks: Optional[List[Callable[[], None]]] = None
         self._crossing = 0  # sent from other threads, still in the door (under loop.crossing_lock)
+        # Output by reference (see _enqueue): chunks the peer has not taken,
+        # before whatever is in the protocol's `outgoing`; made on first use.
+        self._queue: Optional[Deque[bytes]] = None
+        self._queued = 0  # bytes in _queue not yet written
+        self._head_sent = 0  # of _queue[0], bytes already written
         # The TLS handshake is driven by the loop (want-read/want-write) once
         # the client's hello arrives, never here.  (A client's socket comes
         # with its handshake done.)
@@ -3398,7 +3461,7 @@ class Connection:
     def pending_output(self) -> int:
         """Bytes accepted for sending that the peer has not taken yet
         (messages from other threads count from the moment send() returns)."""
-        return len(self._protocol.outgoing) + self._crossing
+        return len(self._protocol.outgoing) + self._queued + self._crossing
 
     # -- what handlers do -----------------------------------------------------
 
@@ -3436,13 +3499,7 @@ class Connection:
         elif isinstance(message, PreparedMessage):
             self._send_frame(message._frame_for(extension))
         elif extension is None:
-            if type(message) is bytes and len(message) >= _COPY_FREE_FROM:
-                # Large binary: header and payload go into the output
-                # buffer one after the other, not joined first (one copy
-                # of the payload less).
-                self._send_frame(_frame_header(_WHOLE_BINARY, len(message)), message)
-            else:
-                self._send_frame(encode_message(message))
+            self._send_frame(encode_message(message))
         else:
             self._send_frame(_encode_compressed(message, extension))
 
@@ -3515,7 +3572,7 @@ class Connection:
         if not self._loop.in_loop_thread:
             self._loop.call_soon_threadsafe(self.when_drained, callback)
             return
-        if self._sock is None or len(self._protocol.outgoing) <= self._options.write_high_water:
+        if self._sock is None or len(self._protocol.outgoing) + self._queued <= self._options.write_high_water:
             callback()
             return
         if self._drain_callbacks is None:
@@ -3555,16 +3612,17 @@ class Connection:
             # Closed after the caller's check: the close says why.
             logger.debug("connection %d: message from another thread dropped: closed", self.id)
 
-    def _send_frame(self, frame: bytes, payload: bytes = b"") -> None:
-        """Queue ``frame`` (and ``payload``, the rest of it, if given)."""
+    def _send_frame(self, frame: bytes) -> None:
+        """Queue ``frame``: copied into the protocol's output buffer when
+        small and nothing backs up (the hot path), else by reference."""
         protocol = self._protocol
         if protocol.state is not _OPEN:
             raise ConnectionClosed("connection is %s" % protocol.state.value)
         limit = self._options.max_pending_output
-        if len(protocol.outgoing) > limit:
+        if len(protocol.outgoing) + self._queued > limit:
             # Over the limit only counts once the kernel has refused to take more.
             self._flush()
-            if len(protocol.outgoing) > limit:
+            if len(protocol.outgoing) + self._queued > limit:
                 logger.warning(
                     "connection %d from %s: closed: over %d bytes of output pending (peer too slow)",
                     self.id,
@@ -3574,10 +3632,94 @@ class Connection:
                 self._stats.slow_consumer_closes += 1
                 self._close_now(CloseCode.POLICY_VIOLATION, "too slow to keep up")
                 raise ConnectionClosed("peer too slow: output limit reached")
-        protocol.outgoing += frame
-        if payload:
-            protocol.outgoing += payload
+        if self._queue is None and len(frame) < _COPY_FREE_FROM:
+            protocol.outgoing += frame
+        else:
+            self._enqueue(frame)
+            output = self._stats.output
+            total = self._options.max_total_pending
+            if total is not None and output.held > total:
+                self._shed_slowest(output, total)
+                if self._sock is None or protocol.state is not _OPEN:
+                    raise ConnectionClosed("peer too slow: total output limit reached")
         self._schedule_flush()
+
+    def _enqueue(self, chunk: bytes) -> None:
+        """Queue ``chunk`` by reference after all that is pending.
+
+        A frame sent to many connections (a broadcast, a PreparedMessage, the
+        same bytes sent to each) is then held once, whatever the number of
+        receivers that have not read it yet; the server counts it once in
+        ``stats.output``.  What the protocol wrote into ``outgoing`` comes
+        first, so it moves to the queue before ``chunk``.
+        """
+        queue = self._queue
+        output = self._stats.output
+        if queue is None:
+            queue = self._queue = collections.deque()
+            output.holders[self] = None
+        outgoing = self._protocol.outgoing
+        if outgoing:
+            pending = bytes(outgoing)
+            outgoing.clear()
+            queue.append(pending)
+            output.hold(pending)
+            self._queued += len(pending)
+        if chunk:
+            queue.append(chunk)
+            output.hold(chunk)
+            self._queued += len(chunk)
+
+    def _drop_queue(self, keep_head: bool) -> None:
+        """Forget what is queued (all but the first chunk if ``keep_head``:
+        it may be a frame partly written, and TLS must retry a write with
+        the same bytes), releasing it from the server's count."""
+        queue = self._queue
+        if queue is None:
+            return
+        output = self._stats.output
+        head = queue.popleft() if keep_head else None
+        for chunk in queue:
+            output.release(chunk)
+        queue.clear()
+        if head is not None:
+            queue.append(head)
+            self._queued = len(head) - self._head_sent
+            return
+        self._queue = None
+        self._queued = 0
+        self._head_sent = 0
+        del output.holders[self]
+
+    def _shed_slowest(self, output: _HeldOutput, total: int) -> None:
+        """Over the server's ``max_total_pending``: close (1008) the
+        connections with the most output pending until the chunks held fit
+        again, freeing what they had not begun to receive (a frame they
+        had begun is finished first, then the close frame follows)."""
+        slowest = sorted(output.holders, key=lambda connection: connection._queued, reverse=True)
+        for connection in slowest:
+            if output.held <= total:
+                break
+            connection._shed(total)
+
+    def _shed(self, total: int) -> None:
+        self._protocol.outgoing.clear()  # whole frames only: a partial write is in the queue
+        if self._protocol.state is not _OPEN:
+            # Closing already, its close frame among what it holds: end it
+            # (next turn: not inside another connection's send).
+            self._drop_queue(keep_head=False)
+            self._loop.call_soon(self._close_socket, True)
+            return
+        self._drop_queue(keep_head=True)
+        self._stats.slow_consumer_closes += 1
+        logger.warning(
+            "connection %d from %s: closed: the server holds over %d bytes of output (max_total_pending)"
+            " and this peer is among the slowest",
+            self.id,
+            _format_address(self.remote_address),
+            total,
+        )
+        self._close_now(CloseCode.POLICY_VIOLATION, "too slow to keep up")
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -3590,12 +3732,13 @@ class Connection:
         if self._sock is None:
             return
         protocol = self._protocol
-        if protocol.outgoing and not self._events & _EVENT_WRITE:
+        if (protocol.outgoing or self._queue is not None) and not self._events & _EVENT_WRITE:
             # Not known to be blocked: try now rather than wait for a wake-up.
             if not self._write():
                 return
             if (
                 not protocol.outgoing
+                and self._queue is None
                 and self._events == _EVENT_READ
                 and protocol.state is _OPEN
                 and self._drain_callbacks is None
@@ -3605,42 +3748,106 @@ class Connection:
 
     def _write(self) -> bool:
         """Send what the kernel takes; False if the connection is gone."""
+        queue = self._queue
+        if queue is not None:
+            return self._write_queue(queue)
         outgoing = self._protocol.outgoing
         try:
             sent = self._sock.send(outgoing)  # type: ignore[union-attr]
         except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
-            return True
+            sent = 0
         except ssl.SSLWantReadError:
             # TLS must read before it can write: retry after the next read.
             self._write_wants_read = True
-            return True
+            sent = 0
         except OSError as exc:
             self._drop("write failed: %s" % (exc.strerror or exc))
             return False
         del outgoing[:sent]
         self._stats.bytes_out += sent
+        if outgoing:
+            # The peer is behind: what it has not taken waits in the queue,
+            # where what follows is added by reference, not copied.
+            self._enqueue(b"")
         return True
+
+    def _write_queue(self, queue: Deque[bytes]) -> bool:
+        """_write when chunks are queued: as many as the kernel takes, with
+        one sendmsg() for several (TLS sockets have none: one send each)."""
+        if self._protocol.outgoing:
+            self._enqueue(b"")  # what the protocol wrote since goes after
+        sock = self._sock
+        if sock is None:
+            return False
+        sent = 0
+        try:
+            while queue:
+                head = queue[0]
+                start = self._head_sent
+                if self._tls:
+                    count = sock.send(memoryview(head)[start:] if start else head)
+                    expected = len(head) - start
+                else:
+                    buffers: List[Any] = list(itertools.islice(queue, _BUFFERS_PER_WRITE))
+                    if start:
+                        buffers[0] = memoryview(head)[start:]
+                    count = sock.sendmsg(buffers)
+                    expected = sum(map(len, buffers))
+                sent += count
+                self._take_from_queue(queue, count)
+                if count < expected:
+                    break  # the kernel took what it could
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
+            pass
+        except ssl.SSLWantReadError:
+            self._write_wants_read = True
+        except OSError as exc:
+            self._drop("write failed: %s" % (exc.strerror or exc))
+            return False
+        self._stats.bytes_out += sent
+        if not queue:
+            self._queue = None
+            self._head_sent = 0
+            del self._stats.output.holders[self]
+        return True
+
+    def _take_from_queue(self, queue: Deque[bytes], count: int) -> None:
+        """Forget the first ``count`` queued bytes: they were written."""
+        self._queued -= count
+        output = self._stats.output
+        start = self._head_sent
+        while count:
+            head = queue[0]
+            left = len(head) - start
+            if count < left:
+                self._head_sent = start + count
+                return
+            count -= left
+            start = 0
+            queue.popleft()
+            output.release(head)
+        self._head_sent = start
 
     def _update_interest(self) -> None:
         protocol = self._protocol
-        outgoing = protocol.outgoing
-        if self._drain_callbacks is not None and len(outgoing) <= self._options.write_high_water:
+        unsent = len(protocol.outgoing) + self._queued
+        if self._drain_callbacks is not None and unsent <= self._options.write_high_water:
             self._run_drain_callbacks()
-        if not outgoing and protocol.state is _CLOSED:
+        if not unsent and protocol.state is _CLOSED:
             self._end_tcp()
             if self._sock is None:
                 return
         high_water = self._options.write_high_water
         if self._reading_paused:
-            if len(outgoing) <= high_water // 4:
+            if unsent <= high_water // 4:
                 self._reading_paused = False
                 if self._tls and not self._backlog:
                     self._read_tls_pending()
-        elif len(outgoing) > high_water:
+        elif unsent > high_water:
             # Backpressure: stop reading a peer that is not reading our replies.
             self._reading_paused = True
         events = 0 if self._reading_paused or self._backlog or self._reading_held else _EVENT_READ
-        if outgoing:
+        if unsent:
             # TLS may have to read before it can write.
             events |= _EVENT_READ if self._write_wants_read else _EVENT_WRITE
         self._set_events(events)
@@ -4011,7 +4218,7 @@ class Connection:
 
     def _on_close_timeout(self) -> None:
         self._close_timer = None
-        unsent = len(self._protocol.outgoing)
+        unsent = len(self._protocol.outgoing) + self._queued
         logger.info(
             "connection %d from %s: closing handshake timed out%s",
             self.id,
@@ -4093,6 +4300,7 @@ class Connection:
             except OSError:
                 pass
         sock.close()
+        self._drop_queue(keep_head=False)
         self._protocol.receive_eof()
         if self._drain_callbacks is not None:
             self._run_drain_callbacks()  # nothing more will drain: let waiters go
@@ -4170,6 +4378,12 @@ class Server:
     anywhere else); anything else gets 426.  Once shutdown begins, every
     request gets 503.
 
+    Output: a frame sent to many connections is held once, however many
+    have not read it; ``max_total_pending`` bounds all the output the server
+    holds (default: a quarter of physical memory): past it, the connections
+    with the most pending are closed with 1008 and what they had not begun
+    to receive is freed.
+
     Fan-out: ``broker`` (a :class:`RedisBroker`) carries :meth:`publish` to
     the subscribers of other processes.  Listening: ``sock`` is a socket to
     serve on instead of binding (an inherited or systemd-passed one);
@@ -4200,6 +4414,7 @@ class Server:
         ping_timeout: Optional[float] = DEFAULT_PING_TIMEOUT,
         write_high_water: int = DEFAULT_WRITE_HIGH_WATER,
         max_pending_output: int = DEFAULT_MAX_PENDING_OUTPUT,
+        max_total_pending: Optional[int] = None,
         compression: Union[bool, Deflate, None] = True,
         ssl_context: Optional[ssl.SSLContext] = None,
         origins: Optional[Iterable[Optional[str]]] = None,
@@ -4257,6 +4472,9 @@ class Server:
                 raise ValueError("%s must be at least 1" % limit_name)
         options.max_connections = max_connections
         options.max_connections_per_ip = max_connections_per_ip
+        if max_total_pending is not None and max_total_pending < 1:
+            raise ValueError("max_total_pending must be at least 1")
+        options.max_total_pending = _default_max_total_pending() if max_total_pending is None else max_total_pending
         if max_messages_per_second is not None:
             if not max_messages_per_second > 0:
                 raise ValueError("max_messages_per_second must be positive")
@@ -5359,6 +5577,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ping-interval", type=_seconds, default=DEFAULT_PING_INTERVAL, help="seconds between keepalive pings (default 20; 'none' disables)")
     parser.add_argument("--ping-timeout", type=_seconds, default=DEFAULT_PING_TIMEOUT, help="seconds to wait for a pong (default 20)")
     parser.add_argument("--max-pending-output", type=_size, default=DEFAULT_MAX_PENDING_OUTPUT, help="output backlog that closes a slow client with 1008 (default 4M)")
+    parser.add_argument("--max-total-pending", type=_size, default=None, help="output the server holds for all clients before the slowest are closed with 1008 (default: a quarter of RAM)")
     parser.add_argument("--certfile", help="serve wss:// with this certificate chain (PEM)")
     parser.add_argument("--keyfile", help="the certificate's private key (PEM), if not in --certfile")
     parser.add_argument("--origin", action="append", metavar="ORIGIN", help="allow browsers from this Origin only (repeatable; others get 403); with --connect: the Origin to send")
@@ -5732,6 +5951,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
             ping_interval=args.ping_interval,
             ping_timeout=args.ping_timeout,
             max_pending_output=args.max_pending_output,
+            max_total_pending=args.max_total_pending,
             compression=compression,
             ssl_context=ssl_context,
             origins=origins,
