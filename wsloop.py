@@ -1125,7 +1125,7 @@ class _PerMessageDeflate:
 
     __slots__ = ("compress_bits", "inflate_bits", "own_no_context", "peer_no_context",
                  "mem_level", "threshold", "_compressor", "_decompressor", "_window",
-                 "_stream_ended")
+                 "_stream_ended", "_final_seen")
 
     def __init__(self, compress_bits: int, inflate_bits: int, own_no_context: bool,
                  peer_no_context: bool, settings: Deflate):
@@ -1145,9 +1145,17 @@ class _PerMessageDeflate:
         # may end a message's DEFLATE stream with a final block (RFC 7692
         # 7.2.3.4), after which zlib takes no more input, yet the next
         # message may refer back into that window (7.2.2).  The new inflater
-        # is primed with it.  None when every message stands alone.
+        # is primed with it.  How a peer ends its messages is a trait of its
+        # compressor, so its first compressed message decides: a final
+        # block, and the window is kept from then on; a sync flush (what
+        # browsers send), and it is dropped, since the inflater keeps its
+        # own (2**bits bytes less per connection).  A peer that switches
+        # to final blocks later is inflated from that message's output on:
+        # a reference back past it fails with 1007, never with wrong data.
+        # None when not kept, and when every message stands alone.
         self._window: Optional[bytes] = None if peer_no_context else b""
         self._stream_ended = False  # a final block came in this message
+        self._final_seen = False  # this peer ends messages with final blocks
 
     @property
     def shared_key(self) -> Optional[Tuple[int, int]]:
@@ -1182,7 +1190,7 @@ class _PerMessageDeflate:
             if data:
                 raise ProtocolError("data after the end of a compressed stream", CloseCode.INVALID_DATA)
             if message_done:
-                self._end_message()
+                self._end_message(True)
             return b""
         decompressor = self._decompressor
         if decompressor is None or decompressor.eof:
@@ -1202,19 +1210,28 @@ class _PerMessageDeflate:
             if unused and not (message_done and unused == _DEFLATE_TAIL):
                 raise ProtocolError("data after the end of a compressed stream", CloseCode.INVALID_DATA)
             self._stream_ended = not message_done
+            if self._window is None and not self.peer_no_context:
+                self._window = b""  # a switch to final blocks (see __init__)
+                self._final_seen = True
         window = self._window
         if window is not None and output:
             size = 1 << self.inflate_bits
             tail = output[-size:]
             self._window = tail if len(tail) == size else (window + tail)[-size:]
         if message_done:
-            self._end_message()
+            self._end_message(decompressor.eof)
         return output
 
-    def _end_message(self) -> None:
+    def _end_message(self, final: bool) -> None:
+        """``final``: this message's stream ended with a final block."""
         self._stream_ended = False
         if self.peer_no_context:
             self._decompressor = None
+        elif not self._final_seen:
+            if final:
+                self._final_seen = True
+            else:
+                self._window = None  # a sync-flushing peer: zlib's own window is enough
 
 
 # =============================================================================

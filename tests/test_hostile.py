@@ -359,6 +359,28 @@ def test_many_large_messages_each_ending_with_a_final_block_stay_intact_and_boun
         client.shutdown()
 
 
+def test_a_peer_that_switches_to_final_blocks_is_inflated_from_there_on():
+    """The first compressed message tells how a peer ends its messages; the
+    window is kept only for peers that end them with final blocks.  One
+    that switches later is inflated from the switch on, and a reference back
+    past it fails with 1007 rather than deliver wrong data."""
+    with running_server() as server:
+        client, params = deflate_client(server.port, OFFER)
+        sender = FinalBlockSender(client_window_bits(params), context_takeover=True)
+        rng = random.Random(1)
+        first, second = ("".join(rng.choice("0123456789abcdef") for _ in range(3000)) for _ in range(2))
+        client.sock.sendall(frame(TEXT, sender.sync(first.encode()), rsv=RSV1))
+        client.sock.sendall(frame(TEXT, sender.final(second.encode()), rsv=RSV1))
+        client.sock.sendall(frame(TEXT, sender.sync(second.encode()), rsv=RSV1))  # refers back into the switch
+        for text in (first, second, second):
+            assert recv_inflated(client) == (TEXT, text.encode())
+        client.sock.sendall(frame(TEXT, sender.sync(first.encode()), rsv=RSV1))  # refers back past it
+        kind, payload = recv_inflated(client)
+        assert kind == CLOSE, "expected a close, got %r" % ((kind, payload),)
+        assert close_code_of(payload) == 1007
+        client.shutdown()
+
+
 # -- 3. a peer that stops reading after the close ----------------------------------
 
 
