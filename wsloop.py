@@ -4678,6 +4678,7 @@ class Server:
             "close_codes_received": dict(counters.close_received),
             "pending_output_total": sum(pending),
             "pending_output_max": max(pending, default=0),
+            "pending_output_held": counters.output.held,
             "slow_consumer_closes": counters.slow_consumer_closes,
             "keepalive_timeouts": counters.keepalive_timeouts,
             "loop_lag_max": lag,
@@ -4719,6 +4720,9 @@ class Server:
                [("", figures["pending_output_total"])])
         metric("pending_output_max_bytes", "gauge", "The largest output backlog of one connection.",
                [("", figures["pending_output_max"])])
+        metric("pending_output_held_bytes", "gauge",
+               "Bytes of output held for peers, a frame shared by many counted once (max_total_pending bounds it).",
+               [("", figures["pending_output_held"])])
         metric("slow_consumer_closes_total", "counter", "Connections closed for not keeping up (1008).",
                [("", figures["slow_consumer_closes"])])
         metric("keepalive_timeouts_total", "counter", "Connections closed for a missing pong.",

@@ -30,8 +30,8 @@ def open_count(server, count):
 
 
 def held(server):
-    """Bytes of distinct chunks the server's connections hold (read on its loop)."""
-    return in_loop(server, lambda: server._stats.output.held)
+    """Bytes of output the server holds, each shared frame once."""
+    return server.stats()["pending_output_held"]
 
 
 def read_until_close(client):
