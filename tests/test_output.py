@@ -164,3 +164,41 @@ def test_large_frames_queued_by_reference_cross_tls_in_order():
             assert client.recv_message() == "small, after the large ones"
         finally:
             client.shutdown()
+
+
+def test_small_and_large_frames_and_pongs_keep_their_order_through_a_backlog():
+    """Small frames are copied into the output buffer, large ones queued by
+    reference, and once a peer is behind everything is queued after what
+    waits: the peer gets every message in the order sent, and the pongs
+    the server owed it after the messages sent before each ping."""
+    sizes = [1 * KiB, 64 * KiB, 100, 20 * KiB, 16 * KiB - 1, 16 * KiB] * 40  # 4.7 MiB
+    with running_server(ping_interval=None, max_pending_output=64 * MiB) as server:
+        client = small_window_client(server.port)
+        try:
+            open_count(server, 1)
+            for index, size in enumerate(sizes):
+                message = numbered(index, 64 * KiB)[:size]
+                in_loop(server, lambda: server.broadcast(message))
+                if index % 12 == 11:
+                    client.send_frame(9, b"ping %d" % index)  # answered after what is queued
+            wait_until(lambda: server.stats()["pending_output_held"] > 0)
+            got = []
+            pongs = []
+            while len(got) < len(sizes):
+                fin, opcode, payload = client.recv_frame()
+                if opcode == 10:
+                    pongs.append((payload, len(got)))
+                    continue
+                assert fin and opcode == 2
+                got.append(payload)
+            for index, (size, payload) in enumerate(zip(sizes, got)):
+                assert payload == numbered(index, 64 * KiB)[:size], "message %d" % index
+            while len(pongs) < len(sizes) // 12:  # pings the server read once reading resumed
+                fin, opcode, payload = client.recv_frame()
+                assert opcode == 10, "a frame after the last message: %r" % ((fin, opcode),)
+                pongs.append((payload, len(got)))
+            assert [payload for payload, _ in pongs] == [b"ping %d" % i for i in range(11, len(sizes), 12)]
+            for payload, seen_after in pongs:
+                assert seen_after > int(payload.split()[1]), "a pong overtook the messages before its ping"
+        finally:
+            client.shutdown()
