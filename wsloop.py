@@ -37,6 +37,9 @@ Limits and their defaults (all configurable on :class:`Server` and the CLI)
 - ``write_high_water`` 256 KiB: stop reading a peer whose output backs up.
 - ``max_pending_output`` 4 MiB: close (1008) a peer that cannot keep up
   with what the server pushes to it.
+- ``max_total_pending`` a quarter of physical memory: the output held for
+  all peers (a frame shared by many counted once); past it the peers with
+  the most pending are closed (1008).
 - ``compression``: permessage-deflate (RFC 7692) on, 12-bit windows
   (see :class:`Deflate`); inflated messages obey ``max_size`` too.
 - Request head: lines of 8 KiB at most, 128 headers, 64 KiB in all.
@@ -3296,8 +3299,10 @@ def _check_ping(payload: Any) -> bytes:
 # copied into the output buffer: a large frame broadcast to many is held
 # once.  Below it, one append to a bytearray is cheaper than a queue entry.
 _COPY_FREE_FROM = 16 * 2**10
-# Queued chunks handed to one sendmsg() at most (IOV_MAX is 1024 on Linux).
+# Queued chunks handed to one sendmsg() at most (IOV_MAX is 1024 on Linux),
+# where there is one (not on Windows, nor on TLS sockets).
 _BUFFERS_PER_WRITE = 64
+_HAS_SENDMSG = hasattr(socket.socket, "sendmsg")
 
 # Input a connection may handle in one turn of the loop before the others
 # get theirs: message bytes delivered (after inflating), plus a fixed cost
@@ -3801,7 +3806,7 @@ class Connection:
             while queue:
                 head = queue[0]
                 start = self._head_sent
-                if self._tls:
+                if self._tls or not _HAS_SENDMSG:
                     count = sock.send(memoryview(head)[start:] if start else head)
                     expected = len(head) - start
                 else:
