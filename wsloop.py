@@ -39,6 +39,9 @@ Limits and their defaults (all configurable on :class:`Server` and the CLI)
 - ``write_high_water`` 256 KiB: stop reading a peer whose output backs up.
 - ``max_pending_output`` 4 MiB: close (1008) a peer that cannot keep up
   with what the server pushes to it.
+- ``max_total_pending`` a quarter of physical memory: the output held for
+  all peers (a frame shared by many counted once); past it the peers with
+  the most pending are closed (1008).
 - ``compression``: permessage-deflate (RFC 7692) on, 12-bit windows
   (see :class:`Deflate`); inflated messages obey ``max_size`` too.
 - Request head: lines of 8 KiB at most, 128 headers, 64 KiB in all.
@@ -83,6 +86,7 @@ import hashlib
 import heapq
 import importlib
 import inspect
+import itertools
 import ipaddress
 import logging
 import os
@@ -233,6 +237,16 @@ _VALID_WIRE_CODES = frozenset(
 
 def _is_valid_close_code(code: int) -> bool:
     return code in _VALID_WIRE_CODES or 3000 <= code <= 4999
+
+
+def _default_max_total_pending() -> int:
+    """A quarter of the machine's physical memory (1 GiB if unknown): past
+    it the server closes its slowest consumers (Server's max_total_pending)."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        memory = -1
+    return memory // 4 if memory > 0 else 2**30
 
 
 def _default_max_fragments(max_size: int) -> int:
@@ -1231,7 +1245,7 @@ class _PerMessageDeflate:
 
     __slots__ = ("compress_bits", "inflate_bits", "own_no_context", "peer_no_context",
                  "mem_level", "threshold", "_compressor", "_decompressor", "_window",
-                 "_stream_ended")
+                 "_stream_ended", "_final_seen")
 
     def __init__(self, compress_bits: int, inflate_bits: int, own_no_context: bool,
                  peer_no_context: bool, settings: Deflate):
@@ -1251,9 +1265,17 @@ class _PerMessageDeflate:
         # may end a message's DEFLATE stream with a final block (RFC 7692
         # 7.2.3.4), after which zlib takes no more input, yet the next
         # message may refer back into that window (7.2.2).  The new inflater
-        # is primed with it.  None when every message stands alone.
+        # is primed with it.  How a peer ends its messages is a trait of its
+        # compressor, so its first compressed message decides: a final
+        # block, and the window is kept from then on; a sync flush (what
+        # browsers send), and it is dropped, since the inflater keeps its
+        # own (2**bits bytes less per connection).  A peer that switches
+        # to final blocks later is inflated from that message's output on:
+        # a reference back past it fails with 1007, never with wrong data.
+        # None when not kept, and when every message stands alone.
         self._window: Optional[bytes] = None if peer_no_context else b""
         self._stream_ended = False  # a final block came in this message
+        self._final_seen = False  # this peer ends messages with final blocks
 
     @property
     def shared_key(self) -> Optional[Tuple[int, int]]:
@@ -1288,7 +1310,7 @@ class _PerMessageDeflate:
             if data:
                 raise ProtocolError("data after the end of a compressed stream", CloseCode.INVALID_DATA)
             if message_done:
-                self._end_message()
+                self._end_message(True)
             return b""
         decompressor = self._decompressor
         if decompressor is None or decompressor.eof:
@@ -1311,19 +1333,28 @@ class _PerMessageDeflate:
             if unused and not (message_done and unused == _DEFLATE_TAIL):
                 raise ProtocolError("data after the end of a compressed stream", CloseCode.INVALID_DATA)
             self._stream_ended = not message_done
+            if self._window is None and not self.peer_no_context:
+                self._window = b""  # a switch to final blocks (see __init__)
+                self._final_seen = True
         window = self._window
         if window is not None and output:
             size = 1 << self.inflate_bits
             tail = output[-size:]
             self._window = tail if len(tail) == size else (window + tail)[-size:]
         if message_done:
-            self._end_message()
+            self._end_message(decompressor.eof)
         return output
 
-    def _end_message(self) -> None:
+    def _end_message(self, final: bool) -> None:
+        """``final``: this message's stream ended with a final block."""
         self._stream_ended = False
         if self.peer_no_context:
             self._decompressor = None
+        elif not self._final_seen:
+            if final:
+                self._final_seen = True
+            else:
+                self._window = None  # a sync-flushing peer: zlib's own window is enough
 
 
 # =============================================================================
@@ -3712,9 +3743,49 @@ class _Options:
         self.pages = dict(pages or {})
         self.name: Optional[str] = None  # the server's name, on its health check
         self.health_broker: Optional[RedisBroker] = None  # 503 while it is down
+        self.max_total_pending: Optional[int] = None  # set by Server
         # The message-rate limit (set by Server, see its docstring).
         self.max_messages_per_second: Optional[float] = None
         self.message_burst = 0.0
+
+
+class _HeldOutput:
+    """The output a server's connections hold for peers that have not taken
+    it yet, counted once per chunk however many connections queue it: a
+    broadcast frame that a thousand slow receivers hold is one frame in
+    memory.  Owned by the loop's thread; connections add and release what
+    they queue (see Connection._enqueue), and those holding any are listed,
+    so that the slowest can be found when ``held`` passes the server's
+    ``max_total_pending``."""
+
+    __slots__ = ("held", "_refs", "holders")
+
+    def __init__(self) -> None:
+        self.held = 0  # bytes of distinct chunks queued
+        # id(chunk) -> queue entries that refer to it.  The id is a safe key:
+        # a counted chunk stays alive in the queues that count it.
+        self._refs: Dict[int, int] = {}
+        self.holders: Dict[Any, None] = {}  # connections with a queue
+
+    def hold(self, chunk: bytes) -> None:
+        refs = self._refs
+        key = id(chunk)
+        count = refs.get(key)
+        if count is None:
+            refs[key] = 1
+            self.held += len(chunk)
+        else:
+            refs[key] = count + 1
+
+    def release(self, chunk: bytes) -> None:
+        refs = self._refs
+        key = id(chunk)
+        count = refs[key]
+        if count == 1:
+            del refs[key]
+            self.held -= len(chunk)
+        else:
+            refs[key] = count - 1
 
 
 class _Stats:
@@ -3723,7 +3794,7 @@ class _Stats:
 
     __slots__ = ("accepted", "refused", "handshakes", "messages_in", "messages_out", "bytes_in",
                  "bytes_out", "close_sent", "close_received", "slow_consumer_closes",
-                 "keepalive_timeouts")
+                 "keepalive_timeouts", "output")
 
     def __init__(self) -> None:
         self.accepted = 0
@@ -3737,6 +3808,7 @@ class _Stats:
         self.close_received: Dict[int, int] = {}
         self.slow_consumer_closes = 0
         self.keepalive_timeouts = 0
+        self.output = _HeldOutput()
 
     def count(self, table: Dict[Any, int], key: Any) -> None:
         table[key] = table.get(key, 0) + 1
@@ -4046,9 +4118,14 @@ def _check_ping(payload: Any) -> bytes:
     return data
 
 
-# From this size a binary message's payload is not joined to its header
-# before it is queued (below it, one small join is cheaper than two appends).
+# From this size a frame is queued by reference (Connection._enqueue), not
+# copied into the output buffer: a large frame broadcast to many is held
+# once.  Below it, one append to a bytearray is cheaper than a queue entry.
 _COPY_FREE_FROM = 16 * 2**10
+# Queued chunks handed to one sendmsg() at most (IOV_MAX is 1024 on Linux),
+# where there is one (not on Windows, nor on TLS sockets).
+_BUFFERS_PER_WRITE = 64
+_HAS_SENDMSG = hasattr(socket.socket, "sendmsg")
 
 # Input a connection may handle in one turn of the loop before the others
 # get theirs: message bytes delivered (after inflating), plus a fixed cost
@@ -4107,6 +4184,9 @@ class Connection:
         "_stats",
         "_tokens",
         "_tokens_at",
+        "_queue",
+        "_queued",
+        "_head_sent",
     )
 
     def __init__(
@@ -4147,6 +4227,11 @@ class Connection:
         self._flush_scheduled = False
         self._drain_callbacks: Optional[List[Callable[[], None]]] = None
         self._crossing = 0  # sent from other threads, still in the door (under loop.crossing_lock)
+        # Output by reference (see _enqueue): chunks the peer has not taken,
+        # before whatever is in the protocol's `outgoing`; made on first use.
+        self._queue: Optional[Deque[bytes]] = None
+        self._queued = 0  # bytes in _queue not yet written
+        self._head_sent = 0  # of _queue[0], bytes already written
         # The TLS handshake is driven by the loop (want-read/want-write) once
         # the client's hello arrives, never here.  (A client's socket comes
         # with its handshake done.)
@@ -4226,7 +4311,7 @@ class Connection:
     def pending_output(self) -> int:
         """Bytes accepted for sending that the peer has not taken yet
         (messages from other threads count from the moment send() returns)."""
-        return len(self._protocol.outgoing) + self._crossing
+        return len(self._protocol.outgoing) + self._queued + self._crossing
 
     # -- what handlers do -----------------------------------------------------
 
@@ -4264,13 +4349,7 @@ class Connection:
         elif isinstance(message, PreparedMessage):
             self._send_frame(message._frame_for(extension))
         elif extension is None:
-            if type(message) is bytes and len(message) >= _COPY_FREE_FROM:
-                # Large binary: header and payload go into the output
-                # buffer one after the other, not joined first (one copy
-                # of the payload less).
-                self._send_frame(_frame_header(_WHOLE_BINARY, len(message)), message)
-            else:
-                self._send_frame(encode_message(message))
+            self._send_frame(encode_message(message))
         else:
             self._send_frame(_encode_compressed(message, extension))
 
@@ -4343,7 +4422,7 @@ class Connection:
         if not self._loop.in_loop_thread:
             self._loop.call_soon_threadsafe(self.when_drained, callback)
             return
-        if self._sock is None or len(self._protocol.outgoing) <= self._options.write_high_water:
+        if self._sock is None or len(self._protocol.outgoing) + self._queued <= self._options.write_high_water:
             callback()
             return
         if self._drain_callbacks is None:
@@ -4383,16 +4462,17 @@ class Connection:
             # Closed after the caller's check: the close says why.
             logger.debug("connection %d: message from another thread dropped: closed", self.id)
 
-    def _send_frame(self, frame: bytes, payload: bytes = b"") -> None:
-        """Queue ``frame`` (and ``payload``, the rest of it, if given)."""
+    def _send_frame(self, frame: bytes) -> None:
+        """Queue ``frame``: copied into the protocol's output buffer when
+        small and nothing backs up (the hot path), else by reference."""
         protocol = self._protocol
         if protocol.state is not _OPEN:
             raise protocol.closed_error()
         limit = self._options.max_pending_output
-        if len(protocol.outgoing) > limit:
+        if len(protocol.outgoing) + self._queued > limit:
             # Over the limit only counts once the kernel has refused to take more.
             self._flush()
-            if len(protocol.outgoing) > limit:
+            if len(protocol.outgoing) + self._queued > limit:
                 logger.warning(
                     "connection %d from %s: closed: over %d bytes of output pending (peer too slow)",
                     self.id,
@@ -4402,10 +4482,94 @@ class Connection:
                 self._stats.slow_consumer_closes += 1
                 self._close_now(CloseCode.POLICY_VIOLATION, "too slow to keep up")
                 raise ConnectionClosed("peer too slow: output limit reached")
-        protocol.outgoing += frame
-        if payload:
-            protocol.outgoing += payload
+        if self._queue is None and len(frame) < _COPY_FREE_FROM:
+            protocol.outgoing += frame
+        else:
+            self._enqueue(frame)
+            output = self._stats.output
+            total = self._options.max_total_pending
+            if total is not None and output.held > total:
+                self._shed_slowest(output, total)
+                if self._sock is None or protocol.state is not _OPEN:
+                    raise ConnectionClosed("peer too slow: total output limit reached")
         self._schedule_flush()
+
+    def _enqueue(self, chunk: bytes) -> None:
+        """Queue ``chunk`` by reference after all that is pending.
+
+        A frame sent to many connections (a broadcast, a PreparedMessage, the
+        same bytes sent to each) is then held once, whatever the number of
+        receivers that have not read it yet; the server counts it once in
+        ``stats.output``.  What the protocol wrote into ``outgoing`` comes
+        first, so it moves to the queue before ``chunk``.
+        """
+        queue = self._queue
+        output = self._stats.output
+        if queue is None:
+            queue = self._queue = collections.deque()
+            output.holders[self] = None
+        outgoing = self._protocol.outgoing
+        if outgoing:
+            pending = bytes(outgoing)
+            outgoing.clear()
+            queue.append(pending)
+            output.hold(pending)
+            self._queued += len(pending)
+        if chunk:
+            queue.append(chunk)
+            output.hold(chunk)
+            self._queued += len(chunk)
+
+    def _drop_queue(self, keep_head: bool) -> None:
+        """Forget what is queued (all but the first chunk if ``keep_head``:
+        it may be a frame partly written, and TLS must retry a write with
+        the same bytes), releasing it from the server's count."""
+        queue = self._queue
+        if queue is None:
+            return
+        output = self._stats.output
+        head = queue.popleft() if keep_head else None
+        for chunk in queue:
+            output.release(chunk)
+        queue.clear()
+        if head is not None:
+            queue.append(head)
+            self._queued = len(head) - self._head_sent
+            return
+        self._queue = None
+        self._queued = 0
+        self._head_sent = 0
+        del output.holders[self]
+
+    def _shed_slowest(self, output: _HeldOutput, total: int) -> None:
+        """Over the server's ``max_total_pending``: close (1008) the
+        connections with the most output pending until the chunks held fit
+        again, freeing what they had not begun to receive (a frame they
+        had begun is finished first, then the close frame follows)."""
+        slowest = sorted(output.holders, key=lambda connection: connection._queued, reverse=True)
+        for connection in slowest:
+            if output.held <= total:
+                break
+            connection._shed(total)
+
+    def _shed(self, total: int) -> None:
+        self._protocol.outgoing.clear()  # whole frames only: a partial write is in the queue
+        if self._protocol.state is not _OPEN:
+            # Closing already, its close frame among what it holds: end it
+            # (next turn: not inside another connection's send).
+            self._drop_queue(keep_head=False)
+            self._loop.call_soon(self._close_socket, True)
+            return
+        self._drop_queue(keep_head=True)
+        self._stats.slow_consumer_closes += 1
+        logger.warning(
+            "connection %d from %s: closed: the server holds over %d bytes of output (max_total_pending)"
+            " and this peer is among the slowest",
+            self.id,
+            _format_address(self.remote_address),
+            total,
+        )
+        self._close_now(CloseCode.POLICY_VIOLATION, "too slow to keep up")
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -4418,12 +4582,13 @@ class Connection:
         if self._sock is None:
             return
         protocol = self._protocol
-        if protocol.outgoing and not self._events & _EVENT_WRITE:
+        if (protocol.outgoing or self._queue is not None) and not self._events & _EVENT_WRITE:
             # Not known to be blocked: try now rather than wait for a wake-up.
             if not self._write():
                 return
             if (
                 not protocol.outgoing
+                and self._queue is None
                 and self._events == _EVENT_READ
                 and protocol.state is _OPEN
                 and self._drain_callbacks is None
@@ -4433,42 +4598,106 @@ class Connection:
 
     def _write(self) -> bool:
         """Send what the kernel takes; False if the connection is gone."""
+        queue = self._queue
+        if queue is not None:
+            return self._write_queue(queue)
         outgoing = self._protocol.outgoing
         try:
             sent = self._sock.send(outgoing)  # type: ignore[union-attr]
         except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
-            return True
+            sent = 0
         except ssl.SSLWantReadError:
             # TLS must read before it can write: retry after the next read.
             self._write_wants_read = True
-            return True
+            sent = 0
         except OSError as exc:
             self._drop("write failed: %s" % (exc.strerror or exc))
             return False
         del outgoing[:sent]
         self._stats.bytes_out += sent
+        if outgoing:
+            # The peer is behind: what it has not taken waits in the queue,
+            # where what follows is added by reference, not copied.
+            self._enqueue(b"")
         return True
+
+    def _write_queue(self, queue: Deque[bytes]) -> bool:
+        """_write when chunks are queued: as many as the kernel takes, with
+        one sendmsg() for several (TLS sockets have none: one send each)."""
+        if self._protocol.outgoing:
+            self._enqueue(b"")  # what the protocol wrote since goes after
+        sock = self._sock
+        if sock is None:
+            return False
+        sent = 0
+        try:
+            while queue:
+                head = queue[0]
+                start = self._head_sent
+                if self._tls or not _HAS_SENDMSG:
+                    count = sock.send(memoryview(head)[start:] if start else head)
+                    expected = len(head) - start
+                else:
+                    buffers: List[Any] = list(itertools.islice(queue, _BUFFERS_PER_WRITE))
+                    if start:
+                        buffers[0] = memoryview(head)[start:]
+                    count = sock.sendmsg(buffers)
+                    expected = sum(map(len, buffers))
+                sent += count
+                self._take_from_queue(queue, count)
+                if count < expected:
+                    break  # the kernel took what it could
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
+            pass
+        except ssl.SSLWantReadError:
+            self._write_wants_read = True
+        except OSError as exc:
+            self._drop("write failed: %s" % (exc.strerror or exc))
+            return False
+        self._stats.bytes_out += sent
+        if not queue:
+            self._queue = None
+            self._head_sent = 0
+            del self._stats.output.holders[self]
+        return True
+
+    def _take_from_queue(self, queue: Deque[bytes], count: int) -> None:
+        """Forget the first ``count`` queued bytes: they were written."""
+        self._queued -= count
+        output = self._stats.output
+        start = self._head_sent
+        while count:
+            head = queue[0]
+            left = len(head) - start
+            if count < left:
+                self._head_sent = start + count
+                return
+            count -= left
+            start = 0
+            queue.popleft()
+            output.release(head)
+        self._head_sent = start
 
     def _update_interest(self) -> None:
         protocol = self._protocol
-        outgoing = protocol.outgoing
-        if self._drain_callbacks is not None and len(outgoing) <= self._options.write_high_water:
+        unsent = len(protocol.outgoing) + self._queued
+        if self._drain_callbacks is not None and unsent <= self._options.write_high_water:
             self._run_drain_callbacks()
-        if not outgoing and protocol.state is _CLOSED:
+        if not unsent and protocol.state is _CLOSED:
             self._end_tcp()
             if self._sock is None:
                 return
         high_water = self._options.write_high_water
         if self._reading_paused:
-            if len(outgoing) <= high_water // 4:
+            if unsent <= high_water // 4:
                 self._reading_paused = False
                 if self._tls and not self._backlog:
                     self._read_tls_pending()
-        elif len(outgoing) > high_water:
+        elif unsent > high_water:
             # Backpressure: stop reading a peer that is not reading our replies.
             self._reading_paused = True
         events = 0 if self._reading_paused or self._backlog or self._reading_held else _EVENT_READ
-        if outgoing:
+        if unsent:
             # TLS may have to read before it can write.
             events |= _EVENT_READ if self._write_wants_read else _EVENT_WRITE
         self._set_events(events)
@@ -4821,7 +5050,7 @@ class Connection:
 
     def _on_close_timeout(self) -> None:
         self._close_timer = None
-        unsent = len(self._protocol.outgoing)
+        unsent = len(self._protocol.outgoing) + self._queued
         logger.info(
             "connection %d from %s: closing handshake timed out%s",
             self.id,
@@ -4903,6 +5132,7 @@ class Connection:
             except OSError:
                 pass
         sock.close()
+        self._drop_queue(keep_head=False)
         self._protocol.receive_eof()
         if self._drain_callbacks is not None:
             self._run_drain_callbacks()  # nothing more will drain: let waiters go
@@ -4991,6 +5221,12 @@ class Server:
     ``max_messages_per_second`` with ``message_burst`` is a token bucket
     from which every frame takes one (pings, pongs and fragments too).
 
+    Output: a frame sent to many connections is held once, however many
+    have not read it; ``max_total_pending`` bounds all the output the server
+    holds (default: a quarter of physical memory): past it, the connections
+    with the most pending are closed with 1008 and what they had not begun
+    to receive is freed.
+
     Fan-out: ``broker`` (a :class:`RedisBroker`) carries :meth:`publish` to
     the subscribers of other processes; ``health_requires_broker`` makes
     the health check answer 503 while no link to Redis is up; one
@@ -5023,6 +5259,7 @@ class Server:
         ping_timeout: Optional[float] = DEFAULT_PING_TIMEOUT,
         write_high_water: int = DEFAULT_WRITE_HIGH_WATER,
         max_pending_output: int = DEFAULT_MAX_PENDING_OUTPUT,
+        max_total_pending: Optional[int] = None,
         compression: Union[bool, Deflate, None] = True,
         ssl_context: Optional[ssl.SSLContext] = None,
         origins: Optional[Iterable[Optional[str]]] = None,
@@ -5084,6 +5321,9 @@ class Server:
             if broker is None:
                 raise ValueError("health_requires_broker needs a broker")
             options.health_broker = broker
+        if max_total_pending is not None and max_total_pending < 1:
+            raise ValueError("max_total_pending must be at least 1")
+        options.max_total_pending = _default_max_total_pending() if max_total_pending is None else max_total_pending
         if max_messages_per_second is not None:
             if not max_messages_per_second > 0:
                 raise ValueError("max_messages_per_second must be positive")
@@ -5277,6 +5517,7 @@ class Server:
             "close_codes_received": dict(counters.close_received),
             "pending_output_total": sum(pending),
             "pending_output_max": max(pending, default=0),
+            "pending_output_held": counters.output.held,
             "slow_consumer_closes": counters.slow_consumer_closes,
             "keepalive_timeouts": counters.keepalive_timeouts,
             "loop_lag_max": lag,
@@ -5342,6 +5583,9 @@ class Server:
                one("pending_output_total"))
         metric("pending_output_max_bytes", "gauge", "The largest output backlog of one connection.",
                one("pending_output_max"), max)
+        metric("pending_output_held_bytes", "gauge",
+               "Bytes of output held for peers, a frame shared by many counted once (max_total_pending bounds it).",
+               one("pending_output_held"))
         metric("slow_consumer_closes_total", "counter", "Connections closed for not keeping up (1008).",
                one("slow_consumer_closes"))
         metric("keepalive_timeouts_total", "counter", "Connections closed for a missing pong.", one("keepalive_timeouts"))
@@ -6404,6 +6648,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ping-interval", type=_seconds, default=DEFAULT_PING_INTERVAL, help="seconds between keepalive pings (default 20; 'none' disables)")
     parser.add_argument("--ping-timeout", type=_seconds, default=DEFAULT_PING_TIMEOUT, help="seconds to wait for a pong (default 20)")
     parser.add_argument("--max-pending-output", type=_size, default=DEFAULT_MAX_PENDING_OUTPUT, help="output backlog that closes a slow client with 1008 (default 4M)")
+    parser.add_argument("--max-total-pending", type=_size, default=None, help="output the server holds for all clients before the slowest are closed with 1008 (default: a quarter of RAM)")
     parser.add_argument("--certfile", help="serve wss:// with this certificate chain (PEM)")
     parser.add_argument("--keyfile", help="the certificate's private key (PEM), if not in --certfile")
     parser.add_argument("--origin", action="append", metavar="ORIGIN", help="allow browsers from this Origin only (repeatable; others get 403); with --connect: the Origin to send")
@@ -6752,7 +6997,8 @@ def _counted(figures: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> 
     the gauges zeroed: what a dead worker leaves to its successor."""
     live = base is not None
     carried: Dict[str, Any] = dict(figures) if live else {
-        "connections_open": 0, "pending_output_total": 0, "pending_output_max": 0, "loop_lag_max": 0.0}
+        "connections_open": 0, "pending_output_total": 0, "pending_output_max": 0, "pending_output_held": 0,
+        "loop_lag_max": 0.0}
     base = base or {}
     for key in _COUNTED:
         if key in _COUNTED_TABLES:
@@ -7091,6 +7337,7 @@ def _main(argv: Optional[List[str]] = None) -> int:
             ping_interval=args.ping_interval,
             ping_timeout=args.ping_timeout,
             max_pending_output=args.max_pending_output,
+            max_total_pending=args.max_total_pending,
             compression=compression,
             ssl_context=ssl_context,
             origins=origins,

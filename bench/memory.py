@@ -2,13 +2,16 @@
 
     python bench/memory.py [--connections 1000]
 
-Starts `python wsloop.py` as a subprocess, opens the connections from this
-process, and prints the server's RSS growth per connection: idle, then after
-one compressed message each way (which makes each connection's zlib state).
+Starts `python wsloop.py` as a subprocess per row, opens the connections
+from this process, and prints the server's RSS growth per connection as the
+README's table: idle, then after one compressed message of JSON-like text
+each way (which makes each connection's zlib state), the client compressing
+with the window the server allowed.
 """
 
 import argparse
 import os
+import random
 import re
 import resource
 import socket
@@ -32,20 +35,62 @@ def handshake(port, offer):
                   "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s\r\n" % (KEY, extra)).encode())
     head = b""
     while b"\r\n\r\n" not in head:
-        head += sock.recv(4096)
+        head += sock.recv(1)  # byte by byte: nothing after the head is taken
     assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
+    return sock, head.decode("latin-1")
 
 
-def compressed_frame(payload):
-    compressor = zlib.compressobj(wbits=-15)
+def json_like(size, seed=7692):
+    """JSON-ish text of ``size`` bytes that compresses as real messages do."""
+    rng = random.Random(seed)
+    parts, length = [], 0
+    while length < size:
+        part = '{"id": %d, "user": "user%d", "score": %.3f, "tags": ["%s"]}, ' % (
+            rng.randrange(10**6), rng.randrange(5000), rng.random(), rng.choice(["a", "bb", "ccc", "new", "old"]))
+        parts.append(part)
+        length += len(part)
+    return "".join(parts)[:size].encode()
+
+
+def compressed_frame(payload, bits):
+    compressor = zlib.compressobj(wbits=-bits)
     body = (compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
-    mask = b"\x00\x00\x00\x00"  # a zero mask keeps the payload as is
-    assert len(body) < 126
-    return bytes([0xC1, 0x80 | len(body)]) + mask + body
+    length = len(body)
+    if length < 126:
+        header = bytes([0xC1, 0x80 | length])
+    elif length < 65536:
+        header = bytes([0xC1, 0x80 | 126]) + length.to_bytes(2, "big")
+    else:
+        header = bytes([0xC1, 0x80 | 127]) + length.to_bytes(8, "big")
+    return header + b"\x00\x00\x00\x00" + body  # a zero mask keeps the payload as is
 
 
-def measure(count, offer, label):
+def read_frame(sock):
+    """Read one whole server frame (unmasked), whatever its size."""
+    data = b""
+    while True:
+        if len(data) >= 2:
+            length, start = data[1] & 0x7F, 2
+            if length == 126 and len(data) >= 4:
+                length, start = int.from_bytes(data[2:4], "big"), 4
+            elif length == 127 and len(data) >= 10:
+                length, start = int.from_bytes(data[2:10], "big"), 10
+            if length < 126 or start > 2:
+                if len(data) >= start + length:
+                    return
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise SystemExit("the server closed the connection")
+        data += chunk
+
+
+def client_bits(answer):
+    """The window the server allowed this client to compress with."""
+    found = re.search(r"client_max_window_bits=(\d+)", answer)
+    return int(found.group(1)) if found else 15
+
+
+def measure(count, offer, label, size=None):
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "wsloop.py"), "--port", "0",
                                 "--ping-interval", "none", "--log-level", "info"] +
                                ([] if offer else ["--no-compression"]),
@@ -53,23 +98,17 @@ def measure(count, offer, label):
     try:
         port = int(re.search(r":(\d+)$", process.stderr.readline().strip()).group(1))
         process.stderr.close()  # no more logs needed; the server keeps running
-        warm = handshake(port, offer)
+        warm, answer = handshake(port, offer)
         base = rss_kib(process.pid)
-        socks = [handshake(port, offer) for _ in range(count)]
-        idle = (rss_kib(process.pid) - base) / count
-        line = "%-34s idle %.2f KiB/conn" % (label, idle)
-        if offer:
-            message = b"a JSON-ish message that compresses: " + b'{"k": 1}, ' * 20
-            frame = compressed_frame(message)
+        socks = [handshake(port, offer)[0] for _ in range(count)]
+        used = (rss_kib(process.pid) - base) / count
+        if size:
+            frame = compressed_frame(json_like(size), client_bits(answer))
             for sock in socks:
                 sock.sendall(frame)
-            for sock in socks:
-                got = b""
-                while len(got) < 4:
-                    got += sock.recv(65536)
+                read_frame(sock)
             used = (rss_kib(process.pid) - base) / count
-            line += ", after one compressed message each way %.1f KiB/conn" % used
-        print(line, flush=True)
+        print("| %s | %.1f KiB |" % (label, used), flush=True)
         for sock in socks + [warm]:
             sock.close()
     finally:
@@ -83,11 +122,18 @@ def main():
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    print("%d connections each:" % args.connections)
-    measure(args.connections, None, "no compression")
-    measure(args.connections, "permessage-deflate", "deflate, context takeover")
+    print("%d connections each, server RSS growth per connection:\n" % args.connections)
+    print("| condition | per connection |\n|---|---|")
+    measure(args.connections, None, "no compression, idle")
+    measure(args.connections, "permessage-deflate", "deflate negotiated, idle")
+    measure(args.connections, "permessage-deflate; client_max_window_bits",
+            "client offers `client_max_window_bits` (browsers do): 12-bit windows both ways; 1 KiB message", 1024)
+    measure(args.connections, "permessage-deflate; client_max_window_bits",
+            "the same, 64 KiB message (zlib's buffers fully touched: the steady state)", 65536)
+    measure(args.connections, "permessage-deflate",
+            "client offers no `client_max_window_bits`: 15-bit inflate window; 64 KiB message", 65536)
     measure(args.connections, "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
-            "deflate, no context takeover")
+            "`client_no_context_takeover; server_no_context_takeover`, 64 KiB message", 65536)
 
 
 if __name__ == "__main__":

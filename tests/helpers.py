@@ -220,6 +220,37 @@ def running_server(handler=None, **options):
         server.close()
 
 
+def small_window_client(port, rcvbuf=4096, timeout=10.0):
+    """A handshaken Client whose receive buffer is set small before connecting,
+    so the kernel holds little of what the server sends it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(timeout)
+    sock.connect(("127.0.0.1", port))
+    client = Client.__new__(Client)  # Client() connects itself; reuse its reading methods
+    client.sock, client.buffer = sock, b""
+    sock.sendall(request_bytes())
+    client.response_head = client.read_head()
+    assert client.response_head.startswith(b"HTTP/1.1 101 "), client.response_head
+    return client
+
+
+def in_loop(server, function, timeout=10.0):
+    """Run function() on the server's loop thread (its one door) and return its result."""
+    result, done = [], threading.Event()
+
+    def run():
+        try:
+            result.append(function())
+        finally:
+            done.set()
+
+    server.call_soon_threadsafe(run)
+    assert done.wait(timeout), "the loop did not run the callback"
+    assert result, "the callback failed"
+    return result[0]
+
+
 class Recorder(wsloop.Handler):
     """A handler that echoes and records what happens, with events to wait on."""
 

@@ -2,9 +2,11 @@
 
 import itertools
 import os
+import random
 import re
 import subprocess
 import sys
+import tracemalloc
 import zlib
 
 import pytest
@@ -280,6 +282,47 @@ def test_echo_and_broadcast_over_the_wire_share_frames_where_they_can(monkeypatc
         for client in (a, b, kept, kept2):
             client.recv_frame()
         assert compressions == [message] * 3  # one shared + one each for those that keep a context
+
+
+def json_like(size, seed=7692):
+    """JSON-ish text of ``size`` bytes that compresses as real messages do."""
+    rng = random.Random(seed)
+    parts = []
+    while sum(map(len, parts)) < size:
+        parts.append('{"id": %d, "user": "user%d", "score": %.3f}, '
+                     % (rng.randrange(10**6), rng.randrange(5000), rng.random()))
+    return "".join(parts)[:size]
+
+
+def test_a_15_bit_context_takeover_connection_costs_at_most_96_kib_after_64_kib_each_way():
+    """What zlib and wsloop allocate per connection (tracemalloc sees zlib's
+    state too): the copy of the last window kept for peers that end a
+    message with a final block is not kept for those that sync-flush."""
+    count = 16
+    text = json_like(64 * 2**10)
+    compressor = zlib.compressobj(wbits=-15)
+    body = compressor.compress(text.encode()) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    frame = client_frame(TEXT, body[:-4], rsv=4)
+    with running_server(wsloop.Echo(), ping_interval=None) as server:
+        clients = [Client(server.port, headers={"Sec-WebSocket-Extensions": "permessage-deflate"})
+                   for _ in range(count)]
+        try:
+            assert b"client_max_window_bits" not in clients[0].response_head  # a 15-bit window
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                for client in clients:
+                    client.sock.sendall(frame)
+                    fin, opcode, payload = client.recv_frame()
+                    assert (fin, opcode) == (True, TEXT)
+                    del payload
+                per_connection = (tracemalloc.get_traced_memory()[0] - before) / count
+            finally:
+                tracemalloc.stop()
+            assert per_connection <= 96 * 2**10, "%.1f KiB a connection" % (per_connection / 2**10)
+        finally:
+            for client in clients:
+                client.shutdown()
 
 
 def test_compression_bomb_is_closed_with_1009_and_memory_stays_flat():

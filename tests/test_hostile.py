@@ -26,7 +26,8 @@ import zlib
 import pytest
 
 import wsloop
-from helpers import Client, Recorder, client_frame, parse_server_frame, request_bytes, running_server
+from helpers import (Client, Recorder, client_frame, in_loop, parse_server_frame, request_bytes, running_server,
+                     small_window_client)
 
 TEXT, BINARY, CLOSE, PING, PONG = 1, 2, 8, 9, 10
 RSV1 = 4  # client_frame's rsv argument is shifted left by 4: 4 is the RSV1 bit
@@ -167,37 +168,6 @@ def deflate_client(port, offer):
     params = extension_params(client.response_head)
     assert params is not None, client.response_head
     return client, params
-
-
-def small_window_client(port, rcvbuf=4096):
-    """A handshaken Client whose receive buffer is set small before connecting,
-    so the kernel holds little of what the server sends it."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    sock.settimeout(WAIT)
-    sock.connect(("127.0.0.1", port))
-    client = Client.__new__(Client)  # Client() connects itself; reuse its reading methods
-    client.sock, client.buffer = sock, b""
-    sock.sendall(request_bytes())
-    client.response_head = client.read_head()
-    assert client.response_head.startswith(b"HTTP/1.1 101 "), client.response_head
-    return client
-
-
-def in_loop(server, function):
-    """Run function() on the server's loop thread (its one door) and return its result."""
-    result, done = [], threading.Event()
-
-    def run():
-        try:
-            result.append(function())
-        finally:
-            done.set()
-
-    server.call_soon_threadsafe(run)
-    assert done.wait(WAIT), "the loop did not run the callback"
-    assert result, "the callback failed"
-    return result[0]
 
 
 class ConnectionKeeper(wsloop.Echo):
@@ -386,6 +356,28 @@ def test_many_large_messages_each_ending_with_a_final_block_stay_intact_and_boun
             return 0 if decompressor is None else len(decompressor.unused_data)
 
         assert in_loop(server, unused_input) <= len(DEFLATE_TAIL)
+        client.shutdown()
+
+
+def test_a_peer_that_switches_to_final_blocks_is_inflated_from_there_on():
+    """The first compressed message tells how a peer ends its messages; the
+    window is kept only for peers that end them with final blocks.  One
+    that switches later is inflated from the switch on, and a reference back
+    past it fails with 1007 rather than deliver wrong data."""
+    with running_server() as server:
+        client, params = deflate_client(server.port, OFFER)
+        sender = FinalBlockSender(client_window_bits(params), context_takeover=True)
+        rng = random.Random(1)
+        first, second = ("".join(rng.choice("0123456789abcdef") for _ in range(3000)) for _ in range(2))
+        client.sock.sendall(frame(TEXT, sender.sync(first.encode()), rsv=RSV1))
+        client.sock.sendall(frame(TEXT, sender.final(second.encode()), rsv=RSV1))
+        client.sock.sendall(frame(TEXT, sender.sync(second.encode()), rsv=RSV1))  # refers back into the switch
+        for text in (first, second, second):
+            assert recv_inflated(client) == (TEXT, text.encode())
+        client.sock.sendall(frame(TEXT, sender.sync(first.encode()), rsv=RSV1))  # refers back past it
+        kind, payload = recv_inflated(client)
+        assert kind == CLOSE, "expected a close, got %r" % ((kind, payload),)
+        assert close_code_of(payload) == 1007
         client.shutdown()
 
 

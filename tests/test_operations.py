@@ -850,13 +850,14 @@ GAUGES = [
     "wsloop_connections_open",
     "wsloop_pending_output_bytes",
     "wsloop_pending_output_max_bytes",
+    "wsloop_pending_output_held_bytes",
     "wsloop_loop_lag_seconds",
 ]
 BROKER_METRICS = ["wsloop_broker_connected", "wsloop_broker_gaps_total", "wsloop_broker_dropped_total"]
 STATS_KEYS = {
     "connections_open", "connections_accepted", "connections_refused", "handshakes",
     "messages_in", "messages_out", "bytes_in", "bytes_out", "close_codes_sent",
-    "close_codes_received", "pending_output_total", "pending_output_max",
+    "close_codes_received", "pending_output_total", "pending_output_max", "pending_output_held",
     "slow_consumer_closes", "keepalive_timeouts", "loop_lag_max", "broker",
 }
 

@@ -40,8 +40,8 @@ def test_echo_large_message_with_64_bit_length():
 
 @pytest.mark.parametrize("offset", [-1, 0, 1])
 def test_binary_echo_either_side_of_the_copy_free_size(offset):
-    """From wsloop._COPY_FREE_FROM up a binary message's header and payload
-    are queued one after the other instead of joined: the same bytes."""
+    """From wsloop._COPY_FREE_FROM up a frame is queued by reference, not
+    copied into the output buffer: the same bytes."""
     payload = bytes(range(256)) * (wsloop._COPY_FREE_FROM // 256)
     payload = payload[: wsloop._COPY_FREE_FROM + offset] if offset <= 0 else payload + b"\x7f" * offset
     with running_server(wsloop.Echo()) as server:
