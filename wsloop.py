@@ -2685,7 +2685,7 @@ class _Catchup:
     live); otherwise deliver what history still has and count the rest
     as ``missed`` (the repair of a topic on the live path)."""
 
-    __slots__ = ("epoch", "cursor", "whole", "held", "recovered", "missed")
+    __slots__ = ("epoch", "cursor", "whole", "held", "recovered", "missed", "finished")
 
     def __init__(self, epoch: str, after: int, whole: bool = True):
         self.epoch = epoch
@@ -2694,9 +2694,22 @@ class _Catchup:
         self.held: List[Tuple[int, Any]] = []
         self.recovered: Optional[bool] = None
         self.missed = 0
+        self.finished = False
 
     def hold(self, offset: int, item: Any) -> None:
         self.held.append((offset, item))
+
+    def live(self, offset: int, item: Any) -> List[Any]:
+        """A live message: held while history is read; once it is done,
+        what to deliver (nothing at or below the cursor: the live stream
+        may lag behind a read made on another connection)."""
+        if not self.finished:
+            self.held.append((offset, item))
+            return []
+        if offset <= self.cursor:
+            return []
+        self.cursor = offset
+        return [item]
 
     def page(self, epoch: str, top: int, first: int, items: List[Any]) -> Tuple[List[Any], bool]:
         """Take one page of history: (what to deliver now, in order; whether
@@ -2707,6 +2720,7 @@ class _Catchup:
             # No history at all (or not a position to start from).
             self.recovered = False
             self._release(None, out)
+            self.finished = True
             return out, False
         if epoch != self.epoch:
             # The history was lost and began again: nothing before is valid.
@@ -2714,18 +2728,21 @@ class _Catchup:
             self.epoch = epoch
             if self.whole:
                 self._release(None, out)
+                self.finished = True
                 return out, False
             self.cursor = 0
             return out, True  # read the new epoch from its start
         if top < self.cursor:  # a position this history never gave
             self.recovered = False
             self._release(None, out)
+            self.finished = True
             return out, False
         if items and first > self.cursor + 1 or not items and top > self.cursor:
             # History no longer reaches back to the position.
             if self.whole:
                 self.recovered = False
                 self._release(None, out)
+                self.finished = True
                 return out, False
             reached = first - 1 if items else top
             self.missed += reached - self.cursor
@@ -2739,7 +2756,9 @@ class _Catchup:
                 self.cursor = offset
         if self.cursor < top:
             return out, True
-        return out, not self._release(self.cursor, out)
+        more = not self._release(self.cursor, out)
+        self.finished = not more
+        return out, more
 
     def _release(self, cursor: Optional[int], out: List[Any]) -> bool:
         """Append the held live messages above ``cursor`` (all of them for
@@ -5967,7 +5986,7 @@ class Server:
         catchup, on_recovery, announced = state
         connection, topic = key
         items, more = catchup.page(page.epoch, page.top, page.first, self._prepared(topic, page))
-        if not more:
+        if not more and not self._live_behind(topic, catchup):
             del self._catchups[key]
         if announced and not catchup.recovered:
             # History moved on between two pages: the subscriber was told
@@ -5992,6 +6011,15 @@ class Server:
                 self._history_page(key, self._history.read(topic, catchup.cursor))
             else:
                 self._read_history(key, catchup.cursor)
+
+    def _live_behind(self, topic: str, catchup: _Catchup) -> bool:
+        """Whether the live stream here may still bring messages the
+        catch-up has sent (Redis answered the read on another connection
+        than the one the live messages come on)."""
+        if self.broker is None or catchup.recovered is False:
+            return False
+        last = self.broker._positions.get(topic)
+        return last is None or last[0] != catchup.epoch or last[1] < catchup.cursor
 
     def _prepared(self, topic: str, page: _HistoryPage) -> List[Any]:
         """The page's messages formatted and framed, once per page (and,
@@ -6115,8 +6143,10 @@ class Server:
             if catchups:
                 state = catchups.get((connection, topic))
                 if state is not None:
-                    state[0].hold(offset, prepared)
-                    continue
+                    catchup = state[0]
+                    if not catchup.live(offset, prepared):
+                        continue
+                    del catchups[(connection, topic)]  # caught up: straight through from now
             try:
                 connection.send(prepared)
                 delivered += 1
