@@ -6974,7 +6974,6 @@ _DEMO_PAGE = """<!doctype html>
   const status = document.getElementById("status");
   const input = document.getElementById("message");
   const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/";
-  const ws = new WebSocket(url);
   function show(text, kind) {
     const line = document.createElement("div");
     line.className = kind;
@@ -6984,14 +6983,42 @@ _DEMO_PAGE = """<!doctype html>
   // In chat mode the server sends your own message back with everyone
   // else's, so it is shown once, when it arrives.
   const chat = "{{MODE}}" === "chat";
-  ws.binaryType = "arraybuffer";
-  ws.onopen = () => { status.textContent = "connected"; };
-  ws.onclose = (event) => {
-    status.textContent = "closed (" + event.code + (event.reason ? " " + event.reason : "") + ")";
-  };
-  ws.onerror = () => { status.textContent = "error: the connection failed"; };
-  ws.onmessage = (event) => show(
-    typeof event.data === "string" ? event.data : "[binary " + event.data.byteLength + " bytes]", "in");
+  // With --history each message comes with its position: the page keeps
+  // the last one and, after a drop, reconnects with ?since= to get what
+  // it missed (or is told it cannot).
+  const history = {{HISTORY}};
+  let last = history ? sessionStorage.getItem("wsloop-position") : null;
+  let ws = null, retry = 500;
+  function open() {
+    ws = new WebSocket(url + (last ? "?since=" + encodeURIComponent(last) : ""));
+    ws.binaryType = "arraybuffer";
+    ws.onopen = () => { status.textContent = "connected"; retry = 500; };
+    ws.onclose = (event) => {
+      status.textContent = "closed (" + event.code + (event.reason ? " " + event.reason : "") + ")";
+      if (history) {
+        status.textContent += "; reconnecting";
+        setTimeout(open, retry);
+        retry = Math.min(retry * 2, 10000);
+      }
+    };
+    ws.onerror = () => { status.textContent = "error: the connection failed"; };
+    ws.onmessage = (event) => {
+      if (typeof event.data !== "string") {
+        show("[binary " + event.data.byteLength + " bytes]", "in");
+        return;
+      }
+      if (!history) { show(event.data, "in"); return; }
+      const data = JSON.parse(event.data);
+      if ("recovered" in data) {
+        show(data.recovered ? "(reconnected: nothing missed)" : "(reconnected: earlier messages may be missing)", "note");
+        return;
+      }
+      last = data.position;
+      sessionStorage.setItem("wsloop-position", last);
+      show("message" in data ? data.message : "[binary]", "in");
+    };
+  }
+  open();
   document.getElementById("form").onsubmit = (event) => {
     event.preventDefault();
     if (ws.readyState === WebSocket.OPEN && input.value) {
@@ -7775,7 +7802,9 @@ def _main(argv: Optional[List[str]] = None) -> int:
         origins = list(args.origin) + ([None] if args.allow_no_origin else [])
     pages = {}
     if not args.app:
-        pages["/"] = ("text/html; charset=utf-8", _DEMO_PAGE.replace("{{MODE}}", "chat" if args.broadcast else "echo").encode())
+        page = _DEMO_PAGE.replace("{{MODE}}", "chat" if args.broadcast else "echo")
+        page = page.replace("{{HISTORY}}", "true" if args.broadcast and args.history is not None else "false")
+        pages["/"] = ("text/html; charset=utf-8", page.encode())
     _raise_fd_limit()
     try:
         server = (_WorkerServer if worker and worker.isdigit() else Server)(
