@@ -367,3 +367,41 @@ def test_a_position_jump_is_filled_from_history_before_the_later_message(redis_s
         assert offsets(first + got) == [1, 2, 3]
         assert A.broker.stats()["repairs"] == 1
         assert A.handler.gaps == []
+
+
+# -- 5. a Redis that answers history badly -------------------------------------------------------
+
+from redis_fixture import bulk, push  # noqa: E402
+
+BAD_READS = {
+    "not an array": b"+OK\r\n",
+    "too short": push(b"e", 1),
+    "an epoch that is not a word": push(b"e e", 1, 1),
+    "a negative top": push(b"e", -1, 1),
+    "a message that is an integer": push(b"e", 2, 1, 5),
+    "more messages than a page": b"*60\r\n" + bulk(b"e") + b":60\r\n:1\r\n" + bulk(b"\0" * 17 + b"x") * 57,
+}
+
+
+@pytest.mark.parametrize("reply", list(BAD_READS.values()), ids=list(BAD_READS))
+def test_a_bad_answer_to_a_history_read_drops_only_that_link(fake_redis, clients, reply):
+    """Each is a protocol error on the publishing link (never a crash): the
+    link is made again, the read asked again, and the client told once."""
+    fake_redis.eval_replies = [reply, push(b"", 0, 1)]
+    with history_cluster([fake_redis.url], **FAST_FAILURE) as (A,):
+        b = clients(A.port, since("e-1"))
+        assert json.loads(b.recv_message()) == {"recovered": False}
+        assert A.broker.stats()["protocol_errors"] == 1
+        a = clients(A.port)
+        a.send_text("still serving")
+        fake_redis.wait(lambda: sum(1 for _, args in fake_redis.log if args[0] == b"EVALSHA") >= 3)
+
+
+@pytest.mark.parametrize("data", [b"#", b"#e", b"#e:1", b"#e e:1:x", b"#e:x:" + b"\0" * 17 + b"t"])
+def test_a_history_message_without_a_position_is_a_protocol_error(fake_redis, clients, data):
+    with history_cluster([fake_redis.url], **FAST_FAILURE) as (A,):
+        clients(A.port)
+        number, sock = fake_redis.subscriber()
+        fake_redis.send(sock, push(b"message", b"wsloop:chat", data))
+        wait_until(lambda: A.broker.stats()["protocol_errors"] == 1, 10, message="no protocol error")
+        fake_redis.subscriber(after=number + 1)
