@@ -2699,14 +2699,14 @@ class _Catchup:
     def hold(self, offset: int, item: Any) -> None:
         self.held.append((offset, item))
 
-    def live(self, offset: int, item: Any) -> List[Any]:
+    def live(self, offset: int, item: Any, epoch: Optional[str] = None) -> List[Any]:
         """A live message: held while history is read; once it is done,
-        what to deliver (nothing at or below the cursor: the live stream
-        may lag behind a read made on another connection)."""
+        what to deliver (nothing at or below the cursor of its epoch: the
+        live stream may lag behind a read made on another connection)."""
         if not self.finished:
             self.held.append((offset, item))
             return []
-        if offset <= self.cursor:
+        if offset <= self.cursor and (epoch is None or epoch == self.epoch):
             return []
         self.cursor = offset
         return [item]
@@ -3459,7 +3459,9 @@ class _RedisShard:
     def publish(self, command: bytes) -> None:
         broker = self.broker
         publisher = self.publisher
-        if publisher.state == "ready" and not self.waiting:
+        # With history this process hears its own messages only through
+        # its subscription: they wait until every SUBSCRIBE is confirmed.
+        if publisher.state == "ready" and not self.waiting and (broker._history is None or self.resubscribed()):
             if len(publisher.outgoing) > broker.max_buffer:
                 broker._counts["dropped"] += 1  # Redis is not keeping up
                 return
@@ -6144,7 +6146,7 @@ class Server:
                 state = catchups.get((connection, topic))
                 if state is not None:
                     catchup = state[0]
-                    if not catchup.live(offset, prepared):
+                    if not catchup.live(offset, prepared, epoch):
                         continue
                     del catchups[(connection, topic)]  # caught up: straight through from now
             try:

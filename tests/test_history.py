@@ -405,3 +405,28 @@ def test_a_history_message_without_a_position_is_a_protocol_error(fake_redis, cl
         fake_redis.send(sock, push(b"message", b"wsloop:chat", data))
         wait_until(lambda: A.broker.stats()["protocol_errors"] == 1, 10, message="no protocol error")
         fake_redis.subscriber(after=number + 1)
+
+
+def test_once_caught_up_the_live_stream_may_lag_but_never_repeats():
+    catchup = wsloop._Catchup("e", 2)
+    assert catchup.page("e", 5, 3, [3, 4, 5]) == ([3, 4, 5], False)
+    assert [catchup.live(offset, offset, "e") for offset in (4, 5, 6, 7)] == [[], [], [6], [7]]
+    # A new epoch (Redis lost its data): its offsets start again and pass.
+    assert catchup.live(1, "new", "f") == ["new"]
+
+
+def test_with_history_a_publish_waits_until_the_subscription_is_confirmed(fake_redis, clients):
+    """This process hears its own messages only through its subscription:
+    a publish sent before Redis confirmed it would never come back (the
+    first messages after a start were lost this way)."""
+    fake_redis.hold_confirmations = True
+    with history_cluster([fake_redis.url], **FAST_FAILURE) as (A,):
+        clients(A.port)
+        fake_redis.wait(lambda: any(args[0] == b"SUBSCRIBE" for _, args in fake_redis.log))
+        A.publish("chat", "early")
+        ran = threading.Event()
+        A.call_soon_threadsafe(ran.set)  # after the publish: the door is in order
+        assert ran.wait(5)
+        assert not [args for _, args in fake_redis.log if args[0] == b"EVALSHA"]
+        fake_redis.release_confirmations()
+        fake_redis.wait(lambda: any(args[0] == b"EVALSHA" for _, args in fake_redis.log))
