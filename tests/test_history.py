@@ -430,3 +430,21 @@ def test_with_history_a_publish_waits_until_the_subscription_is_confirmed(fake_r
         assert not [args for _, args in fake_redis.log if args[0] == b"EVALSHA"]
         fake_redis.release_confirmations()
         fake_redis.wait(lambda: any(args[0] == b"EVALSHA" for _, args in fake_redis.log))
+
+
+def test_a_long_recovery_through_redis_is_read_in_bounded_pages(redis_server, clients):
+    """Redis history is read at most 48 messages and 32 KiB (past the
+    first) a page, each reply within the bridge's bounds; a recovery
+    longer than a page reads on from where the last one ended."""
+    with history_cluster([redis_server.url]) as (A,):
+        a = clients(A.port)
+        redis_server.wait_numsub("wsloop:chat", 1)
+        texts = ["small %d" % n for n in range(60)] + ["large %d " % n + "x" * 30000 for n in range(4)]
+        got = send_and_read(a, texts)
+        epoch = wsloop._parse_position(got[0]["position"])[0]
+        reads = A.broker.stats()["history_reads"]
+        b = clients(A.port, since("%s-0" % epoch))
+        assert json.loads(b.recv_message()) == {"recovered": True}
+        assert chat(b, len(texts)) == got
+        # 48 + 12 small and the first large + one large a page: 5 pages.
+        assert A.broker.stats()["history_reads"] - reads == 5
