@@ -2832,11 +2832,22 @@ MAX_TOPIC_BYTES = 1024  # a topic's UTF-8 length (see _check_topic)
 # top offset (prefix:p:topic).  One script appends, trims, counts and
 # publishes atomically, so positions are contiguous whoever publishes; the
 # message goes out as "#epoch:offset:" + envelope.  A missing hash (a
-# restart without persistence) starts a new epoch and an empty list.
+# restart without persistence) starts a new epoch and an empty list.  An
+# append sent again after its link died (ARGV[6] = "1": Redis may or may
+# not have run it) is skipped if the list already holds its node id and
+# sequence number, so a publish is neither lost nor doubled by a failover
+# of the link.
 # Measured against a Stream (XADD MAXLEN ~ N with the offset as its id):
 # see the README's history figures.
 _APPEND_SCRIPT = """\
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if epoch and ARGV[6] == '1' then
+  local id = string.sub(ARGV[2], 1, 16)
+  local items = redis.call('LRANGE', KEYS[1], 0, -1)
+  for i = #items, 1, -1 do
+    if string.sub(items[i], 1, 16) == id then return 0 end
+  end
+end
 if not epoch then
   epoch = ARGV[4]
   redis.call('DEL', KEYS[1])
@@ -2912,6 +2923,12 @@ def _resp_command(*args: Union[str, bytes]) -> bytes:
         parts.append(data)
         parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def _retried_append(command: bytes) -> bytes:
+    """An append command (see _APPEND_SCRIPT) with its last argument, the
+    retry flag, turned from "0" to "1"."""
+    return command[:-3] + b"1\r\n"
 
 
 class _RespParser:
@@ -3060,6 +3077,7 @@ class _RedisLink:
         self.parser = _RespParser(self.broker.max_message + _ENVELOPE.size + _POSITION_MAX)
         self.expected: Deque[str] = collections.deque()  # replies we wait for, in order
         self.reads: Deque[Tuple[str, int]] = collections.deque()  # history reads sent, in order
+        self.appends: Deque[bytes] = collections.deque()  # history appends not yet answered
         self.ping_sent: Optional[float] = None
         self.attempts = 0
         self.events = 0
@@ -3085,6 +3103,7 @@ class _RedisLink:
         self.outgoing.clear()
         self.expected.clear()
         self.reads.clear()
+        self.appends.clear()
         self.ping_sent = None
         # Resolving, connecting, TLS and AUTH must all be done within
         # ping_timeout: a stopped Redis still completes TCP handshakes from
@@ -3332,6 +3351,8 @@ class _RedisLink:
                 self.fail("Redis refused: %s" % reply)
                 return
             logger.warning("%s: %s", self.label(), _escape_reply(str(reply)))
+            if expect == "publish" and self.appends:
+                self.appends.popleft()
             if expect == "read":
                 self.broker._on_read(self.reads.popleft(), None)
             return
@@ -3347,6 +3368,8 @@ class _RedisLink:
         elif expect == "publish":
             if not isinstance(reply, int) or isinstance(reply, bool):
                 raise ProtocolError("Redis answered PUBLISH with %s" % _describe_reply(reply))
+            if self.appends:
+                self.appends.popleft()
         elif expect == "script":
             if reply not in (_APPEND_SHA.encode("ascii"), _READ_SHA.encode("ascii")):
                 raise ProtocolError("Redis answered SCRIPT LOAD with %s" % _describe_reply(reply))
@@ -3433,6 +3456,7 @@ class _RedisShard:
         self.publisher = _RedisLink(self, "publisher")
         self.waiting = bytearray()  # publishes made while it was away
         self.waiting_count = 0
+        self.waiting_appends: List[bytes] = []  # with history: each of them
         self.ever_ready = False
         self.lost_subscriber = False
         self.unconfirmed = 0  # SUBSCRIBEs of a resubscription not yet confirmed
@@ -3467,6 +3491,8 @@ class _RedisShard:
                 return
             publisher.outgoing += command
             publisher.expected.append("publish")
+            if broker._history is not None:
+                publisher.appends.append(command)
             # Counted before the write: a reader that has seen the message
             # arrive elsewhere must also see it counted here.
             broker._counts["published"] += 1
@@ -3474,6 +3500,8 @@ class _RedisShard:
         elif len(self.waiting) + len(command) <= broker.max_buffer:
             self.waiting += command  # sent once this process has resubscribed
             self.waiting_count += 1
+            if broker._history is not None:
+                self.waiting_appends.append(command)
         else:
             broker._counts["dropped"] += 1
 
@@ -3533,6 +3561,9 @@ class _RedisShard:
             return
         if self.waiting:
             publisher = self.publisher
+            if self.broker._history is not None:
+                publisher.appends.extend(self.waiting_appends)
+                self.waiting_appends = []
             publisher.outgoing += self.waiting
             publisher.expected.extend(["publish"] * self.waiting_count)
             self.broker._counts["published"] += self.waiting_count
@@ -3557,6 +3588,14 @@ class _RedisShard:
                 if pending is not None:
                     pending.sent = False
             link.reads.clear()
+            if link.appends:
+                # Appends Redis may or may not have run: sent again first,
+                # marked so that the script skips one it already holds.
+                again = [_retried_append(command) for command in link.appends]
+                link.appends.clear()
+                self.waiting = bytearray(b"".join(again)) + self.waiting
+                self.waiting_count += len(again)
+                self.waiting_appends = again + self.waiting_appends
         if was_ready:
             broker._counts["reconnects"] += 1
             if not logged:
@@ -3790,7 +3829,7 @@ class RedisBroker:
             ttl = "%d" % (history[1] * 1000) if history[1] else "0"
             self._shard(topic).publish(_resp_command(
                 "EVALSHA", _APPEND_SHA, "2", self._key("h", topic), self._key("p", topic), self._channel(topic),
-                envelope, "%d" % history[0], "%s%x" % (self.node_id.hex(), self._epochs), ttl,
+                envelope, "%d" % history[0], "%s%x" % (self.node_id.hex(), self._epochs), ttl, "0",
             ))
             return
         self._shard(topic).publish(_resp_command("PUBLISH", self._channel(topic), envelope))

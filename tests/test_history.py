@@ -448,3 +448,43 @@ def test_a_long_recovery_through_redis_is_read_in_bounded_pages(redis_server, cl
         assert chat(b, len(texts)) == got
         # 48 + 12 small and the first large + one large a page: 5 pages.
         assert A.broker.stats()["history_reads"] - reads == 5
+
+
+def test_a_partition_between_the_publisher_and_redis_loses_nothing(redis_server, partition_proxy, clients):
+    """Before: what A published into its dead link was lost for everyone
+    (the link is reset, not flushed).  Now the appends Redis did not answer
+    are sent again once A is back, marked so that Redis skips any it did
+    run: every subscriber, A's own too, gets each message once, in order."""
+    proxy = partition_proxy(redis_server.port)
+    with history_cluster([proxy.url, redis_server.url], **FAST_FAILURE) as (A, B):
+        a, b = clients(A.port), clients(B.port)
+        redis_server.wait_numsub("wsloop:chat", 2)
+        first = send_and_read(a, ["before"])
+        assert chat(b, 1) == first
+        proxy.partition()
+        during = ["during-%d" % n for n in range(20)]
+        for text in during:
+            a.send_text(text)
+        wait_until(lambda: A.broker.state != "connected", RECOVERY_TIMEOUT, message="A never noticed")
+        proxy.heal()
+        got_a = chat(a, 20)
+        got_b = chat(b, 20)
+        assert [one["message"] for one in got_a] == during
+        assert got_b == got_a
+        assert offsets(first + got_a) == list(range(1, 22))
+        end = send_and_read(a, ["end"])
+        assert chat(b, 1) == end
+        assert proxy.release() == 0, "the dead link's bytes reached Redis after the partition"
+
+
+def test_an_append_sent_again_is_not_doubled(redis_server):
+    """The retry flag: an append Redis already ran is skipped."""
+    admin = redis_server.admin
+    sha = admin.script_load(wsloop._APPEND_SCRIPT)
+    envelope = b"N" * 8 + b"\0" * 7 + b"\1" + b"t" + b"once"
+    keys = ["wsloop:h:t", "wsloop:p:t"]
+    assert admin.evalsha(sha, 2, *keys, "wsloop:t", envelope, "10", "epoch1", "0", "0") == 1
+    assert admin.evalsha(sha, 2, *keys, "wsloop:t", envelope, "10", "epoch1", "0", "1") == 0
+    assert admin.lrange("wsloop:h:t", 0, -1) == [envelope]
+    other = b"N" * 8 + b"\0" * 7 + b"\2" + b"t" + b"next"
+    assert admin.evalsha(sha, 2, *keys, "wsloop:t", other, "10", "epoch1", "0", "1") == 2
