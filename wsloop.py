@@ -2630,7 +2630,8 @@ class _History:
     ):
         if size < 1 or max_topics < 1:
             raise ValueError("history and history_topics must be at least 1")
-        _timeout("history_ttl", ttl)
+        if ttl is not None and not ttl > 0:
+            raise ValueError("history_ttl must be a positive number of seconds, or None")
         self.size = size
         self.ttl = ttl
         self.max_topics = max_topics

@@ -488,3 +488,10 @@ def test_an_append_sent_again_is_not_doubled(redis_server):
     assert admin.lrange("wsloop:h:t", 0, -1) == [envelope]
     other = b"N" * 8 + b"\0" * 7 + b"\2" + b"t" + b"next"
     assert admin.evalsha(sha, 2, *keys, "wsloop:t", other, "10", "epoch1", "0", "1") == 2
+
+
+@pytest.mark.parametrize("options", [dict(history=0), dict(history=5, history_ttl=0), dict(history=5, history_topics=0),
+                                     dict(history_ttl=5), dict(position_format=str)])
+def test_history_options_are_checked(options):
+    with pytest.raises(ValueError):
+        wsloop.Server(port=0, **options)
