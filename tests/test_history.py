@@ -11,8 +11,9 @@ the proxy the Redis tests use, a position jump on the live path).
 ordered path, never by waiting for silence.
 """
 
-import itertools
 import json
+import subprocess
+import sys
 import threading
 import urllib.parse
 from contextlib import ExitStack, contextmanager
@@ -21,7 +22,7 @@ import pytest
 
 import wsloop
 from helpers import Client, running_server
-from redis_fixture import wait_until
+from redis_fixture import bulk, push, wait_until
 from test_cli import CliServer
 
 FAST_FAILURE = dict(ping_interval=0.3, ping_timeout=0.5, reconnect_max=0.5)
@@ -238,9 +239,6 @@ def test_cli_without_history_nothing_changes(cli, clients):
     (["--broadcast", "--history", "0"], "--history"),
 ])
 def test_cli_history_user_errors_are_one_line(args, message):
-    import subprocess
-    import sys
-
     result = subprocess.run([sys.executable, "-m", "wsloop"] + args, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -370,8 +368,6 @@ def test_a_position_jump_is_filled_from_history_before_the_later_message(redis_s
 
 
 # -- 5. a Redis that answers history badly -------------------------------------------------------
-
-from redis_fixture import bulk, push  # noqa: E402
 
 BAD_READS = {
     "not an array": b"+OK\r\n",
