@@ -308,14 +308,14 @@ class HistoryChat(wsloop.Chat):
 
 
 @contextmanager
-def history_cluster(urls, **broker_options):
+def history_cluster(urls, history_ttl=None, **broker_options):
     with ExitStack() as stack:
         nodes = []
         for url in urls:
             handler = HistoryChat()
             broker = wsloop.RedisBroker(url, **broker_options)
             server = stack.enter_context(running_server(
-                handler, broker=broker, history=100, position_format=wsloop.Chat.format,
+                handler, broker=broker, history=100, history_ttl=history_ttl, position_format=wsloop.Chat.format,
                 ping_interval=None, compression=False,
             ))
             nodes.append(server)
@@ -491,3 +491,22 @@ def test_an_append_sent_again_is_not_doubled(redis_server):
 def test_history_options_are_checked(options):
     with pytest.raises(ValueError):
         wsloop.Server(port=0, **options)
+
+
+def test_history_ttl_in_redis_expires_a_topics_list_and_recovery_says_so(redis_server, clients):
+    """--history-ttl in Redis: the list expires that long after the last
+    message (its expiry is brought forward here rather than waited out);
+    a client coming back then is told it cannot recover."""
+    with history_cluster([redis_server.url], history_ttl=30) as (A,):
+        a = clients(A.port)
+        redis_server.wait_numsub("wsloop:chat", 1)
+        got = send_and_read(a, ["m1", "m2", "m3"])
+        admin = redis_server.admin
+        assert 0 < admin.pttl("wsloop:h:chat") <= 30000
+        admin.pexpire("wsloop:h:chat", 1)
+        wait_until(lambda: not admin.exists("wsloop:h:chat"), 5, message="never expired")
+        b = clients(A.port, since(got[0]["position"]))
+        assert json.loads(b.recv_message()) == {"recovered": False}
+        sent = send_and_read(a, ["live"])
+        assert chat(b, 1) == sent
+        assert offsets(sent) == [4], "the offsets go on: the epoch is kept"
