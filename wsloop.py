@@ -88,6 +88,8 @@ import importlib
 import inspect
 import itertools
 import ipaddress
+import itertools
+import json
 import logging
 import os
 import random
@@ -2572,6 +2574,242 @@ class _EventLoop:
 
 
 # =============================================================================
+# History and recovery: positions, the last N messages of a topic, the seam
+# =============================================================================
+#
+# With history on, every message published to a topic gets a position: an
+# epoch (a random word, new whenever the topic's history starts afresh, for
+# example after a Redis restart without persistence) and an offset that
+# grows by one per message.  Offsets are contiguous, so a receiver tells a
+# gap from the positions alone.  The position travels as the opaque string
+# "epoch-offset".  Without a broker the history lives in the process
+# (_History); with one it lives in Redis, where any process can read it
+# (see the Redis section).
+#
+# A subscriber that comes back with the last position it saw is caught up
+# by a _Catchup: it holds the live messages that arrive while history is
+# being read (with Redis the read is a round trip, and the subscription is
+# made before it), takes the history in pages, and hands back everything
+# after the position in order, each offset once: history first, then the
+# held live messages above the last offset history gave.  The same object
+# repairs a topic when a receiver sees its offsets jump.
+
+_POSITION_MAX = 128  # characters of a position (what a client may send back)
+_EPOCH_MAX = 64
+_HISTORY_PAGE_ITEMS = 48  # messages in one read of Redis history (its reply stays within the bridge's bounds)
+_HISTORY_PAGE_BYTES = 32 * 2**10  # ... and their bytes, past the first
+DEFAULT_HISTORY_TOPICS = 10000  # topics whose history a process keeps (then the least recent goes)
+
+
+def _format_position(epoch: str, offset: int) -> str:
+    return "%s-%d" % (epoch, offset)
+
+
+def _parse_position(position: Any) -> Optional[Tuple[str, int]]:
+    """(epoch, offset) of a position string, or None for anything else
+    (it may come from a client: never an exception)."""
+    if not isinstance(position, str) or len(position) > _POSITION_MAX:
+        return None
+    epoch, dash, digits = position.rpartition("-")
+    if not dash or not 0 < len(epoch) <= _EPOCH_MAX or not (epoch.isascii() and epoch.isalnum()):
+        return None
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 18:
+        return None
+    return epoch, int(digits)
+
+
+def _new_epoch() -> str:
+    return os.urandom(8).hex()
+
+
+class _HistoryPage:
+    """One read of a topic's history: its epoch ("" when it has none), its
+    top offset, and the messages from offset ``first`` on, contiguous.
+    ``prepared`` is filled once by the server (formatted and framed), so a
+    page shared by many readers is framed once."""
+
+    __slots__ = ("epoch", "top", "first", "messages", "prepared", "entries")
+
+    def __init__(self, epoch: str, top: int, first: int, messages: List[Union[str, bytes]]):
+        self.epoch = epoch
+        self.top = top
+        self.first = first
+        self.messages = messages
+        self.prepared: Optional[List[Any]] = None
+        self.entries: Optional[List[List[Any]]] = None  # in-process: where each frame is cached
+
+
+class _TopicHistory:
+    __slots__ = ("epoch", "top", "entries")
+
+    def __init__(self) -> None:
+        self.epoch = _new_epoch()
+        self.top = 0
+        self.entries: Deque[List[Any]] = collections.deque()  # [time, message, prepared or None]
+
+
+class _History:
+    """The last ``size`` messages of each topic (and only those younger
+    than ``ttl`` seconds, if given), in the process; at most ``max_topics``
+    topics, the one published to least recently forgotten first (a client
+    coming back to it is told it cannot recover).  Socket-free; ``clock``
+    is injectable."""
+
+    def __init__(
+        self, size: int, ttl: Optional[float] = None, max_topics: int = DEFAULT_HISTORY_TOPICS,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if size < 1 or max_topics < 1:
+            raise ValueError("history and history_topics must be at least 1")
+        if ttl is not None and not ttl > 0:
+            raise ValueError("history_ttl must be a positive number of seconds, or None")
+        self.size = size
+        self.ttl = ttl
+        self.max_topics = max_topics
+        self.clock = clock
+        self._topics: Dict[str, _TopicHistory] = {}
+
+    def __len__(self) -> int:
+        return len(self._topics)
+
+    def append(self, topic: str, message: Union[str, bytes]) -> Tuple[str, int, List[Any]]:
+        """Keep ``message``; its (epoch, offset, entry): the entry's last
+        item is where the caller caches the framed message."""
+        topics = self._topics
+        history = topics.pop(topic, None)  # and back at the end: most recent last
+        if history is None:
+            if len(topics) >= self.max_topics:
+                del topics[next(iter(topics))]
+            history = _TopicHistory()
+        topics[topic] = history
+        history.top += 1
+        entries = history.entries
+        entry = [self.clock(), message, None]
+        entries.append(entry)
+        if len(entries) > self.size:
+            entries.popleft()
+        return history.epoch, history.top, entry
+
+    def read(self, topic: str, after: int) -> _HistoryPage:
+        """Every message kept after offset ``after``."""
+        history = self._topics.get(topic)
+        if history is None:
+            return _HistoryPage("", 0, 1, [])
+        entries = history.entries
+        if self.ttl is not None:
+            oldest = self.clock() - self.ttl
+            while entries and entries[0][0] < oldest:
+                entries.popleft()
+        first = history.top - len(entries) + 1
+        start = max(after + 1, first)
+        chosen = list(itertools.islice(entries, start - first, None))
+        page = _HistoryPage(history.epoch, history.top, start, [entry[1] for entry in chosen])
+        page.entries = chosen
+        return page
+
+
+class _Catchup:
+    """Joins history to the live stream after offset ``after`` of epoch
+    ``epoch``: live messages are held (:meth:`hold`) while history is read
+    page by page (:meth:`page`); what comes out is every offset after
+    ``after`` exactly once, in order.  ``whole``: recover all or nothing
+    (a subscriber: if history does not reach back, it gets only what is
+    live); otherwise deliver what history still has and count the rest
+    as ``missed`` (the repair of a topic on the live path)."""
+
+    __slots__ = ("epoch", "cursor", "whole", "held", "recovered", "missed", "finished")
+
+    def __init__(self, epoch: str, after: int, whole: bool = True):
+        self.epoch = epoch
+        self.cursor = after  # the last offset handed out
+        self.whole = whole
+        self.held: List[Tuple[int, Any]] = []
+        self.recovered: Optional[bool] = None
+        self.missed = 0
+        self.finished = False
+
+    def hold(self, offset: int, item: Any) -> None:
+        self.held.append((offset, item))
+
+    def live(self, offset: int, item: Any, epoch: Optional[str] = None) -> List[Any]:
+        """A live message: held while history is read; once it is done,
+        what to deliver (nothing at or below the cursor of its epoch: the
+        live stream may lag behind a read made on another connection)."""
+        if not self.finished:
+            self.held.append((offset, item))
+            return []
+        if offset <= self.cursor and (epoch is None or epoch == self.epoch):
+            return []
+        self.cursor = offset
+        return [item]
+
+    def page(self, epoch: str, top: int, first: int, items: List[Any]) -> Tuple[List[Any], bool]:
+        """Take one page of history: (what to deliver now, in order; whether
+        to read again after :attr:`cursor`).  When it says no more, the
+        catch-up is over and live messages go straight through again."""
+        out: List[Any] = []
+        if not epoch or not self.epoch:
+            # No history at all (or not a position to start from).
+            self.recovered = False
+            self._release(None, out)
+            self.finished = True
+            return out, False
+        if epoch != self.epoch:
+            # The history was lost and began again: nothing before is valid.
+            self.recovered = False
+            self.epoch = epoch
+            if self.whole:
+                self._release(None, out)
+                self.finished = True
+                return out, False
+            self.cursor = 0
+            return out, True  # read the new epoch from its start
+        if top < self.cursor:  # a position this history never gave
+            self.recovered = False
+            self._release(None, out)
+            self.finished = True
+            return out, False
+        if items and first > self.cursor + 1 or not items and top > self.cursor:
+            # History no longer reaches back to the position.
+            if self.whole:
+                self.recovered = False
+                self._release(None, out)
+                self.finished = True
+                return out, False
+            reached = first - 1 if items else top
+            self.missed += reached - self.cursor
+            self.cursor = reached
+        if self.recovered is None:
+            self.recovered = True  # it reaches back: told before anything is sent
+        for index, item in enumerate(items):
+            offset = first + index
+            if offset == self.cursor + 1:
+                out.append(item)
+                self.cursor = offset
+        if self.cursor < top:
+            return out, True
+        more = not self._release(self.cursor, out)
+        self.finished = not more
+        return out, more
+
+    def _release(self, cursor: Optional[int], out: List[Any]) -> bool:
+        """Append the held live messages above ``cursor`` (all of them for
+        None) to ``out``; False if one is missing between (read again)."""
+        held, self.held = self.held, []
+        for index, (offset, item) in enumerate(held):
+            if cursor is not None:
+                if offset <= cursor:
+                    continue
+                if offset != cursor + 1:
+                    self.held = held[index:]  # a gap the read did not cover yet
+                    return False
+            out.append(item)
+            cursor = offset
+            self.cursor = offset
+        return True
+
+
+# =============================================================================
 # Fan-out between processes: a Redis pub/sub bridge, spoken from the loop
 # =============================================================================
 #
@@ -2620,6 +2858,62 @@ _MAX_PUBLISHED_TOPICS = 2**16  # sequence counters a node keeps (then new runs)
 _MAX_NODES_PER_TOPIC = 1024  # publishing nodes a receiver tracks per topic
 _RESUBSCRIBE_BATCH = 256  # channels per SUBSCRIBE command, one command a turn
 MAX_TOPIC_BYTES = 1024  # a topic's UTF-8 length (see _check_topic)
+
+# History in Redis (see "History and recovery" above): per topic a list of
+# the last N envelopes (prefix:h:topic) and a hash with the epoch and the
+# top offset (prefix:p:topic).  One script appends, trims, counts and
+# publishes atomically, so positions are contiguous whoever publishes; the
+# message goes out as "#epoch:offset:" + envelope.  A missing hash (a
+# restart without persistence) starts a new epoch and an empty list.  An
+# append sent again after its link died (ARGV[6] = "1": Redis may or may
+# not have run it) is skipped if the list already holds its node id and
+# sequence number, so a publish is neither lost nor doubled by a failover
+# of the link.
+# Measured against a Stream (XADD MAXLEN ~ N with the offset as its id):
+# see the README's history figures.
+_APPEND_SCRIPT = """\
+local epoch = redis.call('HGET', KEYS[2], 'epoch')
+if epoch and ARGV[6] == '1' then
+  local id = string.sub(ARGV[2], 1, 16)
+  local items = redis.call('LRANGE', KEYS[1], 0, -1)
+  for i = #items, 1, -1 do
+    if string.sub(items[i], 1, 16) == id then return 0 end
+  end
+end
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'epoch', epoch)
+end
+local top = redis.call('HINCRBY', KEYS[2], 'top', 1)
+redis.call('RPUSH', KEYS[1], ARGV[2])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
+if ARGV[5] ~= '0' then redis.call('PEXPIRE', KEYS[1], ARGV[5]) end
+redis.call('PUBLISH', ARGV[1], '#' .. epoch .. ':' .. top .. ':' .. ARGV[2])
+return top
+"""
+# Reads after offset ARGV[1]: {epoch, top, first, envelopes...}, at most
+# ARGV[2] of them and ARGV[3] bytes past the first; {"", 0, 1} without history.
+_READ_SCRIPT = """\
+local meta = redis.call('HMGET', KEYS[2], 'epoch', 'top')
+if not meta[1] then return {'', 0, 1} end
+local top = tonumber(meta[2])
+local first = top - redis.call('LLEN', KEYS[1]) + 1
+local start = tonumber(ARGV[1]) + 1
+if start < first then start = first end
+local out = {meta[1], top, start}
+if start > top then return out end
+local items = redis.call('LRANGE', KEYS[1], start - first, start - first + tonumber(ARGV[2]) - 1)
+local bytes = 0
+for i = 1, #items do
+  if i > 1 and bytes + #items[i] > tonumber(ARGV[3]) then break end
+  bytes = bytes + #items[i]
+  out[#out + 1] = items[i]
+end
+return out
+"""
+_APPEND_SHA = hashlib.sha1(_APPEND_SCRIPT.encode("ascii")).hexdigest()
+_READ_SHA = hashlib.sha1(_READ_SCRIPT.encode("ascii")).hexdigest()
 DEFAULT_MAX_TOPICS = 1000  # topics one connection may hold (Server's max_topics)
 
 
@@ -2661,6 +2955,12 @@ def _resp_command(*args: Union[str, bytes]) -> bytes:
         parts.append(data)
         parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def _retried_append(command: bytes) -> bytes:
+    """An append command (see _APPEND_SCRIPT) with its last argument, the
+    retry flag, turned from "0" to "1"."""
+    return command[:-3] + b"1\r\n"
 
 
 class _RespParser:
@@ -2806,8 +3106,10 @@ class _RedisLink:
         self.state = "disconnected"  # then "connecting", "ready"
         self.sock: Optional[socket.socket] = None
         self.outgoing = bytearray()
-        self.parser = _RespParser(self.broker.max_message + _ENVELOPE.size)
+        self.parser = _RespParser(self.broker.max_message + _ENVELOPE.size + _POSITION_MAX)
         self.expected: Deque[str] = collections.deque()  # replies we wait for, in order
+        self.reads: Deque[Tuple[str, int]] = collections.deque()  # history reads sent, in order
+        self.appends: Deque[bytes] = collections.deque()  # history appends not yet answered
         self.ping_sent: Optional[float] = None
         self.attempts = 0
         self.events = 0
@@ -2829,9 +3131,11 @@ class _RedisLink:
         loop = self.broker.loop
         assert loop is not None
         self.state = "connecting"
-        self.parser = _RespParser(self.broker.max_message + _ENVELOPE.size)
+        self.parser = _RespParser(self.broker.max_message + _ENVELOPE.size + _POSITION_MAX)
         self.outgoing.clear()
         self.expected.clear()
+        self.reads.clear()
+        self.appends.clear()
         self.ping_sent = None
         # Resolving, connecting, TLS and AUTH must all be done within
         # ping_timeout: a stopped Redis still completes TCP handshakes from
@@ -2907,6 +3211,9 @@ class _RedisLink:
             self.command(*args, expect="auth")
         if shard.db:
             self.command("SELECT", str(shard.db), expect="select")
+        if self.name == "publisher" and self.broker._history is not None:
+            self.command("SCRIPT", "LOAD", _APPEND_SCRIPT, expect="script")
+            self.command("SCRIPT", "LOAD", _READ_SCRIPT, expect="script")
         self.command("PING", expect="ready")
 
     def ready(self) -> None:
@@ -3049,7 +3356,7 @@ class _RedisLink:
 
     def _on_reply(self, reply: Any) -> None:
         """Act on one reply, after checking it has the shape its place calls for."""
-        if isinstance(reply, list):
+        if isinstance(reply, list) and not (self.expected and self.expected[0] == "read"):
             kind = reply[0].lower() if reply and isinstance(reply[0], bytes) else None
             if kind == b"message" and len(reply) == 3 and isinstance(reply[1], bytes) and isinstance(reply[2], bytes):
                 self.broker._on_message(self, reply[1], reply[2])
@@ -3072,10 +3379,14 @@ class _RedisLink:
             if expect == "auth" or str(reply).startswith(("NOAUTH", "WRONGPASS")):
                 self.shard.auth_failed(self, str(reply))
                 return
-            if expect in ("select", "ready"):
+            if expect in ("select", "ready", "script") or str(reply).startswith("NOSCRIPT"):
                 self.fail("Redis refused: %s" % reply)
                 return
             logger.warning("%s: %s", self.label(), _escape_reply(str(reply)))
+            if expect == "publish" and self.appends:
+                self.appends.popleft()
+            if expect == "read":
+                self.broker._on_read(self.reads.popleft(), None)
             return
         if expect in ("auth", "select"):
             if reply != "OK":
@@ -3089,6 +3400,21 @@ class _RedisLink:
         elif expect == "publish":
             if not isinstance(reply, int) or isinstance(reply, bool):
                 raise ProtocolError("Redis answered PUBLISH with %s" % _describe_reply(reply))
+            if self.appends:
+                self.appends.popleft()
+        elif expect == "script":
+            if reply not in (_APPEND_SHA.encode("ascii"), _READ_SHA.encode("ascii")):
+                raise ProtocolError("Redis answered SCRIPT LOAD with %s" % _describe_reply(reply))
+        elif expect == "read":
+            if not (
+                isinstance(reply, list) and 3 <= len(reply) <= 3 + _HISTORY_PAGE_ITEMS
+                and isinstance(reply[0], bytes) and len(reply[0]) <= _EPOCH_MAX
+                and (reply[0].isalnum() or not reply[0])
+                and isinstance(reply[1], int) and isinstance(reply[2], int) and reply[1] >= 0 and reply[2] >= 1
+                and all(isinstance(item, bytes) for item in reply[3:])
+            ):
+                raise ProtocolError("Redis answered a history read with %s" % _describe_reply(reply))
+            self.broker._on_read(self.reads.popleft(), reply)
 
     # -- liveness and the end -------------------------------------------------
 
@@ -3162,6 +3488,7 @@ class _RedisShard:
         self.publisher = _RedisLink(self, "publisher")
         self.waiting = bytearray()  # publishes made while it was away
         self.waiting_count = 0
+        self.waiting_appends: List[bytes] = []  # with history: each of them
         self.ever_ready = False
         self.lost_subscriber = False
         self.unconfirmed = 0  # SUBSCRIBEs of a resubscription not yet confirmed
@@ -3188,12 +3515,16 @@ class _RedisShard:
     def publish(self, command: bytes) -> None:
         broker = self.broker
         publisher = self.publisher
-        if publisher.state == "ready" and not self.waiting:
+        # With history this process hears its own messages only through
+        # its subscription: they wait until every SUBSCRIBE is confirmed.
+        if publisher.state == "ready" and not self.waiting and (broker._history is None or self.resubscribed()):
             if len(publisher.outgoing) > broker.max_buffer:
                 broker._counts["dropped"] += 1  # Redis is not keeping up
                 return
             publisher.outgoing += command
             publisher.expected.append("publish")
+            if broker._history is not None:
+                publisher.appends.append(command)
             # Counted before the write: a reader that has seen the message
             # arrive elsewhere must also see it counted here.
             broker._counts["published"] += 1
@@ -3201,6 +3532,8 @@ class _RedisShard:
         elif len(self.waiting) + len(command) <= broker.max_buffer:
             self.waiting += command  # sent once this process has resubscribed
             self.waiting_count += 1
+            if broker._history is not None:
+                self.waiting_appends.append(command)
         else:
             broker._counts["dropped"] += 1
 
@@ -3219,7 +3552,9 @@ class _RedisShard:
                 logger.warning(
                     "redis %s: subscriber back; messages on %d topic(s) may be lost", self.where(), len(self.topics)
                 )
-                if self.topics:
+                if self.topics and broker._history is not None:
+                    broker._catch_up(list(self.topics))  # from history, once resubscribed
+                elif self.topics:
                     broker._report_gap(list(self.topics), None)
             elif not self.ever_ready:
                 logger.info("redis: connected to %s", self.where())
@@ -3251,16 +3586,24 @@ class _RedisShard:
 
     def send_waiting(self) -> None:
         """Publishes made while Redis was away go out once this process
-        has resubscribed (its own subscribers would miss them otherwise)."""
-        if not self.waiting or self.publisher.state != "ready" or not self.resubscribed():
+        has resubscribed (its own subscribers would miss them otherwise);
+        so do history reads (a read made before the subscription could miss
+        what is published between the two)."""
+        if self.publisher.state != "ready" or not self.resubscribed():
             return
-        publisher = self.publisher
-        publisher.outgoing += self.waiting
-        publisher.expected.extend(["publish"] * self.waiting_count)
-        self.broker._counts["published"] += self.waiting_count
-        self.waiting = bytearray()
-        self.waiting_count = 0
-        publisher.flush()
+        if self.waiting:
+            publisher = self.publisher
+            if self.broker._history is not None:
+                publisher.appends.extend(self.waiting_appends)
+                self.waiting_appends = []
+            publisher.outgoing += self.waiting
+            publisher.expected.extend(["publish"] * self.waiting_count)
+            self.broker._counts["published"] += self.waiting_count
+            self.waiting = bytearray()
+            self.waiting_count = 0
+            publisher.flush()
+        if self.broker._reads:
+            self.broker._send_reads(self)
 
     def link_failed(self, link: _RedisLink, why: str, was_ready: bool, logged: bool) -> None:
         broker = self.broker
@@ -3271,6 +3614,20 @@ class _RedisShard:
             self.unconfirmed = 0
             if was_ready or self.ever_ready:
                 self.lost_subscriber = True
+        else:
+            for key in link.reads:  # asked again once it is back
+                pending = broker._reads.get(key)
+                if pending is not None:
+                    pending.sent = False
+            link.reads.clear()
+            if link.appends:
+                # Appends Redis may or may not have run: sent again first,
+                # marked so that the script skips one it already holds.
+                again = [_retried_append(command) for command in link.appends]
+                link.appends.clear()
+                self.waiting = bytearray(b"".join(again)) + self.waiting
+                self.waiting_count += len(again)
+                self.waiting_appends = again + self.waiting_appends
         if was_ready:
             broker._counts["reconnects"] += 1
             if not logged:
@@ -3301,6 +3658,16 @@ class _RedisShard:
         self.auth_error = reply
         link.close(abort=True)
         self.link_failed(link, "authentication failed", False, True)
+
+
+class _PendingRead:
+    """A history read: who waits for it, and whether it was sent."""
+
+    __slots__ = ("callbacks", "sent")
+
+    def __init__(self, callback: Callable[[_HistoryPage], None]):
+        self.callbacks = [callback]
+        self.sent = False
 
 
 class RedisBroker:
@@ -3365,12 +3732,12 @@ class RedisBroker:
         self.node_id = os.urandom(8)
         self._random = random.Random()  # jitter; its own, so no one else's seed decides it
         self.loop: Optional[_EventLoop] = None
-        self._deliver: Optional[Callable[[str, Union[str, bytes]], Any]] = None
+        self._deliver: Optional[Callable[..., Any]] = None
         self._gap: Optional[Callable[[List[str], Optional[Dict[str, Dict[str, int]]]], None]] = None
         self._closed = False
         self._counts = {
             "published": 0, "received": 0, "dropped": 0, "reconnects": 0, "gaps": 0,
-            "missed": 0, "stale": 0, "protocol_errors": 0,
+            "missed": 0, "stale": 0, "protocol_errors": 0, "repairs": 0, "history_reads": 0,
         }
         self._shards = [_RedisShard(self, one, index, ssl_context) for index, one in enumerate(urls)]
         first = self._shards[0]
@@ -3385,6 +3752,14 @@ class RedisBroker:
         self._seen: Dict[str, Dict[bytes, int]] = {}
         self._missed: Dict[str, Dict[str, int]] = {}
         self._ping_timer: Optional[_Timer] = None
+        # History in Redis (set by a Server with history): its size and
+        # ttl; per topic the last position delivered here and a repair
+        # under way; history reads waiting or sent, merged by (topic, after).
+        self._history: Optional[Tuple[int, Optional[float]]] = None
+        self._epochs = 0
+        self._positions: Dict[str, Tuple[str, int]] = {}
+        self._repairs: Dict[str, _Catchup] = {}
+        self._reads: Dict[Tuple[str, int], _PendingRead] = {}
 
     def __repr__(self) -> str:
         where = ",".join(shard.where() for shard in self._shards)
@@ -3426,7 +3801,7 @@ class RedisBroker:
     def _attach(
         self,
         loop: _EventLoop,
-        deliver: Callable[[str, Union[str, bytes]], Any],
+        deliver: Callable[..., Any],
         gap: Callable[[List[str], Optional[Dict[str, Dict[str, int]]]], None],
     ) -> None:
         self.loop = loop
@@ -3456,6 +3831,8 @@ class RedisBroker:
     def _unsubscribe(self, topic: str) -> None:
         self._topics.pop(topic, None)
         self._seen.pop(topic, None)
+        self._positions.pop(topic, None)
+        self._repairs.pop(topic, None)
         self._shard(topic).unsubscribe(topic)
 
     def _publish(self, topic: str, message: Union[str, bytes]) -> None:
@@ -3478,12 +3855,24 @@ class RedisBroker:
         if sequence > self._highest:
             self._highest = sequence
         envelope = _ENVELOPE.pack(self.node_id, sequence, kind) + payload
+        history = self._history
+        if history is not None:
+            self._epochs += 1  # a new epoch, used only if the topic has none
+            ttl = "%d" % (history[1] * 1000) if history[1] else "0"
+            self._shard(topic).publish(_resp_command(
+                "EVALSHA", _APPEND_SHA, "2", self._key("h", topic), self._key("p", topic), self._channel(topic),
+                envelope, "%d" % history[0], "%s%x" % (self.node_id.hex(), self._epochs), ttl, "0",
+            ))
+            return
         self._shard(topic).publish(_resp_command("PUBLISH", self._channel(topic), envelope))
 
     # -- what the links tell the broker ---------------------------------------
 
     def _channel(self, topic: str) -> str:
         return self.prefix + ":" + topic
+
+    def _key(self, kind: str, topic: str) -> str:
+        return "%s:%s:%s" % (self.prefix, kind, topic)
 
     def _check_channel(self, channel: bytes) -> str:
         """The topic of one of our channels, or a ProtocolError."""
@@ -3498,6 +3887,9 @@ class RedisBroker:
         if link.name != "subscriber":
             raise ProtocolError("Redis sent a message to the publishing connection")
         topic = self._check_channel(channel)
+        if data[:1] == b"#" and self._history is not None:
+            self._on_positioned(topic, data)
+            return
         if len(data) < _ENVELOPE.size:
             return  # not one of ours: another program publishing there
         node, sequence, kind = _ENVELOPE.unpack_from(data)
@@ -3537,6 +3929,150 @@ class RedisBroker:
         self._counts["received"] += 1
         if self._deliver is not None:
             self._deliver(topic, message)
+
+    # -- history in Redis ----------------------------------------------------
+
+    def _use_history(self, size: int, ttl: Optional[float]) -> None:
+        if self.loop is not None:
+            raise ValueError("this broker already serves a server")
+        self._history = (size, ttl)
+
+    @staticmethod
+    def _open_envelope(data: bytes) -> Optional[Union[str, bytes]]:
+        """The message in an envelope, or None if it is not one of ours."""
+        if len(data) < _ENVELOPE.size:
+            return None
+        kind = data[_ENVELOPE.size - 1 : _ENVELOPE.size]
+        kind = _FIRST_OF_RUN.get(kind, kind)
+        payload = data[_ENVELOPE.size :]
+        if kind == b"b":
+            return payload
+        if kind != b"t":
+            return None
+        try:
+            return payload.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+    def _on_positioned(self, topic: str, data: bytes) -> None:
+        """A message published with history: "#epoch:offset:" + envelope."""
+        colon = data.find(b":", 1, _EPOCH_MAX + 2)
+        end = data.find(b":", colon + 1, colon + 21) if colon > 1 else -1
+        epoch, digits = data[1:colon], data[colon + 1 : end]
+        if end < 0 or not epoch.isalnum() or not digits.isdigit():
+            raise ProtocolError("Redis sent a history message without a position: %s" % _describe_reply(data[:80]))
+        message = self._open_envelope(data[end + 1 :])
+        if message is None or topic not in self._topics:
+            return  # not one of ours, or sent before our UNSUBSCRIBE took effect
+        self._counts["received"] += 1
+        self._positioned(topic, epoch.decode("ascii"), int(digits), message)
+
+    def _positioned(self, topic: str, epoch: str, offset: int, message: Union[str, bytes]) -> None:
+        """Deliver in position order: a jump is repaired from history first."""
+        repair = self._repairs.get(topic)
+        if repair is not None:
+            repair.hold(offset, (epoch, offset, message))
+            return
+        last = self._positions.get(topic)
+        if last is not None:
+            if last[0] == epoch and offset <= last[1]:
+                self._counts["stale"] += 1  # older than one delivered: never late
+                return
+            if last[0] != epoch or offset != last[1] + 1:
+                self._repair(topic, last, (offset, (epoch, offset, message)))
+                return
+        self._positions[topic] = (epoch, offset)
+        if self._deliver is not None:
+            self._deliver(topic, message, None, epoch, offset)
+
+    def _repair(self, topic: str, last: Tuple[str, int], held: Optional[Tuple[int, Any]]) -> None:
+        repair = self._repairs[topic] = _Catchup(last[0], last[1], whole=False)
+        if held is not None:
+            repair.hold(*held)
+        self._counts["repairs"] += 1
+        self._read(topic, last[1], lambda page: self._repaired(topic, repair, page))
+
+    def _repaired(self, topic: str, repair: _Catchup, page: _HistoryPage) -> None:
+        if self._repairs.get(topic) is not repair:
+            return  # unsubscribed meanwhile
+        epoch = page.epoch
+        items = [(epoch, page.first + index, message) for index, message in enumerate(page.messages)]
+        out, more = repair.page(epoch, page.top, page.first, items)
+        for epoch, offset, message in out:
+            self._positions[topic] = (epoch, offset)
+            if self._deliver is not None:
+                self._deliver(topic, message, None, epoch, offset)
+        if more:
+            self._read(topic, repair.cursor, lambda page: self._repaired(topic, repair, page))
+            return
+        del self._repairs[topic]
+        if repair.recovered is False:
+            logger.warning("redis: the history of a topic was lost; messages on it may be missing")
+            self._report_gap([topic], None)
+        elif repair.missed:
+            self._note_missed(topic, b"", repair.missed)
+
+    def _catch_up(self, topics: List[str]) -> None:
+        """After the subscriber came back: read each topic's history from
+        the last position delivered (a topic with none may have lost
+        messages: reported)."""
+        unknown = []
+        for topic in topics:
+            last = self._positions.get(topic)
+            if last is None:
+                unknown.append(topic)
+            elif topic not in self._repairs:
+                self._repair(topic, last, None)
+        if unknown:
+            self._report_gap(unknown, None)
+
+    def _read(self, topic: str, after: int, callback: Callable[[_HistoryPage], None]) -> None:
+        """Read ``topic``'s history after ``after`` and call ``callback``
+        with the page; reads of the same range at once share one (a
+        reconnect storm asks Redis once)."""
+        key = (topic, after)
+        pending = self._reads.get(key)
+        if pending is not None:
+            pending.callbacks.append(callback)
+            return
+        self._reads[key] = _PendingRead(callback)
+        self._shard(topic).send_waiting()
+
+    def _send_reads(self, shard: _RedisShard) -> None:
+        publisher = shard.publisher
+        for key, pending in self._reads.items():
+            if pending.sent or self._shard(key[0]) is not shard:
+                continue
+            pending.sent = True
+            topic, after = key
+            self._counts["history_reads"] += 1
+            publisher.reads.append(key)
+            publisher.outgoing += _resp_command(
+                "EVALSHA", _READ_SHA, "2", self._key("h", topic), self._key("p", topic),
+                "%d" % after, "%d" % _HISTORY_PAGE_ITEMS, "%d" % _HISTORY_PAGE_BYTES,
+            )
+            publisher.expected.append("read")
+        publisher.flush()
+
+    def _on_read(self, key: Tuple[str, int], reply: Optional[List[Any]]) -> None:
+        """A history read answered (None: refused, as if there were none)."""
+        pending = self._reads.pop(key, None)
+        if pending is None:
+            return
+        page = _HistoryPage("", 0, 1, [])
+        if reply is not None and reply[0]:
+            messages: List[Union[str, bytes]] = []
+            for item in reply[3:]:
+                message = self._open_envelope(item)
+                if message is None:
+                    break
+                messages.append(message)
+            if len(messages) == len(reply) - 3:
+                page = _HistoryPage(reply[0].decode("ascii"), reply[1], reply[2], messages)
+            else:
+                logger.warning("redis: the history of %s holds what wsloop did not write", _shown(key[0]))
+        for callback in pending.callbacks:
+            callback(page)
 
     def _note_missed(self, topic: str, node: bytes, count: int) -> None:
         self._counts["missed"] += count
@@ -3629,12 +4165,34 @@ class Echo(Handler):
 
 class Chat(Handler):
     """Everyone gets every message (the ``--broadcast`` app): each client
-    joins the topic ``chat``, so with a broker the chat spans processes."""
+    joins the topic ``chat``, so with a broker the chat spans processes.
+
+    On a server with history (``--history``), give it
+    ``position_format=Chat.format``: each message then reaches clients as
+    ``{"position": P, "message": M}`` (``"binary"``, base64, for bytes),
+    and a client that connects with ``?since=P`` first gets
+    ``{"recovered": true}`` and every message after P, or
+    ``{"recovered": false}``, then the live ones."""
 
     topic = "chat"
 
     def on_connect(self, conn: Connection) -> None:
+        server = conn.server
+        since = conn.query_params.get("since") if server is not None and server.history is not None else None
+        if since:
+
+            def told(recovered: bool) -> None:
+                conn.send(json.dumps({"recovered": recovered}))
+
+            conn.subscribe(self.topic, since=since[0], on_recovery=told)
+            return
         conn.subscribe(self.topic)
+
+    @staticmethod
+    def format(topic: str, position: str, message: Union[str, bytes]) -> str:
+        if isinstance(message, bytes):
+            return json.dumps({"position": position, "binary": base64.b64encode(message).decode("ascii")})
+        return json.dumps({"position": position, "message": message})
 
     def on_message(self, conn: Connection, message: Union[str, bytes]) -> None:
         server = conn.server
@@ -4371,10 +4929,13 @@ class Connection:
             return
         self._close_now(code, reason)
 
-    def subscribe(self, topic: str) -> None:
+    def subscribe(
+        self, topic: str, since: Optional[str] = None, on_recovery: Optional[Callable[[bool], Any]] = None
+    ) -> None:
         """Receive what :meth:`Server.publish` publishes on ``topic`` (until
-        :meth:`unsubscribe` or the close)."""
-        self._topic_server().subscribe(self, topic)
+        :meth:`unsubscribe` or the close); with history, everything after
+        position ``since`` first (see :meth:`Server.subscribe`)."""
+        self._topic_server().subscribe(self, topic, since, on_recovery)
 
     def unsubscribe(self, topic: str) -> None:
         """Stop receiving ``topic``."""
@@ -5230,7 +5791,14 @@ class Server:
     Fan-out: ``broker`` (a :class:`RedisBroker`) carries :meth:`publish` to
     the subscribers of other processes; ``health_requires_broker`` makes
     the health check answer 503 while no link to Redis is up; one
-    connection holds at most ``max_topics`` topics.  Listening: ``sock`` is a socket to
+    connection holds at most ``max_topics`` topics.  History: with
+    ``history`` N, every message published to a topic gets a position and
+    the last N of each topic are kept (those younger than ``history_ttl``
+    seconds, if given; in this process for at most ``history_topics``
+    topics, or in Redis with a broker), so ``conn.subscribe(topic,
+    since=position)`` recovers what a client missed; ``position_format(topic,
+    position, message)`` returns what subscribers receive instead of the
+    message (run once per message per process).  Listening: ``sock`` is a socket to
     serve on instead of binding (an inherited or systemd-passed one);
     ``reuse_port`` binds with SO_REUSEPORT so several processes share the
     port; ``name`` (e.g. "worker 2") is what the health check answers.
@@ -5271,6 +5839,10 @@ class Server:
         broker: Optional[RedisBroker] = None,
         health_requires_broker: bool = False,
         max_topics: int = DEFAULT_MAX_TOPICS,
+        history: Optional[int] = None,
+        history_ttl: Optional[float] = None,
+        history_topics: int = DEFAULT_HISTORY_TOPICS,
+        position_format: Optional[Callable[[str, str, Union[str, bytes]], Union[str, bytes]]] = None,
         max_connections: Optional[int] = None,
         max_connections_per_ip: Optional[int] = None,
         max_messages_per_second: Optional[float] = None,
@@ -5291,6 +5863,21 @@ class Server:
         if max_topics < 1:
             raise ValueError("max_topics must be at least 1")
         self.max_topics = max_topics
+        # History (see the section "History and recovery"): kept here
+        # without a broker, in Redis with one.
+        self.history = history
+        self._history: Optional[_History] = None
+        if history is not None:
+            self._history = _History(history, history_ttl, history_topics)  # checks them
+            if broker is not None:
+                broker._use_history(history, history_ttl)
+                self._history = None
+        elif history_ttl is not None or position_format is not None:
+            raise ValueError("history_ttl and position_format go with history")
+        self._position_format = position_format
+        # Subscribers being caught up: (connection, topic) -> [catch-up,
+        # on_recovery, announced].
+        self._catchups: Dict[Tuple[Connection, str], List[Any]] = {}
         self.options = _Options(
             self.handler, max_size, max_fragments, open_timeout, close_timeout,
             ping_interval, ping_timeout, write_high_water, max_pending_output,
@@ -5617,11 +6204,26 @@ class Server:
 
     # -- topics ---------------------------------------------------------------
 
-    def subscribe(self, connection: Connection, topic: str) -> None:
+    def subscribe(
+        self, connection: Connection, topic: str, since: Optional[str] = None,
+        on_recovery: Optional[Callable[[bool], Any]] = None,
+    ) -> None:
         """Add ``connection`` to ``topic`` (also ``conn.subscribe(topic)``);
         from any thread.  With a broker, the first local subscriber makes
-        this process subscribe to the topic in Redis."""
+        this process subscribe to the topic in Redis.
+
+        With history, ``since`` (a position the connection was given) asks
+        for every message after it first: ``on_recovery(True)`` is called
+        on the loop's thread, then those messages are sent in order, then
+        the live ones, none missing or repeated between the two.  If they
+        cannot all be had (too old, another epoch, not a position) it is
+        ``on_recovery(False)`` and the live messages only."""
         _check_topic(topic)
+        if since is not None:
+            if self.history is None:
+                raise ValueError("since= needs a server with history")
+            if not isinstance(since, str):
+                raise TypeError("since must be a position string")
         held = self._subscriptions.get(connection, ())
         if len(held) >= self.max_topics and topic not in held:
             # Measured (tracemalloc): about 105 bytes per topic a connection
@@ -5629,7 +6231,7 @@ class Server:
             # process (which also costs one Redis subscription).
             raise ValueError("a connection holds at most %d topics (max_topics)" % self.max_topics)
         if not self._loop.in_loop_thread:
-            self._loop.call_soon_threadsafe(self.subscribe, connection, topic)
+            self._loop.call_soon_threadsafe(self.subscribe, connection, topic, since, on_recovery)
             return
         if connection.state is not _OPEN and connection.state is not _CONNECTING:
             return  # closing: it would never be unsubscribed
@@ -5640,6 +6242,97 @@ class Server:
                 self.broker._subscribe(topic)
         subscribers[connection] = None
         self._subscriptions.setdefault(connection, set()).add(topic)
+        if since is not None and (connection, topic) not in self._catchups:
+            self._recover(connection, topic, since, on_recovery)
+
+    def _recover(
+        self, connection: Connection, topic: str, since: str, on_recovery: Optional[Callable[[bool], Any]]
+    ) -> None:
+        position = _parse_position(since)
+        catchup = _Catchup(position[0] if position else "", position[1] if position else 0)
+        key = (connection, topic)
+        self._catchups[key] = [catchup, on_recovery, False]
+        if position is None:  # not a position: nothing to recover
+            self._history_page(key, _HistoryPage("", 0, 1, []))
+        elif self._history is not None:
+            self._history_page(key, self._history.read(topic, position[1]))
+        else:
+            self._read_history(key, position[1])
+
+    def _read_history(self, key: Tuple[Connection, str], after: int) -> None:
+        assert self.broker is not None
+        self.broker._read(key[1], after, lambda page: self._history_page(key, page))
+
+    def _history_page(self, key: Tuple[Connection, str], page: _HistoryPage) -> None:
+        """A page of history for a subscriber being caught up: announce
+        the outcome once, send what the seam lets through, read on or end."""
+        state = self._catchups.get(key)
+        if state is None:
+            return  # unsubscribed, or closed, meanwhile
+        catchup, on_recovery, announced = state
+        connection, topic = key
+        items, more = catchup.page(page.epoch, page.top, page.first, self._prepared(topic, page))
+        if not more and not self._live_behind(topic, catchup):
+            del self._catchups[key]
+        if announced and not catchup.recovered:
+            # History moved on between two pages: the subscriber was told
+            # it recovered, and must not be left silently short.
+            connection.close(CloseCode.TRY_AGAIN_LATER, "history moved on; reconnect")
+            return
+        if not announced and catchup.recovered is not None:
+            state[2] = True
+            if on_recovery is not None:
+                try:
+                    on_recovery(bool(catchup.recovered))
+                except Exception:
+                    logger.exception("error in on_recovery")
+        try:
+            for item in items:
+                connection.send(item)
+        except ConnectionClosed:
+            self._catchups.pop(key, None)
+            return
+        if more:
+            if self._history is not None:
+                self._history_page(key, self._history.read(topic, catchup.cursor))
+            else:
+                self._read_history(key, catchup.cursor)
+
+    def _live_behind(self, topic: str, catchup: _Catchup) -> bool:
+        """Whether the live stream here may still bring messages the
+        catch-up has sent (Redis answered the read on another connection
+        than the one the live messages come on)."""
+        if self.broker is None or catchup.recovered is False:
+            return False
+        last = self.broker._positions.get(topic)
+        return last is None or last[0] != catchup.epoch or last[1] < catchup.cursor
+
+    def _prepared(self, topic: str, page: _HistoryPage) -> List[Any]:
+        """The page's messages formatted and framed, once per page (and,
+        in the process, once per message kept)."""
+        prepared = page.prepared
+        if prepared is None:
+            prepared = []
+            entries = page.entries
+            for index, message in enumerate(page.messages):
+                if entries is not None:
+                    one = entries[index][2]
+                    if one is None:
+                        one = entries[index][2] = self._prepare(topic, page.epoch, page.first + index, message)
+                else:
+                    one = self._prepare(topic, page.epoch, page.first + index, message)
+                prepared.append(one)
+            page.prepared = prepared
+        return prepared
+
+    def _prepare(self, topic: str, epoch: str, offset: int, message: Union[str, bytes]) -> PreparedMessage:
+        position_format = self._position_format
+        if position_format is not None:
+            try:
+                message = _checked_message(position_format(topic, _format_position(epoch, offset), message))
+            except Exception:
+                logger.exception("error in position_format; the message goes as it is")
+        return PreparedMessage(message)
 
     def unsubscribe(self, connection: Connection, topic: str) -> None:
         """Remove ``connection`` from ``topic``; from any thread."""
@@ -5652,6 +6345,8 @@ class Server:
             topics.discard(topic)
             if not topics:
                 del self._subscriptions[connection]
+        if self._catchups:
+            self._catchups.pop((connection, topic), None)
         subscribers = self._topics.get(topic)
         if subscribers is not None:
             subscribers.pop(connection, None)
@@ -5688,17 +6383,56 @@ class Server:
             return 0
         if self.broker is not None:
             self.broker._publish(topic, message)
+            if self.history is not None:
+                return 0  # positions come from Redis: delivered here when it sends it back
+        history = self._history
+        if history is not None:
+            epoch, offset, entry = history.append(topic, message)
+            return self._deliver(topic, message, exclude, epoch, offset, entry)
         return self._deliver(topic, message, exclude)
 
-    def _deliver(self, topic: str, message: Union[str, bytes], exclude: Optional[Connection] = None) -> int:
+    def _deliver(
+        self, topic: str, message: Union[str, bytes], exclude: Optional[Connection] = None,
+        epoch: Optional[str] = None, offset: int = 0, entry: Optional[List[Any]] = None,
+    ) -> int:
         subscribers = self._topics.get(topic)
         if not subscribers:
             return 0
+        if epoch is not None:
+            return self._deliver_at(subscribers, topic, message, exclude, epoch, offset, entry)
         prepared = PreparedMessage(message)
         delivered = 0
         for connection in list(subscribers):
             if connection is exclude:
                 continue
+            try:
+                connection.send(prepared)
+                delivered += 1
+            except ConnectionClosed:
+                pass
+        return delivered
+
+    def _deliver_at(
+        self, subscribers: Dict[Connection, None], topic: str, message: Union[str, bytes],
+        exclude: Optional[Connection], epoch: str, offset: int, entry: Optional[List[Any]],
+    ) -> int:
+        """Deliver a message that has a position: formatted once, and held
+        for the subscribers still being caught up."""
+        prepared = self._prepare(topic, epoch, offset, message)
+        if entry is not None:
+            entry[2] = prepared
+        catchups = self._catchups
+        delivered = 0
+        for connection in list(subscribers):
+            if connection is exclude:
+                continue
+            if catchups:
+                state = catchups.get((connection, topic))
+                if state is not None:
+                    catchup = state[0]
+                    if not catchup.live(offset, prepared, epoch):
+                        continue
+                    del catchups[(connection, topic)]  # caught up: straight through from now
             try:
                 connection.send(prepared)
                 delivered += 1
@@ -6526,7 +7260,6 @@ _DEMO_PAGE = """<!doctype html>
   const status = document.getElementById("status");
   const input = document.getElementById("message");
   const url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/";
-  const ws = new WebSocket(url);
   function show(text, kind) {
     const line = document.createElement("div");
     line.className = kind;
@@ -6536,14 +7269,42 @@ _DEMO_PAGE = """<!doctype html>
   // In chat mode the server sends your own message back with everyone
   // else's, so it is shown once, when it arrives.
   const chat = "{{MODE}}" === "chat";
-  ws.binaryType = "arraybuffer";
-  ws.onopen = () => { status.textContent = "connected"; };
-  ws.onclose = (event) => {
-    status.textContent = "closed (" + event.code + (event.reason ? " " + event.reason : "") + ")";
-  };
-  ws.onerror = () => { status.textContent = "error: the connection failed"; };
-  ws.onmessage = (event) => show(
-    typeof event.data === "string" ? event.data : "[binary " + event.data.byteLength + " bytes]", "in");
+  // With --history each message comes with its position: the page keeps
+  // the last one and, after a drop, reconnects with ?since= to get what
+  // it missed (or is told it cannot).
+  const history = {{HISTORY}};
+  let last = history ? sessionStorage.getItem("wsloop-position") : null;
+  let ws = null, retry = 500;
+  function open() {
+    ws = new WebSocket(url + (last ? "?since=" + encodeURIComponent(last) : ""));
+    ws.binaryType = "arraybuffer";
+    ws.onopen = () => { status.textContent = "connected"; retry = 500; };
+    ws.onclose = (event) => {
+      status.textContent = "closed (" + event.code + (event.reason ? " " + event.reason : "") + ")";
+      if (history) {
+        status.textContent += "; reconnecting";
+        setTimeout(open, retry);
+        retry = Math.min(retry * 2, 10000);
+      }
+    };
+    ws.onerror = () => { status.textContent = "error: the connection failed"; };
+    ws.onmessage = (event) => {
+      if (typeof event.data !== "string") {
+        show("[binary " + event.data.byteLength + " bytes]", "in");
+        return;
+      }
+      if (!history) { show(event.data, "in"); return; }
+      const data = JSON.parse(event.data);
+      if ("recovered" in data) {
+        show(data.recovered ? "(reconnected: nothing missed)" : "(reconnected: earlier messages may be missing)", "note");
+        return;
+      }
+      last = data.position;
+      sessionStorage.setItem("wsloop-position", last);
+      show("message" in data ? data.message : "[binary]", "in");
+    };
+  }
+  open();
   document.getElementById("form").onsubmit = (event) => {
     event.preventDefault();
     if (ws.readyState === WebSocket.OPEN && input.value) {
@@ -6677,6 +7438,8 @@ def _build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--worker-timeout", type=_seconds, default=30.0, metavar="SECONDS", help="kill and restart a worker whose loop has not turned for this long (default 30; 'none' disables)")
     scale.add_argument("--redis", metavar="URL", action="append", help="fan out topics (and --broadcast) through Redis: redis://[user:password@]host:port[/db] or rediss://; repeat it to spread topics over several Redis servers")
     scale.add_argument("--redis-prefix", default="wsloop", metavar="PREFIX", help="Redis channel prefix (default wsloop)")
+    scale.add_argument("--history", type=_positive, metavar="N", help="keep each topic's last N messages (in Redis with --redis) so clients recover what they missed: ?since=POSITION (default off)")
+    scale.add_argument("--history-ttl", type=_positive_float, metavar="SECONDS", help="with --history: keep only messages younger than this (in Redis: a topic's whole history expires this long after its last message)")
     scale.add_argument("--health-requires-broker", action="store_true", help="the health check answers 503 while no link to Redis is up (default: off)")
     client = parser.add_argument_group("client console")
     client.add_argument("--connect", metavar="URL", help="connect to ws:// or wss:// URL: send each line typed, print each message")
@@ -7290,6 +8053,10 @@ def _main(argv: Optional[List[str]] = None) -> int:
                 raise _UsageError("--redis: %s" % exc) from None
         if args.health_requires_broker and broker is None:
             raise _UsageError("--health-requires-broker goes with --redis")
+        if args.history is not None and not (args.broadcast or args.app):
+            raise _UsageError("--history goes with --broadcast or --app")
+        if args.history_ttl is not None and args.history is None:
+            raise _UsageError("--history-ttl goes with --history")
         ssl_context = None
         if args.certfile:
             ssl_context = _server_ssl_context(args.certfile, args.keyfile)
@@ -7323,7 +8090,9 @@ def _main(argv: Optional[List[str]] = None) -> int:
         origins = list(args.origin) + ([None] if args.allow_no_origin else [])
     pages = {}
     if not args.app:
-        pages["/"] = ("text/html; charset=utf-8", _DEMO_PAGE.replace("{{MODE}}", "chat" if args.broadcast else "echo").encode())
+        page = _DEMO_PAGE.replace("{{MODE}}", "chat" if args.broadcast else "echo")
+        page = page.replace("{{HISTORY}}", "true" if args.broadcast and args.history is not None else "false")
+        pages["/"] = ("text/html; charset=utf-8", page.encode())
     _raise_fd_limit()
     try:
         server = (_WorkerServer if worker and worker.isdigit() else Server)(
@@ -7345,6 +8114,9 @@ def _main(argv: Optional[List[str]] = None) -> int:
             pages=pages,
             broker=broker,
             health_requires_broker=args.health_requires_broker,
+            history=args.history,
+            history_ttl=args.history_ttl,
+            position_format=Chat.format if args.history is not None and args.broadcast else None,
             max_connections=args.max_connections,
             max_connections_per_ip=args.max_connections_per_ip,
             max_messages_per_second=args.max_messages_per_second,

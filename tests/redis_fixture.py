@@ -9,6 +9,7 @@ Every wait is bounded: a server that does not answer PING in time fails the
 test that asked for it instead of hanging the run.
 """
 
+import hashlib
 import os
 import shutil
 import signal
@@ -269,7 +270,8 @@ def push(*items):
 
 class FakeRedis:
     """A RESP2 server on a free loopback port that answers what wsloop's
-    bridge asks (AUTH, SELECT, PING, SUBSCRIBE, UNSUBSCRIBE, PUBLISH) well
+    bridge asks (AUTH, SELECT, PING, SUBSCRIBE, UNSUBSCRIBE, PUBLISH, SCRIPT
+    LOAD, EVALSHA from ``eval_replies``) well
     enough to get it connected, and lets the test send a connection any
     bytes at all: malformed replies, floods.  For the faults a real Redis
     will not produce; everything else is tested against redis-server.
@@ -290,6 +292,7 @@ class FakeRedis:
         self.subscribers = []
         self.log = []
         self.hold_confirmations = False
+        self.eval_replies = []  # answers to EVALSHA, in order (then ":1")
         self._held = []
         self._send_lock = threading.Lock()
         self._closed = False
@@ -353,6 +356,11 @@ class FakeRedis:
                         answer += reply
                 elif name == b"PUBLISH":
                     answer = b":0\r\n"
+                elif name == b"SCRIPT" and len(args) == 3:
+                    answer = bulk(hashlib.sha1(args[2]).hexdigest().encode())
+                elif name == b"EVALSHA":
+                    with self.changed:
+                        answer = self.eval_replies.pop(0) if self.eval_replies else b":1\r\n"
                 self.send(sock, answer)
 
     def wait(self, predicate, timeout=10.0, message="the fake Redis never saw it"):

@@ -83,3 +83,22 @@ def test_chat_page_shows_your_message_once_and_binary_as_its_size(browser, cli_s
     assert lines.count("hello from chromium") == 1, lines
     assert not any("[object Blob]" in line for line in lines), lines
     assert [line for line in lines if "binary" in line and "3" in line], lines
+
+
+def test_chat_page_with_history_recovers_after_a_drop(browser, cli_server):  # noqa: F811
+    """The page keeps the last position and reconnects with ?since=: what
+    was said while it was away is shown once, after a recovery note."""
+    server = cli_server("--broadcast", "--history", "10")
+    wait = open_page(browser, server, "chat")
+    other = Client(server.port)
+    other.send_text("before")
+    other.recv_message()
+    wait.until(lambda d: "before" in log_lines(d))
+    browser.execute_script("ws.close()")
+    wait.until(lambda d: "reconnecting" in d.find_element(By.ID, "status").text)
+    for text in ("away 1", "away 2"):
+        other.send_text(text)
+        other.recv_message()
+    wait.until(lambda d: "away 2" in log_lines(d))
+    lines = log_lines(browser)
+    assert lines == ["before", "(reconnected: nothing missed)", "away 1", "away 2"], lines
