@@ -368,7 +368,9 @@ _CONTROL_ESCAPES.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"})
 
 
 def _shown(text: str) -> str:
-    """``text`` with its control characters escaped (ESC as ``\\x1b``)."""
+    """``text`` with its control characters escaped (ESC as ``\\x1b``), for
+    the console, where a message is printed whole; log lines use
+    :func:`_printable`, which also escapes quotes and separators."""
     return text.translate(_CONTROL_ESCAPES)
 
 
@@ -4070,7 +4072,7 @@ class RedisBroker:
             if len(messages) == len(reply) - 3:
                 page = _HistoryPage(reply[0].decode("ascii"), reply[1], reply[2], messages)
             else:
-                logger.warning("redis: the history of %s holds what wsloop did not write", _shown(key[0]))
+                logger.warning("redis: the history of %s holds what wsloop did not write", _printable(key[0]))
         for callback in pending.callbacks:
             callback(page)
 
@@ -7228,7 +7230,7 @@ def _reconnect(
         attempts += 1
         delay = min(max_delay, initial_delay * 2.0 ** (attempts - 1))
         delay *= 0.5 + random.random() / 2
-        logger.info("reconnecting to %s in %.2f s: %s", url, delay, _shown(str(why)))
+        logger.info("reconnecting to %s in %.2f s: %s", url, delay, _printable(str(why)))
         sleep(delay)
 
 
