@@ -6841,6 +6841,10 @@ class ClientConnection:
     context manager to close it however the block ends.
     """
 
+    # How long a delivered message holds the reader (see above); per object,
+    # so a test may shorten it on the connection it holds.
+    _hold_grace = _HOLD_GRACE
+
     def __init__(
         self,
         sock: socket.socket,
@@ -6887,7 +6891,7 @@ class ClientConnection:
             self._reading_held = True
             connection.pause_reading()  # until the application has answered it
             self._condition.notify()
-        self._loop.call_later(_HOLD_GRACE, self._hold_expired, self._delivered)
+        self._loop.call_later(self._hold_grace, self._hold_expired, self._delivered)
 
     def _hold_expired(self, delivered: int) -> None:
         with self._condition:

@@ -16,7 +16,12 @@ import zlib
 from contextlib import contextmanager
 
 import wsloop
-from redis_fixture import wait_until
+from redis_fixture import free_port, wait_until  # noqa: F401 (free_port: imported from here)
+
+# The bound on any one wait for something that should happen soon.  Slow CI
+# machines scale every such bound with WSLOOP_TEST_TIMEOUT_SCALE (say 3).
+TIMEOUT_SCALE = float(os.environ.get("WSLOOP_TEST_TIMEOUT_SCALE", "1"))
+TIMEOUT = 5.0 * TIMEOUT_SCALE
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 section 1.3's example key
 TEXT, BINARY = 1, 2  # opcodes
@@ -102,7 +107,7 @@ def parse_server_frames(data):
 class Client:
     """A blocking WebSocket client on a real socket, for loopback tests."""
 
-    def __init__(self, port, path="/", headers=None, host="127.0.0.1", timeout=5.0, handshake=True, ssl_context=None):
+    def __init__(self, port, path="/", headers=None, host="127.0.0.1", timeout=TIMEOUT, handshake=True, ssl_context=None):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if ssl_context is not None:
@@ -186,9 +191,13 @@ class Client:
                 return struct.unpack("!H", payload[:2])[0], payload[2:].decode("utf-8")
 
     def expect_eof(self):
-        """The server closes TCP: recv returns b"" (after any leftover bytes)."""
+        """The server closes TCP: recv returns b"" (after any leftover bytes).
+        Fails, saying so, if the socket's timeout passes first."""
         while True:
-            chunk = self.sock.recv(65536)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                raise AssertionError("the server did not close TCP within %s s" % self.sock.gettimeout()) from None
             if not chunk:
                 return True
 
@@ -235,18 +244,20 @@ def small_window_client(port, rcvbuf=4096, timeout=10.0):
     return client
 
 
-def in_loop(server, function, timeout=10.0):
-    """Run function() on the server's loop thread (its one door) and return its result."""
+def in_loop(server, function, *args, timeout=None):
+    """Run function(*args) on the server's loop thread (its one door) and return
+    its result.  Calls made earlier from this thread went through the same
+    door, in order, so they have been done when this returns."""
     result, done = [], threading.Event()
 
     def run():
         try:
-            result.append(function())
+            result.append(function(*args))
         finally:
             done.set()
 
     server.call_soon_threadsafe(run)
-    assert done.wait(timeout), "the loop did not run the callback"
+    assert done.wait(2 * TIMEOUT if timeout is None else timeout), "the loop did not run the callback"
     assert result, "the callback failed"
     return result[0]
 
@@ -292,7 +303,7 @@ class Worker(threading.Thread):
 
 def connected(recorder, count):
     """Wait until ``recorder`` has seen ``count`` connections; return them."""
-    deadline = time.monotonic() + 5.0
+    deadline = time.monotonic() + TIMEOUT
     while len(recorder.connected) < count:
         recorder.connect_event.clear()
         if len(recorder.connected) >= count:
@@ -407,7 +418,7 @@ class LogReader:
 
 def plain_get(port, path):
     """A plain GET on its own TCP connection: (status, body)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
         sock.sendall(b"GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" % path.encode())
         data = b""
         while True:
