@@ -12,11 +12,12 @@ import struct
 import subprocess
 import threading
 import time
+import weakref
 import zlib
 from contextlib import contextmanager
 
 import wsloop
-from redis_fixture import free_port, wait_until  # noqa: F401 (free_port: imported from here)
+from redis_fixture import free_port as free_port, wait_until  # free_port: tests import it from here
 
 # The bound on any one wait for something that should happen soon.  Slow CI
 # machines scale every such bound with WSLOOP_TEST_TIMEOUT_SCALE (say 3).
@@ -104,8 +105,19 @@ def parse_server_frames(data):
         data = data[parsed[1]:]
 
 
+# Every Client opened, so that running_server() closes those a test left
+# open before it stops the server (which would otherwise wait close_timeout
+# for each of them to answer its close).  Weak: the list keeps none open.
+_opened_clients = []
+
+
 class Client:
     """A blocking WebSocket client on a real socket, for loopback tests."""
+
+    def __new__(cls, *args, **kwargs):
+        client = super().__new__(cls)
+        _opened_clients.append(weakref.ref(client))  # subclasses and Client.__new__ too
+        return client
 
     def __init__(self, port, path="/", headers=None, host="127.0.0.1", timeout=TIMEOUT, handshake=True, ssl_context=None):
         self.sock = socket.create_connection((host, port), timeout=timeout)
@@ -205,10 +217,9 @@ class Client:
         self.send_frame(0x8, close_payload(code, reason))
 
     def shutdown(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        sock = getattr(self, "sock", None)  # None if connecting failed
+        if sock is not None:
+            sock.close()  # never raises OSError (Python 3.8+)
 
 
 @contextmanager
@@ -220,9 +231,15 @@ def running_server(handler=None, **options):
     server = wsloop.Server(handler, **options)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    first_client = len(_opened_clients)
     try:
         yield server
     finally:
+        for opened in _opened_clients[first_client:]:
+            client = opened()
+            if client is not None:
+                client.shutdown()  # what the test left open: gone before shutdown waits on it
+        del _opened_clients[first_client:]
         server.shutdown()
         thread.join(30)
         assert not thread.is_alive(), "server did not stop"
@@ -416,18 +433,25 @@ class LogReader:
         return "".join(line for line in self.lines if line is not None)
 
 
+def http_get(port, path, source="127.0.0.1", headers=None):
+    """A plain HTTP GET on its own TCP connection from loopback address
+    ``source``: (status, head, body), read to the server's EOF."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT, source_address=(source, 0))
+    plain = Client.__new__(Client)  # Client() handshakes itself; reuse its reading
+    plain.sock, plain.buffer = sock, b""
+    try:
+        fields = dict({"Host": "localhost"}, **(headers or {}))
+        lines = ["GET %s HTTP/1.1" % path] + ["%s: %s" % item for item in fields.items()]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        return plain.read_http_response()
+    finally:
+        sock.close()
+
+
 def plain_get(port, path):
-    """A plain GET on its own TCP connection: (status, body)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
-        sock.sendall(b"GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" % path.encode())
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ")[1]), body
+    """A plain GET asking the server to close after it: (status, body)."""
+    status, _, body = http_get(port, path, headers={"Connection": "close"})
+    return status, body
 
 
 def children_of(pid):

@@ -10,7 +10,7 @@ import pytest
 import trustme
 
 import wsloop
-from helpers import Client, request_bytes, running_server
+from helpers import TIMEOUT, Client, http_get, request_bytes, running_server
 
 
 @pytest.fixture(scope="module")
@@ -206,12 +206,6 @@ def test_subprotocol_chosen_by_a_function_must_be_offered():
 # -- plain HTTP: health check and pages ---------------------------------------------
 
 
-def http_get(port, path):
-    client = Client(port, handshake=False)
-    client.sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
-    return client.read_http_response()
-
-
 def test_health_check_and_pages_and_426_for_the_rest():
     pages = {"/": ("text/html; charset=utf-8", b"<h1>hi</h1>")}
     with running_server(health_path="/healthz", pages=pages) as server:
@@ -233,11 +227,12 @@ def test_health_check_says_503_during_shutdown():
         server.shutdown()
         began = threading.Event()
         server.call_soon_threadsafe(began.set)  # runs after the shutdown began
-        assert began.wait(5)
+        assert began.wait(TIMEOUT)
         waiting.sock.sendall(b"Host: x\r\n\r\n")
         assert waiting.read_http_response()[0] == 503
         with pytest.raises(OSError):  # and the port no longer accepts
             socket.create_connection(("127.0.0.1", server.port), timeout=1).recv(1)
+        waiting.shutdown()  # the server reads to our EOF before it lets go: give it
     finally:
         server.shutdown()
         thread.join(10)

@@ -30,8 +30,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import wsloop
-from helpers import Client, Recorder, client_frame, connected, request_bytes, running_server
-from redis_fixture import free_port, wait_until
+from helpers import TIMEOUT, Client, Recorder, client_frame, connected, http_get, request_bytes, running_server
+from helpers import free_port, wait_until
 
 TEXT = 0x1
 COMMAND = [sys.executable, "-m", "wsloop"]
@@ -79,15 +79,6 @@ def refusal(port, source="127.0.0.1", path="/", headers=None):
     refused = SocketClient(tcp_from(source, port), handshake=False)
     refused.sock.sendall(request_bytes(path, headers))
     return refused.read_http_response()
-
-
-def http_get(port, path, source="127.0.0.1", headers=None):
-    """A plain HTTP GET: (status, head, body)."""
-    plain = SocketClient(tcp_from(source, port), handshake=False)
-    fields = dict({"Host": "localhost"}, **(headers or {}))
-    lines = ["GET %s HTTP/1.1" % path] + ["%s: %s" % item for item in fields.items()]
-    plain.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-    return plain.read_http_response()
 
 
 def retry_after(head):
