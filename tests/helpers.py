@@ -211,7 +211,7 @@ class Client:
             except socket.timeout:
                 raise AssertionError("the server did not close TCP within %s s" % self.sock.gettimeout()) from None
             if not chunk:
-                return True
+                return
 
     def close(self, code=1000, reason=b""):
         self.send_frame(0x8, close_payload(code, reason))

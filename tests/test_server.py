@@ -27,7 +27,7 @@ def test_echo_text_and_binary():
         assert client.recv_message() == b"\x00\x01\xfe\xff"
         client.close(1000)
         assert client.expect_close() == (1000, "")
-        assert client.expect_eof()
+        client.expect_eof()
 
 
 def test_echo_large_message_with_64_bit_length():
@@ -147,7 +147,7 @@ def test_protocol_error_closes_with_1002_then_tcp():
         client = Client(server.port)
         client.send_frame(TEXT, "x", masked=False)
         assert client.expect_close() == (1002, "client frame is not masked")
-        assert client.expect_eof()
+        client.expect_eof()
         assert handler.close_event.wait(5)
         conn, code, _ = handler.closed[0]
         assert (code, conn.close_sent) == (1006, 1002)  # no close frame came back
@@ -182,7 +182,7 @@ def test_server_close_waits_for_the_peer_then_ends_tcp():
         client.send_text("close please")
         assert client.expect_close() == (4001, "as asked")
         client.close(4001)
-        assert client.expect_eof()
+        client.expect_eof()
         assert handler.close_event.wait(5)
         assert handler.closed[0][1:] == (4001, "")
 
@@ -198,7 +198,7 @@ def test_close_timeout_when_the_peer_never_answers():
         client = Client(server.port)
         assert client.expect_close() == (1000, "")
         started = time.monotonic()
-        assert client.expect_eof()  # we never answer: the server gives up
+        client.expect_eof()  # we never answer: the server gives up
         assert time.monotonic() - started < 5
         assert handler.close_event.wait(5)
         conn, code, _ = handler.closed[0]
@@ -209,7 +209,7 @@ def test_open_timeout_closes_a_silent_client():
     with running_server(open_timeout=0.3) as server:
         client = Client(server.port, handshake=False)
         client.sock.sendall(b"GET / HTTP/1.1\r\n")  # and then nothing
-        assert client.expect_eof()
+        client.expect_eof()
         other = Client(server.port)
         other.send_text("fine")
         assert other.recv_message() == "fine"
@@ -236,7 +236,7 @@ def test_keepalive_timeout_closes_with_1011(caplog):
             assert client.recv_frame()[1] == PING  # and we never pong
             assert client.expect_close() == (1011, "keepalive ping timeout")
             client.close(1011)
-            assert client.expect_eof()
+            client.expect_eof()
     assert "keepalive ping timeout" in caplog.text
 
 
@@ -385,7 +385,7 @@ def test_shutdown_closes_with_1001_and_answers_pending_handshakes_with_503():
         for client in clients:
             assert client.expect_close() == (1001, "server shutting down")
             client.close(1001)
-            assert client.expect_eof()
+            client.expect_eof()
         assert half.read_http_response()[0] == 503
         half.shutdown()  # as an HTTP client does after "Connection: close"
         thread.join(5)
@@ -409,7 +409,7 @@ def test_shutdown_is_bounded_when_clients_do_not_answer():
     server.shutdown(wait=True)
     assert time.monotonic() - started < 3
     assert client.expect_close()[0] == 1001
-    assert client.expect_eof()
+    client.expect_eof()
     thread.join(5)
     server.close()
 
@@ -466,5 +466,5 @@ def test_drain_after_a_failure_is_bounded_even_without_a_close_timeout(monkeypat
         client.send_frame(TEXT, "x", masked=False)
         assert client.expect_close()[0] == 1002
         started = time.monotonic()
-        assert client.expect_eof()  # we keep our side open; the server gives up
+        client.expect_eof()  # we keep our side open; the server gives up
         assert time.monotonic() - started < 5

@@ -119,7 +119,7 @@ def test_a_stuck_worker_is_killed_and_replaced_within_its_timeout(spin_app):
         log.wait_for(r"in on_message")  # its stack, from faulthandler
         log.wait_for(r"worker %s \(pid \d+\) died: signal SIGKILL; restarting" % stuck)
         assert timeout - 0.3 < noticed < timeout + 1.0, "noticed after %.2f s" % noticed
-        assert clients[0].expect_eof()  # no close frame: it was killed
+        clients[0].expect_eof()  # no close frame: it was killed
         assert echoes(other, "still serving")
         log.wait_count(r"worker %s .*listening on" % stuck, 2)  # the replacement
         replaced = wait_until(lambda: (lambda now: len(now) == 2 and now != pids and now)(children_of(process.pid)), 10,
@@ -159,7 +159,7 @@ def test_sigterm_ends_within_close_timeout_and_grace_with_a_stuck_worker(spin_ap
         assert elapsed < close_timeout + 2.0 + 1.0, "took %.1f s" % elapsed
         assert "worker %s (pid" % stuck in log.wait_for(r"still running [\d.]+ s after SIGTERM; killing it").string
         log.wait_for(r"in on_message")
-        assert clients[0].expect_eof()
+        clients[0].expect_eof()
         for client in clients:
             client.shutdown()
 
