@@ -7560,8 +7560,17 @@ _BEATS_PER_TIMEOUT = 4
 # before SIGKILL.
 _STACK_GRACE = 0.2
 # After SIGTERM, how long past close_timeout a worker may take to exit
-# before the supervisor kills it.
+# before the supervisor kills it.  WSLOOP_STOP_GRACE (seconds) overrides it
+# for one supervisor: the tests set it short rather than wait it out.
 _STOP_GRACE = 2.0
+
+
+def _stop_grace() -> float:
+    try:
+        grace = float(os.environ.get("WSLOOP_STOP_GRACE", _STOP_GRACE))
+    except ValueError:
+        return _STOP_GRACE
+    return grace if 0 <= grace < float("inf") else _STOP_GRACE
 
 
 class _Worker:
@@ -7608,6 +7617,7 @@ def _supervise(args: argparse.Namespace, argv: List[str], passed: Optional[List[
     passed (socket activation), handed down to every worker instead of a
     port of our own."""
     log = logging.getLogger("wsloop.supervisor")
+    stop_grace = _stop_grace()
     reuse_port = hasattr(socket, "SO_REUSEPORT") and not passed
     if passed:
         # Socket activation: systemd listens; every worker accepts from the
@@ -7676,7 +7686,7 @@ def _supervise(args: argparse.Namespace, argv: List[str], passed: Optional[List[
         while any(worker.process is not None or (worker.restart_at is not None and not signals) for worker in workers):
             now = time.monotonic()
             if signals and stop_by is None and args.close_timeout is not None:
-                stop_by = now + args.close_timeout + _STOP_GRACE
+                stop_by = now + args.close_timeout + stop_grace
             for worker in workers:
                 process = worker.process
                 if process is None:
@@ -7695,7 +7705,7 @@ def _supervise(args: argparse.Namespace, argv: List[str], passed: Optional[List[
                         elif stop_by is not None and now >= stop_by:
                             log.error("worker %d (pid %d) still running %.1f s after SIGTERM; killing it"
                                       " (its stack follows)", worker.index, process.pid,
-                                      args.close_timeout + _STOP_GRACE)
+                                      args.close_timeout + stop_grace)
                             worker.kill_at = _dump_stack(process, now)
                     elif now >= worker.kill_at:
                         process.kill()

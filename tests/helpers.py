@@ -476,10 +476,11 @@ def descendants_of(pid):
 
 
 @contextmanager
-def workers_process(argv, cwd=None):
+def workers_process(argv, cwd=None, env=None):
     """Run ``argv`` (wsloop, or something that execs it) with its stderr read
-    by a LogReader: yields (process, log); kills what is left at the end."""
-    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=cwd)
+    by a LogReader: yields (process, log); kills what is left at the end.
+    ``env``: more environment variables for it."""
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=dict(cli_env(), **(env or {})), cwd=cwd)
     log = LogReader(process.stderr)
     try:
         yield process, log

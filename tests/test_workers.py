@@ -85,10 +85,10 @@ def spin_app(tmp_path):
     return str(tmp_path)
 
 
-def spinning_workers(spin_app, *args):
+def spinning_workers(spin_app, *args, env=None):
     port = free_port()
     argv = COMMAND + ["--port", str(port), "--workers", "2", "--app", "spinapp:on_message"] + list(args)
-    return port, workers_process(argv, cwd=spin_app)
+    return port, workers_process(argv, cwd=spin_app, env=env)
 
 
 def echoes(client, text):
@@ -136,11 +136,13 @@ def test_a_stuck_worker_is_killed_and_replaced_within_its_timeout(spin_app):
 
 def test_sigterm_ends_within_close_timeout_and_grace_with_a_stuck_worker(spin_app):
     """Guards: with the watchdog off, SIGTERM to the supervisor still ends
-    in close_timeout plus the supervisor's 2 s grace: the healthy worker
-    closes its clients with 1001, the stuck one is killed with SIGKILL
-    (logged, with its stack), and the exit status says not all was clean."""
-    close_timeout = 0.5
-    port, running = spinning_workers(spin_app, "--worker-timeout", "none", "--close-timeout", str(close_timeout))
+    in close_timeout plus the supervisor's grace (2 s, set shorter here
+    through WSLOOP_STOP_GRACE): the healthy worker closes its clients with
+    1001, the stuck one is killed with SIGKILL (logged, with its stack),
+    and the exit status says not all was clean."""
+    close_timeout, grace = 0.5, 0.3
+    port, running = spinning_workers(spin_app, "--worker-timeout", "none", "--close-timeout", str(close_timeout),
+                                     env={"WSLOOP_STOP_GRACE": str(grace)})
     with running as (process, log):
         wait_serving(port, process, log)
         log.wait_count(r"worker \d+.*listening on", 2)
@@ -156,8 +158,10 @@ def test_sigterm_ends_within_close_timeout_and_grace_with_a_stuck_worker(spin_ap
         code = process.wait(10)
         elapsed = time.monotonic() - started
         assert code == 1, log.text()
-        assert elapsed < close_timeout + 2.0 + 1.0, "took %.1f s" % elapsed
-        assert "worker %s (pid" % stuck in log.wait_for(r"still running [\d.]+ s after SIGTERM; killing it").string
+        assert elapsed < close_timeout + grace + 1.0, "took %.1f s" % elapsed
+        killing = log.wait_for(r"still running ([\d.]+) s after SIGTERM; killing it")
+        assert "worker %s (pid" % stuck in killing.string
+        assert float(killing.group(1)) == round(close_timeout + grace, 1), killing.string
         log.wait_for(r"in on_message")
         clients[0].expect_eof()
         for client in clients:
