@@ -285,7 +285,8 @@ def test_silent_clients_past_the_limit_are_held_only_up_to_a_bound():
     that, the oldest silent one is closed to make room for the newcomer (so
     a flood of silent clients cannot keep a health check out), and the ones
     still held are answered 503 when they speak."""
-    with running_server(max_connections=1) as server:
+    # close_timeout: the refused clients never close their end; do not wait 1 s for them.
+    with running_server(max_connections=1, close_timeout=0.2) as server:
         holder = ws_from(server.port)
         silent = [tcp_from("127.0.0.1", server.port) for _ in range(16)]  # the bound for 1
         wait_until(lambda: server.stats()["connections_accepted"] == 17, 5, message="not all accepted")
@@ -385,7 +386,8 @@ def send_texts(ws, texts):
 
 
 def test_client_over_the_message_rate_is_closed_with_1008():
-    with running_server(max_messages_per_second=1, message_burst=3) as server:
+    # close_timeout: the client never answers the 1008; do not wait 1 s for it.
+    with running_server(max_messages_per_second=1, message_burst=3, close_timeout=0.2) as server:
         ws = ws_from(server.port)
         send_texts(ws, ["m1", "m2", "m3", "m4"])
         assert [ws.recv_message() for _ in range(3)] == ["m1", "m2", "m3"]

@@ -143,7 +143,7 @@ def test_broadcast_to_chosen_connections_from_another_thread():
 
 def test_protocol_error_closes_with_1002_then_tcp():
     handler = Recorder()
-    with running_server(handler) as server:
+    with running_server(handler, close_timeout=0.2) as server:  # we never answer its close: short
         client = Client(server.port)
         client.send_frame(TEXT, "x", masked=False)
         assert client.expect_close() == (1002, "client frame is not masked")
