@@ -265,18 +265,21 @@ def in_loop(server, function, *args, timeout=None):
     """Run function(*args) on the server's loop thread (its one door) and return
     its result.  Calls made earlier from this thread went through the same
     door, in order, so they have been done when this returns."""
-    result, done = [], threading.Event()
+    outcome, done = [], threading.Event()
 
     def run():
         try:
-            result.append(function(*args))
-        finally:
-            done.set()
+            outcome.append((function(*args), None))
+        except BaseException as exc:  # raised again in the caller's thread
+            outcome.append((None, exc))
+        done.set()
 
     server.call_soon_threadsafe(run)
     assert done.wait(2 * TIMEOUT if timeout is None else timeout), "the loop did not run the callback"
-    assert result, "the callback failed"
-    return result[0]
+    result, exception = outcome[0]
+    if exception is not None:
+        raise exception
+    return result
 
 
 class Recorder(wsloop.Handler):

@@ -3,13 +3,12 @@
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from helpers import Client, request_bytes, running_server
+from helpers import Client, free_port, request_bytes, running_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,12 +16,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def read(*parts):
     with open(os.path.join(ROOT, *parts), encoding="utf-8") as file:
         return file.read()
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_readme_shows_the_greeter_example_verbatim():

@@ -6,10 +6,8 @@ import textwrap
 import threading
 
 import wsloop
-from helpers import Client, Worker, running_server
+from helpers import TIMEOUT, Client, Worker, running_server
 from test_cli import CliServer
-
-TIMEOUT = 5.0
 
 
 class Hooks(wsloop.Handler):

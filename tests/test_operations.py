@@ -56,12 +56,12 @@ class SocketClient(Client):
             assert self.response_head.startswith(b"HTTP/1.1 101 "), self.response_head
 
 
-def tcp_from(source, port, timeout=5.0):
+def tcp_from(source, port, timeout=TIMEOUT):
     """A TCP socket to the server from loopback address ``source``."""
     return socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
 
 
-def unix_socket(path, timeout=5.0):
+def unix_socket(path, timeout=TIMEOUT):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     sock.connect(path)

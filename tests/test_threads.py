@@ -22,11 +22,11 @@ import time
 import pytest
 
 import wsloop
-from helpers import Client, Recorder, StrictReader, Worker, connected, running_server
+from helpers import TIMEOUT, Client, Recorder, StrictReader, Worker, connected, running_server
 
 TEXT = 1
 RSV1 = 0x40
-JOIN_TIMEOUT = 5.0
+JOIN_TIMEOUT = TIMEOUT
 
 
 # -- helpers ------------------------------------------------------------------

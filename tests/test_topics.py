@@ -22,39 +22,14 @@ import time
 import pytest
 
 import wsloop
-from helpers import Client, Recorder, StrictReader, Worker, connected, running_server
+from helpers import TIMEOUT, Client, Recorder, StrictReader, Worker, connected, in_loop, running_server
 
 TEXT, BINARY = 1, 2
 RSV1 = 0x40
-JOIN_TIMEOUT = 5.0
+JOIN_TIMEOUT = TIMEOUT
 
 
 # -- helpers ------------------------------------------------------------------
-
-
-def in_loop(server, function, *args):
-    """Run ``function(*args)`` on the server's loop thread and return its result.
-
-    Calls made earlier from this thread went through the same door, in
-    order, so they have been done when this returns: the event to wait on
-    after a subscribe() or publish() from the test's thread.
-    """
-    done = threading.Event()
-    outcome = []
-
-    def call():
-        try:
-            outcome.append((function(*args), None))
-        except BaseException as exc:
-            outcome.append((None, exc))
-        done.set()
-
-    server.call_soon_threadsafe(call)
-    assert done.wait(JOIN_TIMEOUT), "the loop did not run the call"
-    result, exception = outcome[0]
-    if exception is not None:
-        raise exception
-    return result
 
 
 def wait_closed(recorder, conn):
