@@ -365,7 +365,8 @@ class StrictReader:
             assert fin, "fragmented frame: messages were split or interleaved"
             assert opcode in (TEXT, BINARY), "opcode %d where a data frame was due" % opcode
             if rsv:
-                assert self.compressed and rsv == RSV1, "unexpected RSV bits 0x%02x" % rsv
+                assert self.compressed, "unexpected RSV bits 0x%02x" % rsv
+                assert rsv == RSV1, "unexpected RSV bits 0x%02x" % rsv
                 payload = zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
                 self.compressed_frames += 1
             received.append(payload.decode("utf-8") if opcode == TEXT else payload)

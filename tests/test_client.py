@@ -644,7 +644,8 @@ def test_answer_and_frames_one_byte_at_a_time():
     events = []
     for byte in answer_and_frames(request):
         events += feed(client, bytes([byte]))
-    assert events[0][0] is Event.RESPONSE and events[0][1].status == 101
+    assert events[0][0] is Event.RESPONSE
+    assert events[0][1].status == 101
     assert events[1:] == EXPECTED_AFTER_RESPONSE
     assert [(f.opcode, f.payload) for f in client_frames(client.data_to_send())] == [(PONG, b"p")]
 
@@ -1469,7 +1470,8 @@ def test_a_sender_faster_than_the_client_loop_is_held_at_the_high_water_mark():
         finally:
             stall.set()
         sender.join(TIMEOUT)
-        assert not sender.is_alive() and sender.exception is None
+        assert not sender.is_alive()
+        assert sender.exception is None
         assert done.wait(TIMEOUT), (len(received), len(sent), ws.close_code, ws.close_reason)
         assert received == [2**18] * 48
         ws.close()

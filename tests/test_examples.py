@@ -124,7 +124,8 @@ def test_token_auth_example_compares_in_constant_time(token_auth, monkeypatch):
             got, head, client = handshake_status(server.port, "/?" + query)
             client.shutdown()
             assert got == status, head
-    assert len(compared) == 2 and all(b"change-me" in pair for pair in compared)
+    assert len(compared) == 2
+    assert all(b"change-me" in pair for pair in compared)
 
 
 @pytest.mark.parametrize("environment", ["unset", "empty"])
@@ -139,7 +140,8 @@ def test_token_auth_example_refuses_to_start_without_a_token(tmp_path, environme
     )
     assert result.returncode == 2, result
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "WS_TOKEN" in lines[0], result.stderr
+    assert len(lines) == 1, result.stderr
+    assert "WS_TOKEN" in lines[0], result.stderr
     assert "Traceback" not in result.stderr
 
 

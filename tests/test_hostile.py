@@ -222,7 +222,8 @@ def test_upgrade_with_a_body_is_400_and_the_body_is_never_a_frame(headers):
             assert b"smuggled" not in client.buffer
         finally:
             client.shutdown()
-    assert recorder.connected == [] and recorder.messages == []
+    assert recorder.connected == []
+    assert recorder.messages == []
 
 
 def test_upgrade_with_content_length_0_is_accepted():

@@ -90,7 +90,8 @@ def test_connection_exposes_the_request():
     with running_server(Inspect()) as server:
         client = Client(server.port, path="/room/7?user=ann", headers={"User-Agent": "pytest"})
         assert client.recv_message() == "welcome"
-        assert seen["path"] == "/room/7" and seen["query"] == "user=ann"
+        assert seen["path"] == "/room/7"
+        assert seen["query"] == "user=ann"
         assert seen["agent"] == "pytest"
         assert seen["address"] == client.sock.getsockname()
         assert seen["state"] is wsloop.State.OPEN
@@ -101,7 +102,8 @@ def test_http_errors_over_the_wire():
         client = Client(server.port, handshake=False)
         client.sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         status, head, body = client.read_http_response()
-        assert status == 426 and b"WebSocket" in body
+        assert status == 426
+        assert b"WebSocket" in body
         client = Client(server.port, handshake=False)
         client.sock.sendall(b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03")
         assert client.read_http_response()[0] == 400
@@ -223,7 +225,8 @@ def test_keepalive_pings_and_survives_when_answered():
         client = Client(server.port)
         for _ in range(3):
             fin, opcode, payload = client.recv_frame()
-            assert opcode == PING and len(payload) == 4
+            assert opcode == PING
+            assert len(payload) == 4
             client.send_frame(PONG, payload)
         client.send_text("alive")
         assert client.recv_message() == "alive"
@@ -453,7 +456,8 @@ def test_cancelled_timers_do_not_pile_up_in_the_heap():
             loop.call_later(60, print).cancel()  # as every completed handshake does
         assert len(loop._timers) <= 2 * 64 + 2
         live = loop.call_later(60, print)
-        assert live in loop._timers and live.callback is print
+        assert live in loop._timers
+        assert live.callback is print
     finally:
         loop.close()
 

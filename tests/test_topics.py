@@ -41,7 +41,8 @@ def wait_closed(recorder, conn):
             if closed is conn:
                 return code, reason
         remaining = deadline - time.monotonic()
-        assert remaining > 0 and recorder.close_event.wait(remaining), "on_close never came"
+        assert remaining > 0, "on_close never came"
+        assert recorder.close_event.wait(remaining), "on_close never came"
 
 
 def subscribed_clients(server, recorder, topics_per_client):
@@ -152,7 +153,8 @@ def test_unsubscribe_and_close_leave_the_topic():
             wait_closed(recorder, conns[2])
             assert in_loop(server, server.publish, "a", "one left") == 1
             assert in_loop(server, server.publish, "b", "nobody") == 0
-            assert conns[1].topics == frozenset() and conns[2].topics == frozenset()
+            assert conns[1].topics == frozenset()
+            assert conns[2].topics == frozenset()
             assert StrictReader(clients[3]).messages(3) == ["all four", "three", "one left"]
             in_loop(server, conns[0].send, "direct")
             assert StrictReader(clients[0]).messages(2) == ["all four", "direct"]

@@ -174,7 +174,9 @@ def test_a_bad_worker_timeout_is_one_line(value):
                             capture_output=True, text=True, timeout=30, env=cli_env())
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("wsloop: error: ") and "--worker-timeout" in lines[0], result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("wsloop: error: "), result.stderr
+    assert "--worker-timeout" in lines[0], result.stderr
 
 
 # =============================================================================
@@ -230,7 +232,8 @@ def check_scrape(samples, previous):
     for name in COUNTERS:
         totals, workers = split_by_worker(samples, name)
         # (A worker that has no handshake yet has no handshakes_total sample.)
-        assert set(workers) <= {"1", "2"} and totals, (name, workers)
+        assert set(workers) <= {"1", "2"}, (name, workers)
+        assert totals, (name, workers)
         if name != "wsloop_handshakes_total":
             assert set(workers) == {"1", "2"}, (name, workers)
         for labels, total in totals.items():
