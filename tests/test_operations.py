@@ -407,13 +407,14 @@ def test_message_burst_defaults_to_the_rate():
 
 
 def test_message_bucket_refills_at_the_rate():
-    # 1 token per 0.1 s, at most 1 saved: waiting 0.3 s always earns the
-    # next message (a slow machine only earns it more surely).
-    with running_server(max_messages_per_second=10, message_burst=1) as server:
+    # 1 token per 0.05 s, at most 1 saved: waiting 0.15 s (three tokens'
+    # time, as before at 10 a second) always earns the next message (a slow
+    # machine only earns it more surely).
+    with running_server(max_messages_per_second=20, message_burst=1) as server:
         ws = ws_from(server.port)
         for index in range(4):
             assert echoes(ws, "paced %d" % index)
-            time.sleep(0.3)  # the passing of time is what is tested here
+            time.sleep(0.15)  # the passing of time is what is tested here
 
 
 def test_message_bucket_is_per_connection():
