@@ -6843,6 +6843,10 @@ class ClientConnection:
     context manager to close it however the block ends.
     """
 
+    # How long a delivered message holds the reader (see above); per object,
+    # so a test may shorten it on the connection it holds.
+    _hold_grace = _HOLD_GRACE
+
     def __init__(
         self,
         sock: socket.socket,
@@ -6889,7 +6893,7 @@ class ClientConnection:
             self._reading_held = True
             connection.pause_reading()  # until the application has answered it
             self._condition.notify()
-        self._loop.call_later(_HOLD_GRACE, self._hold_expired, self._delivered)
+        self._loop.call_later(self._hold_grace, self._hold_expired, self._delivered)
 
     def _hold_expired(self, delivered: int) -> None:
         with self._condition:
@@ -7558,8 +7562,17 @@ _BEATS_PER_TIMEOUT = 4
 # before SIGKILL.
 _STACK_GRACE = 0.2
 # After SIGTERM, how long past close_timeout a worker may take to exit
-# before the supervisor kills it.
+# before the supervisor kills it.  WSLOOP_STOP_GRACE (seconds) overrides it
+# for one supervisor: the tests set it short rather than wait it out.
 _STOP_GRACE = 2.0
+
+
+def _stop_grace() -> float:
+    try:
+        grace = float(os.environ.get("WSLOOP_STOP_GRACE", _STOP_GRACE))
+    except ValueError:
+        return _STOP_GRACE
+    return grace if 0 <= grace < float("inf") else _STOP_GRACE
 
 
 class _Worker:
@@ -7606,6 +7619,7 @@ def _supervise(args: argparse.Namespace, argv: List[str], passed: Optional[List[
     passed (socket activation), handed down to every worker instead of a
     port of our own."""
     log = logging.getLogger("wsloop.supervisor")
+    stop_grace = _stop_grace()
     reuse_port = hasattr(socket, "SO_REUSEPORT") and not passed
     if passed:
         # Socket activation: systemd listens; every worker accepts from the
@@ -7674,7 +7688,7 @@ def _supervise(args: argparse.Namespace, argv: List[str], passed: Optional[List[
         while any(worker.process is not None or (worker.restart_at is not None and not signals) for worker in workers):
             now = time.monotonic()
             if signals and stop_by is None and args.close_timeout is not None:
-                stop_by = now + args.close_timeout + _STOP_GRACE
+                stop_by = now + args.close_timeout + stop_grace
             for worker in workers:
                 process = worker.process
                 if process is None:
@@ -7693,7 +7707,7 @@ def _supervise(args: argparse.Namespace, argv: List[str], passed: Optional[List[
                         elif stop_by is not None and now >= stop_by:
                             log.error("worker %d (pid %d) still running %.1f s after SIGTERM; killing it"
                                       " (its stack follows)", worker.index, process.pid,
-                                      args.close_timeout + _STOP_GRACE)
+                                      args.close_timeout + stop_grace)
                             worker.kill_at = _dump_stack(process, now)
                     elif now >= worker.kill_at:
                         process.kill()

@@ -12,11 +12,17 @@ import struct
 import subprocess
 import threading
 import time
+import weakref
 import zlib
 from contextlib import contextmanager
 
 import wsloop
-from redis_fixture import wait_until
+from redis_fixture import free_port as free_port, wait_until  # free_port: tests import it from here
+
+# The bound on any one wait for something that should happen soon.  Slow CI
+# machines scale every such bound with WSLOOP_TEST_TIMEOUT_SCALE (say 3).
+TIMEOUT_SCALE = float(os.environ.get("WSLOOP_TEST_TIMEOUT_SCALE", "1"))
+TIMEOUT = 5.0 * TIMEOUT_SCALE
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 section 1.3's example key
 TEXT, BINARY = 1, 2  # opcodes
@@ -99,10 +105,21 @@ def parse_server_frames(data):
         data = data[parsed[1]:]
 
 
+# Every Client opened, so that running_server() closes those a test left
+# open before it stops the server (which would otherwise wait close_timeout
+# for each of them to answer its close).  Weak: the list keeps none open.
+_opened_clients = []
+
+
 class Client:
     """A blocking WebSocket client on a real socket, for loopback tests."""
 
-    def __init__(self, port, path="/", headers=None, host="127.0.0.1", timeout=5.0, handshake=True, ssl_context=None):
+    def __new__(cls, *args, **kwargs):
+        client = super().__new__(cls)
+        _opened_clients.append(weakref.ref(client))  # subclasses and Client.__new__ too
+        return client
+
+    def __init__(self, port, path="/", headers=None, host="127.0.0.1", timeout=TIMEOUT, handshake=True, ssl_context=None):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if ssl_context is not None:
@@ -186,20 +203,23 @@ class Client:
                 return struct.unpack("!H", payload[:2])[0], payload[2:].decode("utf-8")
 
     def expect_eof(self):
-        """The server closes TCP: recv returns b"" (after any leftover bytes)."""
+        """The server closes TCP: recv returns b"" (after any leftover bytes).
+        Fails, saying so, if the socket's timeout passes first."""
         while True:
-            chunk = self.sock.recv(65536)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                raise AssertionError("the server did not close TCP within %s s" % self.sock.gettimeout()) from None
             if not chunk:
-                return True
+                return
 
     def close(self, code=1000, reason=b""):
         self.send_frame(0x8, close_payload(code, reason))
 
     def shutdown(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        sock = getattr(self, "sock", None)  # None if connecting failed
+        if sock is not None:
+            sock.close()  # never raises OSError (Python 3.8+)
 
 
 @contextmanager
@@ -211,9 +231,15 @@ def running_server(handler=None, **options):
     server = wsloop.Server(handler, **options)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    first_client = len(_opened_clients)
     try:
         yield server
     finally:
+        for opened in _opened_clients[first_client:]:
+            client = opened()
+            if client is not None:
+                client.shutdown()  # what the test left open: gone before shutdown waits on it
+        del _opened_clients[first_client:]
         server.shutdown()
         thread.join(30)
         assert not thread.is_alive(), "server did not stop"
@@ -235,20 +261,25 @@ def small_window_client(port, rcvbuf=4096, timeout=10.0):
     return client
 
 
-def in_loop(server, function, timeout=10.0):
-    """Run function() on the server's loop thread (its one door) and return its result."""
-    result, done = [], threading.Event()
+def in_loop(server, function, *args, timeout=None):
+    """Run function(*args) on the server's loop thread (its one door) and return
+    its result.  Calls made earlier from this thread went through the same
+    door, in order, so they have been done when this returns."""
+    outcome, done = [], threading.Event()
 
     def run():
         try:
-            result.append(function())
-        finally:
-            done.set()
+            outcome.append((function(*args), None))
+        except BaseException as exc:  # raised again in the caller's thread
+            outcome.append((None, exc))
+        done.set()
 
     server.call_soon_threadsafe(run)
-    assert done.wait(timeout), "the loop did not run the callback"
-    assert result, "the callback failed"
-    return result[0]
+    assert done.wait(2 * TIMEOUT if timeout is None else timeout), "the loop did not run the callback"
+    result, exception = outcome[0]
+    if exception is not None:
+        raise exception
+    return result
 
 
 class Recorder(wsloop.Handler):
@@ -292,7 +323,7 @@ class Worker(threading.Thread):
 
 def connected(recorder, count):
     """Wait until ``recorder`` has seen ``count`` connections; return them."""
-    deadline = time.monotonic() + 5.0
+    deadline = time.monotonic() + TIMEOUT
     while len(recorder.connected) < count:
         recorder.connect_event.clear()
         if len(recorder.connected) >= count:
@@ -334,7 +365,8 @@ class StrictReader:
             assert fin, "fragmented frame: messages were split or interleaved"
             assert opcode in (TEXT, BINARY), "opcode %d where a data frame was due" % opcode
             if rsv:
-                assert self.compressed and rsv == RSV1, "unexpected RSV bits 0x%02x" % rsv
+                assert self.compressed, "unexpected RSV bits 0x%02x" % rsv
+                assert rsv == RSV1, "unexpected RSV bits 0x%02x" % rsv
                 payload = zlib.decompressobj(-15).decompress(payload + b"\x00\x00\xff\xff")
                 self.compressed_frames += 1
             received.append(payload.decode("utf-8") if opcode == TEXT else payload)
@@ -405,18 +437,25 @@ class LogReader:
         return "".join(line for line in self.lines if line is not None)
 
 
+def http_get(port, path, source="127.0.0.1", headers=None):
+    """A plain HTTP GET on its own TCP connection from loopback address
+    ``source``: (status, head, body), read to the server's EOF."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT, source_address=(source, 0))
+    plain = Client.__new__(Client)  # Client() handshakes itself; reuse its reading
+    plain.sock, plain.buffer = sock, b""
+    try:
+        fields = dict({"Host": "localhost"}, **(headers or {}))
+        lines = ["GET %s HTTP/1.1" % path] + ["%s: %s" % item for item in fields.items()]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        return plain.read_http_response()
+    finally:
+        sock.close()
+
+
 def plain_get(port, path):
-    """A plain GET on its own TCP connection: (status, body)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(b"GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n" % path.encode())
-        data = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ")[1]), body
+    """A plain GET asking the server to close after it: (status, body)."""
+    status, _, body = http_get(port, path, headers={"Connection": "close"})
+    return status, body
 
 
 def children_of(pid):
@@ -441,10 +480,11 @@ def descendants_of(pid):
 
 
 @contextmanager
-def workers_process(argv, cwd=None):
+def workers_process(argv, cwd=None, env=None):
     """Run ``argv`` (wsloop, or something that execs it) with its stderr read
-    by a LogReader: yields (process, log); kills what is left at the end."""
-    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=cwd)
+    by a LogReader: yields (process, log); kills what is left at the end.
+    ``env``: more environment variables for it."""
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=dict(cli_env(), **(env or {})), cwd=cwd)
     log = LogReader(process.stderr)
     try:
         yield process, log

@@ -30,12 +30,11 @@ import pytest
 import trustme
 
 import wsloop
-from helpers import Recorder, Worker, client_frame, close_payload, connected, mask_bytes, running_server
+from helpers import TIMEOUT, TIMEOUT_SCALE, Recorder, Worker, client_frame, close_payload, connected, mask_bytes, running_server
 
 Event = wsloop.Event
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0, 1, 2, 8, 9, 10
 RSV1 = 4  # the RSV bits as helpers.client_frame takes them: RSV1 << 4 == 0x40
-TIMEOUT = 5.0  # the bound on any one wait for something that should happen
 
 
 # -- helpers: handshake bytes -------------------------------------------------
@@ -645,7 +644,8 @@ def test_answer_and_frames_one_byte_at_a_time():
     events = []
     for byte in answer_and_frames(request):
         events += feed(client, bytes([byte]))
-    assert events[0][0] is Event.RESPONSE and events[0][1].status == 101
+    assert events[0][0] is Event.RESPONSE
+    assert events[0][1].status == 101
     assert events[1:] == EXPECTED_AFTER_RESPONSE
     assert [(f.opcode, f.payload) for f in client_frames(client.data_to_send())] == [(PONG, b"p")]
 
@@ -938,11 +938,12 @@ def test_send_from_four_threads_while_a_thread_receives():
 
 def test_keepalive_pings_are_answered_while_the_application_is_idle():
     recorder = Recorder()
-    with running_server(recorder, ping_interval=0.2, ping_timeout=0.5) as server:
+    interval, timeout = 0.1 * TIMEOUT_SCALE, 0.25 * TIMEOUT_SCALE
+    with running_server(recorder, ping_interval=interval, ping_timeout=timeout) as server:
         with wsloop.connect(ws_url(server), ping_interval=None) as ws:
             # Idle for three ping timeouts: only the client's own thread can
             # answer the server's pings; the server would close with 1011.
-            assert not recorder.close_event.wait(1.5), recorder.closed
+            assert not recorder.close_event.wait(3 * timeout), recorder.closed
             assert ws.state is wsloop.State.OPEN
             ws.send("still here")
             assert ws.recv(timeout=TIMEOUT) == "still here"
@@ -950,17 +951,22 @@ def test_keepalive_pings_are_answered_while_the_application_is_idle():
 
 def test_keepalive_pings_are_answered_while_a_message_waits_unread():
     class GreetThenRecord(Recorder):
-        def on_connect(self, conn):
-            super().on_connect(conn)
-            conn.send("welcome")
+        def on_message(self, conn, message):
+            if message == "greet me":
+                conn.send("welcome")  # once the client has set its hold grace
+            else:
+                super().on_message(conn, message)
 
     recorder = GreetThenRecord()
-    # The client holds what follows an unread message for _HOLD_GRACE (so
-    # a violation after it is acted on in order), then reads on: a ping
-    # timeout longer than that is answered in time.
-    timeout = wsloop._HOLD_GRACE + 1.0
-    with running_server(recorder, ping_interval=0.3, ping_timeout=timeout) as server:
+    # The client holds what follows an unread message for its hold grace
+    # (so a violation after it is acted on in order), then reads on: a
+    # ping timeout longer than that is answered in time.
+    grace = 0.1 * TIMEOUT_SCALE
+    timeout = grace + 0.3 * TIMEOUT_SCALE
+    with running_server(recorder, ping_interval=0.1 * TIMEOUT_SCALE, ping_timeout=timeout) as server:
         with wsloop.connect(ws_url(server), ping_interval=None) as ws:
+            ws._hold_grace = grace  # private, per connection: the hold is what is tested
+            ws.send("greet me")
             # The application is busy for two ping timeouts before it
             # reads the welcome: the client's thread still answers pings.
             # (The server's close would be reported only after its
@@ -975,12 +981,15 @@ def test_keepalive_pings_are_answered_while_a_message_waits_unread():
 
 def test_client_keepalive_survives_an_application_busy_with_a_message_unread():
     class Greet(wsloop.Echo):
-        def on_connect(self, conn):
-            conn.send("welcome")
+        def on_message(self, conn, message):
+            conn.send("welcome" if message == "greet me" else message)
 
-    timeout = wsloop._HOLD_GRACE + 1.0  # see the test above
+    grace = 0.1 * TIMEOUT_SCALE  # see the test above
+    timeout = grace + 0.3 * TIMEOUT_SCALE
     with running_server(Greet()) as server:
-        with wsloop.connect(ws_url(server), ping_interval=0.3, ping_timeout=timeout) as ws:
+        with wsloop.connect(ws_url(server), ping_interval=0.1 * TIMEOUT_SCALE, ping_timeout=timeout) as ws:
+            ws._hold_grace = grace
+            ws.send("greet me")
             with ws._condition:  # private: wait until the welcome is held
                 assert ws._condition.wait_for(lambda: ws._messages, TIMEOUT)
             threading.Event().wait(2 * timeout)  # busy elsewhere: the server's pongs must still count
@@ -1154,12 +1163,14 @@ def test_a_held_message_costs_no_cpu_while_more_wait_in_tcp():
 
     with running_server(Flood()) as server, wsloop.connect(ws_url(server), compression=False) as ws:
         assert ws.recv(timeout=TIMEOUT) == b"x" * 10000
+        ws.send(b"thanks")  # the application answered: the reader goes on at once
         with ws._condition:  # private, as above: wait until the next one is held
             assert ws._condition.wait_for(lambda: ws._messages, TIMEOUT)
+        busy = ws._hold_grace / 2  # well inside the hold
         cpu = time.process_time()
-        threading.Event().wait(1.0)  # the application is busy elsewhere for 1 s
+        threading.Event().wait(busy)  # the application is busy elsewhere
         used = time.process_time() - cpu
-        assert used < 0.5, "%.2f s of CPU in 1 s while nothing could be done" % used
+        assert used < busy / 2, "%.2f s of CPU in %.2f s while nothing could be done" % (used, busy)
         assert [len(ws.recv(timeout=TIMEOUT)) for _ in range(299)] == [10000] * 299
 
 
@@ -1459,7 +1470,8 @@ def test_a_sender_faster_than_the_client_loop_is_held_at_the_high_water_mark():
         finally:
             stall.set()
         sender.join(TIMEOUT)
-        assert not sender.is_alive() and sender.exception is None
+        assert not sender.is_alive()
+        assert sender.exception is None
         assert done.wait(TIMEOUT), (len(received), len(sent), ws.close_code, ws.close_reason)
         assert received == [2**18] * 48
         ws.close()
@@ -1494,19 +1506,21 @@ def test_a_sender_held_by_flow_control_is_let_go_when_the_connection_ends():
 
 def test_past_the_hold_the_client_queues_at_most_max_queue_messages():
     class Flood(wsloop.Handler):
-        def on_connect(self, conn):
+        def on_message(self, conn, message):  # once the client has set its hold grace
             for index in range(200):
                 conn.send("m%03d" % index)
 
     with running_server(Flood()) as server, wsloop.connect(ws_url(server)) as ws:
         limit = wsloop._MAX_QUEUE
-        # Private queue: its bound is what is tested.  Each hold lasts
-        # _HOLD_GRACE, so the queue fills one message a grace at most; wait
-        # for it to fill, then for a grace past that: it must not grow.
+        grace = ws._hold_grace = 0.03 * TIMEOUT_SCALE  # private, per connection
+        ws.send("flood me")
+        # Private queue: its bound is what is tested.  Each hold lasts the
+        # grace, so the queue fills one message a grace at most; wait for it
+        # to fill, then for two graces past that: it must not grow.
         with ws._condition:
-            filled = ws._condition.wait_for(lambda: len(ws._messages) >= limit, (limit + 2) * wsloop._HOLD_GRACE + TIMEOUT)
+            filled = ws._condition.wait_for(lambda: len(ws._messages) >= limit, (limit + 2) * grace + TIMEOUT)
             assert filled, "the queue never reached its bound"
-            grew = ws._condition.wait_for(lambda: len(ws._messages) > limit, 2 * wsloop._HOLD_GRACE)
+            grew = ws._condition.wait_for(lambda: len(ws._messages) > limit, 2 * grace)
         assert not grew, "%d messages queued past the bound" % len(ws._messages)
         assert [ws.recv(timeout=TIMEOUT) for _ in range(200)] == ["m%03d" % i for i in range(200)]
 

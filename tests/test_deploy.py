@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from helpers import KEY, client_frame, parse_server_frame
+from helpers import KEY, client_frame, free_port, parse_server_frame
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(ROOT, "deploy")
@@ -49,12 +49,6 @@ def nginx_upstream():
     match = re.search(r"upstream\s+wsloop\s*{\s*server\s+([^;\s]+)\s*;", text)
     assert match, "deploy/nginx.conf has no upstream wsloop { server ...; }"
     return text, match.group(1)
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(predicate, timeout, what):

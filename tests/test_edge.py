@@ -10,7 +10,7 @@ import pytest
 import trustme
 
 import wsloop
-from helpers import Client, request_bytes, running_server
+from helpers import TIMEOUT, Client, http_get, request_bytes, running_server
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,8 @@ def test_silent_and_byte_by_byte_tls_clients_do_not_block_others(tls):
         client = Client(server.port, ssl_context=client_context)
         client.send_text("not held up")
         assert client.recv_message() == "not held up"
-        assert still_open(silent) and still_open(dribbler)
+        assert still_open(silent)
+        assert still_open(dribbler)
         silent.close()
         dribbler.close()
 
@@ -82,7 +83,8 @@ def test_plain_http_on_the_tls_port_is_closed_with_one_log_line(tls, caplog):
             client.send_text("fine")
             assert client.recv_message() == "fine"
     failures = [r for r in caplog.records if "TLS handshake failed" in r.getMessage()]
-    assert len(failures) == 1 and failures[0].exc_info is None
+    assert len(failures) == 1
+    assert failures[0].exc_info is None
     assert "Traceback" not in caplog.text
 
 
@@ -109,7 +111,8 @@ def test_hook_refuses_with_401_and_accepts_with_headers():
         refused = Client(server.port, handshake=False)
         refused.sock.sendall(request_bytes("/?wrong"))
         status, head, body = refused.read_http_response()
-        assert status == 401 and body == b"token required\n"
+        assert status == 401
+        assert body == b"token required\n"
         assert "\r\nWWW-Authenticate: Bearer" in head
         accepted = Client(server.port, path="/?let-me-in")
         assert b"\r\nSet-Cookie: session=ok; HttpOnly; Secure\r\n" in accepted.response_head
@@ -206,18 +209,13 @@ def test_subprotocol_chosen_by_a_function_must_be_offered():
 # -- plain HTTP: health check and pages ---------------------------------------------
 
 
-def http_get(port, path):
-    client = Client(port, handshake=False)
-    client.sock.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
-    return client.read_http_response()
-
-
 def test_health_check_and_pages_and_426_for_the_rest():
     pages = {"/": ("text/html; charset=utf-8", b"<h1>hi</h1>")}
     with running_server(health_path="/healthz", pages=pages) as server:
         assert http_get(server.port, "/healthz")[0::2] == (200, b"ok\n")
         status, head, body = http_get(server.port, "/")
-        assert (status, body) == (200, b"<h1>hi</h1>") and "text/html" in head
+        assert (status, body) == (200, b"<h1>hi</h1>")
+        assert "text/html" in head
         assert http_get(server.port, "/other")[0] == 426
 
 
@@ -233,11 +231,12 @@ def test_health_check_says_503_during_shutdown():
         server.shutdown()
         began = threading.Event()
         server.call_soon_threadsafe(began.set)  # runs after the shutdown began
-        assert began.wait(5)
+        assert began.wait(TIMEOUT)
         waiting.sock.sendall(b"Host: x\r\n\r\n")
         assert waiting.read_http_response()[0] == 503
         with pytest.raises(OSError):  # and the port no longer accepts
             socket.create_connection(("127.0.0.1", server.port), timeout=1).recv(1)
+        waiting.shutdown()  # the server reads to our EOF before it lets go: give it
     finally:
         server.shutdown()
         thread.join(10)
@@ -314,8 +313,10 @@ def test_close_is_logged_with_address_and_both_codes_and_reasons(caplog):
     lines = [line for line in info_lines(caplog) if "4000" in line and "4001" in line]
     assert len(lines) == 1, info_lines(caplog)
     line = lines[0]
-    assert "127.0.0.1" in line and str(client_port) in line, line
-    assert "server says bye" in line and "client says bye" in line, line
+    assert "127.0.0.1" in line, line
+    assert str(client_port) in line, line
+    assert "server says bye" in line, line
+    assert "client says bye" in line, line
 
 
 def test_refused_origin_is_logged_with_the_origin(caplog):

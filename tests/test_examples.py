@@ -3,13 +3,12 @@
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from helpers import Client, request_bytes, running_server
+from helpers import Client, free_port, request_bytes, running_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,12 +16,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def read(*parts):
     with open(os.path.join(ROOT, *parts), encoding="utf-8") as file:
         return file.read()
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_readme_shows_the_greeter_example_verbatim():
@@ -131,7 +124,8 @@ def test_token_auth_example_compares_in_constant_time(token_auth, monkeypatch):
             got, head, client = handshake_status(server.port, "/?" + query)
             client.shutdown()
             assert got == status, head
-    assert len(compared) == 2 and all(b"change-me" in pair for pair in compared)
+    assert len(compared) == 2
+    assert all(b"change-me" in pair for pair in compared)
 
 
 @pytest.mark.parametrize("environment", ["unset", "empty"])
@@ -146,7 +140,8 @@ def test_token_auth_example_refuses_to_start_without_a_token(tmp_path, environme
     )
     assert result.returncode == 2, result
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "WS_TOKEN" in lines[0], result.stderr
+    assert len(lines) == 1, result.stderr
+    assert "WS_TOKEN" in lines[0], result.stderr
     assert "Traceback" not in result.stderr
 
 

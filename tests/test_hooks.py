@@ -6,10 +6,8 @@ import textwrap
 import threading
 
 import wsloop
-from helpers import Client, Worker, running_server
+from helpers import TIMEOUT, Client, Worker, running_server
 from test_cli import CliServer
-
-TIMEOUT = 5.0
 
 
 class Hooks(wsloop.Handler):
@@ -114,7 +112,8 @@ def test_serve_hands_the_server_to_on_start():
         if hooks.server is not None:
             hooks.server.shutdown()
         worker.join(3 * TIMEOUT)
-    assert not worker.is_alive() and worker.exception is None
+    assert not worker.is_alive()
+    assert worker.exception is None
     assert [name for name, _ in hooks.calls] == ["start", "connect", "stop"]
 
 

@@ -30,8 +30,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import wsloop
-from helpers import Client, Recorder, client_frame, connected, request_bytes, running_server
-from redis_fixture import free_port, wait_until
+from helpers import TIMEOUT, Client, Recorder, client_frame, connected, http_get, request_bytes, running_server
+from helpers import free_port, wait_until
 
 TEXT = 0x1
 COMMAND = [sys.executable, "-m", "wsloop"]
@@ -56,12 +56,12 @@ class SocketClient(Client):
             assert self.response_head.startswith(b"HTTP/1.1 101 "), self.response_head
 
 
-def tcp_from(source, port, timeout=5.0):
+def tcp_from(source, port, timeout=TIMEOUT):
     """A TCP socket to the server from loopback address ``source``."""
     return socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
 
 
-def unix_socket(path, timeout=5.0):
+def unix_socket(path, timeout=TIMEOUT):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     sock.connect(path)
@@ -81,15 +81,6 @@ def refusal(port, source="127.0.0.1", path="/", headers=None):
     return refused.read_http_response()
 
 
-def http_get(port, path, source="127.0.0.1", headers=None):
-    """A plain HTTP GET: (status, head, body)."""
-    plain = SocketClient(tcp_from(source, port), handshake=False)
-    fields = dict({"Host": "localhost"}, **(headers or {}))
-    lines = ["GET %s HTTP/1.1" % path] + ["%s: %s" % item for item in fields.items()]
-    plain.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-    return plain.read_http_response()
-
-
 def retry_after(head):
     match = re.search(r"(?im)^Retry-After: *(\d+) *\r?$", head)
     return int(match.group(1)) if match else None
@@ -105,7 +96,7 @@ def close_cleanly(ws):
     server has let go of the connection's file descriptor."""
     ws.close(1000)
     assert ws.expect_close() == (1000, "")
-    assert ws.expect_eof()
+    ws.expect_eof()
 
 
 def open_count(server, expected):
@@ -141,7 +132,8 @@ def scrape(port, path="/metrics", source="127.0.0.1"):
     status, head, body = http_get(port, path, source)
     assert status == 200, (status, head, body)
     content_type = re.search(r"(?im)^Content-Type: *([^\r\n]*?) *\r?$", head)
-    assert content_type and content_type.group(1) == METRICS_CONTENT_TYPE, head
+    assert content_type, head
+    assert content_type.group(1) == METRICS_CONTENT_TYPE, head
     return Metrics(body.decode("utf-8"))
 
 
@@ -243,7 +235,8 @@ def one_error_line(result):
     """A user error: exit status 2 and one line on stderr (returned)."""
     assert result.returncode == 2, (result.returncode, result.stderr)
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("wsloop: error: "), result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("wsloop: error: "), result.stderr
     return lines[0]
 
 
@@ -294,7 +287,8 @@ def test_silent_clients_past_the_limit_are_held_only_up_to_a_bound():
     that, the oldest silent one is closed to make room for the newcomer (so
     a flood of silent clients cannot keep a health check out), and the ones
     still held are answered 503 when they speak."""
-    with running_server(max_connections=1) as server:
+    # close_timeout: the refused clients never close their end; do not wait 1 s for them.
+    with running_server(max_connections=1, close_timeout=0.2) as server:
         holder = ws_from(server.port)
         silent = [tcp_from("127.0.0.1", server.port) for _ in range(16)]  # the bound for 1
         wait_until(lambda: server.stats()["connections_accepted"] == 17, 5, message="not all accepted")
@@ -359,7 +353,8 @@ def test_past_max_connections_per_ip_the_handshake_gets_429():
         _, head, _ = refusal(server.port)
         assert head.startswith("HTTP/1.1 429 Too Many Requests\r\n"), head
         assert retry_after(head) is not None, head
-        assert echoes(a) and echoes(b)
+        assert echoes(a)
+        assert echoes(b)
         assert server.stats()["connections_refused"] == {"max_connections_per_ip": 1}
         assert server.stats()["handshakes"].get(429) == 1
 
@@ -394,7 +389,8 @@ def send_texts(ws, texts):
 
 
 def test_client_over_the_message_rate_is_closed_with_1008():
-    with running_server(max_messages_per_second=1, message_burst=3) as server:
+    # close_timeout: the client never answers the 1008; do not wait 1 s for it.
+    with running_server(max_messages_per_second=1, message_burst=3, close_timeout=0.2) as server:
         ws = ws_from(server.port)
         send_texts(ws, ["m1", "m2", "m3", "m4"])
         assert [ws.recv_message() for _ in range(3)] == ["m1", "m2", "m3"]
@@ -411,22 +407,25 @@ def test_message_burst_defaults_to_the_rate():
 
 
 def test_message_bucket_refills_at_the_rate():
-    # 1 token per 0.1 s, at most 1 saved: waiting 0.3 s always earns the
-    # next message (a slow machine only earns it more surely).
-    with running_server(max_messages_per_second=10, message_burst=1) as server:
+    # 1 token per 0.05 s, at most 1 saved: waiting 0.15 s (three tokens'
+    # time, as before at 10 a second) always earns the next message (a slow
+    # machine only earns it more surely).
+    with running_server(max_messages_per_second=20, message_burst=1) as server:
         ws = ws_from(server.port)
         for index in range(4):
             assert echoes(ws, "paced %d" % index)
-            time.sleep(0.3)  # the passing of time is what is tested here
+            time.sleep(0.15)  # the passing of time is what is tested here
 
 
 def test_message_bucket_is_per_connection():
     with running_server(max_messages_per_second=1, message_burst=2) as server:
         greedy, other = ws_from(server.port), ws_from(server.port)
         send_texts(greedy, ["a", "b", "c"])
-        assert greedy.recv_message() == "a" and greedy.recv_message() == "b"
+        assert greedy.recv_message() == "a"
+        assert greedy.recv_message() == "b"
         assert greedy.expect_close() == (1008, "message rate limit exceeded")
-        assert echoes(other, "x") and echoes(other, "y")
+        assert echoes(other, "x")
+        assert echoes(other, "y")
 
 
 @pytest.mark.parametrize("opcode", [0x9, 0xA], ids=["pings", "pongs"])
@@ -582,7 +581,8 @@ def test_per_ip_limit_counts_forwarded_clients_separately():
         one = ws_from(server.port, headers={"X-Forwarded-For": "203.0.113.7"})
         two = ws_from(server.port, headers={"X-Forwarded-For": "203.0.113.8"})
         assert refusal(server.port, headers={"X-Forwarded-For": "203.0.113.7"})[0] == 429
-        assert echoes(one) and echoes(two)
+        assert echoes(one)
+        assert echoes(two)
 
 
 def test_per_ip_limit_groups_ipv6_clients_by_their_64():
@@ -603,9 +603,11 @@ def test_logs_name_the_forwarded_client(caplog):
         ws = ws_from(server.port, path="/via-proxy", headers={"X-Forwarded-For": "203.0.113.7"})
         assert echoes(ws)  # the loop has logged the open by the time it echoes
     opens = [r.getMessage() for r in caplog.records if r.name == "wsloop" and "open from" in r.getMessage()]
-    assert len(opens) == 1 and "203.0.113.7" in opens[0], opens
+    assert len(opens) == 1, opens
+    assert "203.0.113.7" in opens[0], opens
     access = [r.getMessage() for r in caplog.records if r.name == "wsloop.access" and "/via-proxy" in r.getMessage()]
-    assert len(access) == 1 and "203.0.113.7" in access[0], access
+    assert len(access) == 1, access
+    assert "203.0.113.7" in access[0], access
 
 
 # Every kind of character a client could use to forge or hide a log line:
@@ -658,14 +660,18 @@ def test_client_text_cannot_write_into_the_logs(caplog):
     assert all(fields), access
     unescape = lambda text: text.encode("latin-1", "backslashreplace").decode("unicode_escape")
     opened, forbidden = fields
-    assert unescape(opened.group(3)) == target and opened.group(4) == "101"
+    assert unescape(opened.group(3)) == target
+    assert opened.group(4) == "101"
     assert unescape(opened.group(7)) == HOSTILE_AGENT
     assert unescape(opened.group(5)) == 'p"\x85\x9bq'
-    assert forbidden.group(4) == "403" and unescape(forbidden.group(7)) == HOSTILE_AGENT
+    assert forbidden.group(4) == "403"
+    assert unescape(forbidden.group(7)) == HOSTILE_AGENT
     closes = [message for _, message in lines if "closed: received 4000" in message]
-    assert len(closes) == 1 and "forged\\x1b[2J\\x00\\x7f\\x85\\x9b\\u2028\\u2029\\u202e\\\"\\\\end" in closes[0], closes
+    assert len(closes) == 1, closes
+    assert "forged\\x1b[2J\\x00\\x7f\\x85\\x9b\\u2028\\u2029\\u202e\\\"\\\\end" in closes[0], closes
     refusals = [message for _, message in lines if "answered 403" in message]
-    assert len(refusals) == 1 and 'e\\x85vil\\x9b\\"x' in refusals[0], refusals
+    assert len(refusals) == 1, refusals
+    assert 'e\\x85vil\\x9b\\"x' in refusals[0], refusals
 
 
 def test_demo_page_origin_check_uses_the_forwarded_scheme():
@@ -711,7 +717,8 @@ def test_behind_a_proxy_on_a_unix_socket_the_forwarded_client_is_the_client(shor
         assert metrics_for("203.0.113.7") == 403
         assert echoes(held)
     access = [r.getMessage() for r in caplog.records if r.name == "wsloop.access" and "/via-uds" in r.getMessage()]
-    assert len(access) == 1 and access[0].startswith("203.0.113.7:"), access
+    assert len(access) == 1, access
+    assert access[0].startswith("203.0.113.7:"), access
     assert server.address == path
 
 
@@ -926,7 +933,8 @@ def test_metrics_count_refusals_by_reason():
         assert refusal(server.port, source="127.0.0.4")[0] == 503
         close_cleanly(third)
         open_count(server, 2)
-        assert echoes(held) and echoes(second)
+        assert echoes(held)
+        assert echoes(second)
         metrics = scrape(server.port, source="127.0.0.5")
     assert metrics.value("wsloop_connections_refused_total", reason="max_connections") == 1
     assert metrics.value("wsloop_connections_refused_total", reason="max_connections_per_ip") == 1
@@ -936,7 +944,8 @@ def test_metrics_count_refusals_by_reason():
 def test_metrics_from_an_address_not_allowed_get_403():
     with running_server(metrics_path="/metrics", metrics_allow_ips=["10.0.0.0/8"]) as server:
         status, _, body = http_get(server.port, "/metrics")
-        assert status == 403 and b"wsloop_" not in body
+        assert status == 403
+        assert b"wsloop_" not in body
 
 
 def test_metrics_through_a_trusted_proxy_check_the_real_client():
@@ -958,7 +967,8 @@ def test_stats_has_the_same_figures():
     assert stats["connections_refused"] == {}
     assert stats["handshakes"] == {101: 1}
     assert (stats["messages_in"], stats["messages_out"]) == (5, 5)
-    assert stats["bytes_in"] >= 25 and stats["bytes_out"] >= 25
+    assert stats["bytes_in"] >= 25
+    assert stats["bytes_out"] >= 25
     assert stats["close_codes_sent"] == {1000: 1}
     assert stats["close_codes_received"] == {1000: 1}
     assert (stats["pending_output_total"], stats["pending_output_max"]) == (0, 0)
@@ -989,7 +999,8 @@ def test_pending_output_gauges_follow_the_backlog():
         wait_until(both_backed_up, message=lambda: "pending: %r" % (pending(),))
         metrics = scrape(server.port)
         assert metrics.value("wsloop_pending_output_bytes") >= metrics.value("wsloop_pending_output_max_bytes") >= 8 * MiB
-        assert len(big.recv_message()) == 16 * MiB and len(small.recv_message()) == 8 * MiB
+        assert len(big.recv_message()) == 16 * MiB
+        assert len(small.recv_message()) == 8 * MiB
         wait_until(lambda: pending() == (0, 0), message=lambda: "pending: %r" % (pending(),))
 
 
@@ -1042,7 +1053,9 @@ def test_broker_figures_when_redis_is_down():
     assert metrics.value("wsloop_broker_connected") == 0
     assert metrics.types["wsloop_broker_gaps_total"] == "counter"
     assert metrics.types["wsloop_broker_dropped_total"] == "counter"
-    assert isinstance(stats["broker"], dict) and "gaps" in stats["broker"] and "dropped" in stats["broker"]
+    assert isinstance(stats["broker"], dict)
+    assert "gaps" in stats["broker"]
+    assert "dropped" in stats["broker"]
 
 
 def test_broker_connected_when_redis_is_up(redis_server):
@@ -1075,11 +1088,13 @@ def test_access_log_has_one_line_per_handshake(caplog):
         assert refusal(server.port, path="/evil", headers={"Origin": "https://evil.example"})[0] == 403
         assert echoes(ws_from(server.port, path="/barrier"))  # the loop is past both
     room = [r for r in access_lines(caplog) if "/room" in r.getMessage()]
-    assert len(room) == 1 and room[0].levelno == logging.INFO
+    assert len(room) == 1
+    assert room[0].levelno == logging.INFO
     for part in ("127.0.0.1", "101", "chat", "permessage-deflate", "probe/1.0"):
         assert part in room[0].getMessage(), (part, room[0].getMessage())
     evil = [r.getMessage() for r in access_lines(caplog) if "/evil" in r.getMessage()]
-    assert len(evil) == 1 and "403" in evil[0]
+    assert len(evil) == 1
+    assert "403" in evil[0]
 
 
 def test_access_log_can_be_silenced_alone(caplog):
@@ -1140,13 +1155,15 @@ def test_out_of_file_descriptors_new_clients_get_503_and_one_log_line(processes)
         assert body == b"server busy: out of file descriptors\n"
     assert echoes(admitted[0])
     lines = server.matching("cannot accept")
-    assert len(lines) == 1 and " ERROR " in " %s " % lines[0][1], server.text()
+    assert len(lines) == 1, server.text()
+    assert " ERROR " in " %s " % lines[0][1], server.text()
     # Freed descriptors: new clients are taken again, and the log says so once.
     for ws in admitted[:2]:
         close_cleanly(ws)
     late = Client(port)
     assert "after 5 refused" in server.wait_for("accepting connections again")
-    assert echoes(late) and echoes(admitted[2])
+    assert echoes(late)
+    assert echoes(admitted[2])
     assert len(server.matching("cannot accept")) == 1, server.text()
     assert "Traceback" not in server.text()
     for ws in admitted[2:] + [late]:
@@ -1162,7 +1179,8 @@ def test_cli_max_connections(cli):
     server = cli("--port", "0", "--max-connections", "1")
     holder = Client(server.port)
     status, head, _ = refusal(server.port)
-    assert status == 503 and retry_after(head) is not None
+    assert status == 503
+    assert retry_after(head) is not None
     assert echoes(holder)
 
 
@@ -1235,7 +1253,8 @@ def test_cli_unix_socket_in_use_is_one_line(short_dir):
         live.bind(path)
         live.listen()
         line = one_error_line(run_cli("--uds", path))
-        assert "in use" in line and path in line
+        assert "in use" in line
+        assert path in line
         assert os.path.exists(path)
 
 

@@ -39,12 +39,12 @@ from hypothesis import strategies as st
 
 import wsloop
 from helpers import (
-    Client, Worker, children_of, cli_env, clients_on_both_workers, plain_get, running_server, wait_serving,
-    workers_process,
+    TIMEOUT, Client, Worker, children_of, cli_env, clients_on_both_workers, in_loop, plain_get, running_server,
+    wait_serving, workers_process,
 )
 from redis_fixture import bulk, free_port, push, wait_until
 
-JOIN_TIMEOUT = 5.0
+JOIN_TIMEOUT = TIMEOUT
 RECOVERY_TIMEOUT = 15.0  # reconnect with backoff: generous, still bounded
 FAST_FAILURE = dict(ping_interval=0.3, ping_timeout=0.5, reconnect_max=0.5)
 
@@ -153,15 +153,6 @@ def cluster(url_or_urls, count=2, prefix="wsloop", **broker_options):
         for node in nodes:
             node.wait_state(lambda state: state == "connected", "connected")
         yield nodes
-
-
-def in_loop(server, function, *args):
-    """Run ``function(*args)`` on the server's loop thread; return its result."""
-    done = threading.Event()
-    outcome = []
-    server.call_soon_threadsafe(lambda: (outcome.append(function(*args)), done.set()))
-    assert done.wait(JOIN_TIMEOUT), "the loop did not run the call"
-    return outcome[0]
 
 
 def read_until(client, last, allowed=()):

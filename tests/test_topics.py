@@ -22,39 +22,14 @@ import time
 import pytest
 
 import wsloop
-from helpers import Client, Recorder, StrictReader, Worker, connected, running_server
+from helpers import TIMEOUT, Client, Recorder, StrictReader, Worker, connected, in_loop, running_server
 
 TEXT, BINARY = 1, 2
 RSV1 = 0x40
-JOIN_TIMEOUT = 5.0
+JOIN_TIMEOUT = TIMEOUT
 
 
 # -- helpers ------------------------------------------------------------------
-
-
-def in_loop(server, function, *args):
-    """Run ``function(*args)`` on the server's loop thread and return its result.
-
-    Calls made earlier from this thread went through the same door, in
-    order, so they have been done when this returns: the event to wait on
-    after a subscribe() or publish() from the test's thread.
-    """
-    done = threading.Event()
-    outcome = []
-
-    def call():
-        try:
-            outcome.append((function(*args), None))
-        except BaseException as exc:
-            outcome.append((None, exc))
-        done.set()
-
-    server.call_soon_threadsafe(call)
-    assert done.wait(JOIN_TIMEOUT), "the loop did not run the call"
-    result, exception = outcome[0]
-    if exception is not None:
-        raise exception
-    return result
 
 
 def wait_closed(recorder, conn):
@@ -66,7 +41,8 @@ def wait_closed(recorder, conn):
             if closed is conn:
                 return code, reason
         remaining = deadline - time.monotonic()
-        assert remaining > 0 and recorder.close_event.wait(remaining), "on_close never came"
+        assert remaining > 0, "on_close never came"
+        assert recorder.close_event.wait(remaining), "on_close never came"
 
 
 def subscribed_clients(server, recorder, topics_per_client):
@@ -177,7 +153,8 @@ def test_unsubscribe_and_close_leave_the_topic():
             wait_closed(recorder, conns[2])
             assert in_loop(server, server.publish, "a", "one left") == 1
             assert in_loop(server, server.publish, "b", "nobody") == 0
-            assert conns[1].topics == frozenset() and conns[2].topics == frozenset()
+            assert conns[1].topics == frozenset()
+            assert conns[2].topics == frozenset()
             assert StrictReader(clients[3]).messages(3) == ["all four", "three", "one left"]
             in_loop(server, conns[0].send, "direct")
             assert StrictReader(clients[0]).messages(2) == ["all four", "direct"]
@@ -288,7 +265,8 @@ def test_slow_subscriber_is_closed_with_1008_others_keep_going(caplog):
     every message, in order, and stays open."""
     count, chunk = 400, bytes(60000)  # 24 MB: more than the socket buffers hold
     recorder = Recorder()
-    with running_server(recorder, max_pending_output=256 * 1024, ping_interval=None) as server:
+    # close_timeout: the slow one never answers the 1008; do not wait 1 s for it.
+    with running_server(recorder, max_pending_output=256 * 1024, ping_interval=None, close_timeout=0.2) as server:
         slow = Client(server.port)
         slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
         fast = Client(server.port)

@@ -85,10 +85,10 @@ def spin_app(tmp_path):
     return str(tmp_path)
 
 
-def spinning_workers(spin_app, *args):
+def spinning_workers(spin_app, *args, env=None):
     port = free_port()
     argv = COMMAND + ["--port", str(port), "--workers", "2", "--app", "spinapp:on_message"] + list(args)
-    return port, workers_process(argv, cwd=spin_app)
+    return port, workers_process(argv, cwd=spin_app, env=env)
 
 
 def echoes(client, text):
@@ -119,7 +119,7 @@ def test_a_stuck_worker_is_killed_and_replaced_within_its_timeout(spin_app):
         log.wait_for(r"in on_message")  # its stack, from faulthandler
         log.wait_for(r"worker %s \(pid \d+\) died: signal SIGKILL; restarting" % stuck)
         assert timeout - 0.3 < noticed < timeout + 1.0, "noticed after %.2f s" % noticed
-        assert clients[0].expect_eof()  # no close frame: it was killed
+        clients[0].expect_eof()  # no close frame: it was killed
         assert echoes(other, "still serving")
         log.wait_count(r"worker %s .*listening on" % stuck, 2)  # the replacement
         replaced = wait_until(lambda: (lambda now: len(now) == 2 and now != pids and now)(children_of(process.pid)), 10,
@@ -136,11 +136,13 @@ def test_a_stuck_worker_is_killed_and_replaced_within_its_timeout(spin_app):
 
 def test_sigterm_ends_within_close_timeout_and_grace_with_a_stuck_worker(spin_app):
     """Guards: with the watchdog off, SIGTERM to the supervisor still ends
-    in close_timeout plus the supervisor's 2 s grace: the healthy worker
-    closes its clients with 1001, the stuck one is killed with SIGKILL
-    (logged, with its stack), and the exit status says not all was clean."""
-    close_timeout = 0.5
-    port, running = spinning_workers(spin_app, "--worker-timeout", "none", "--close-timeout", str(close_timeout))
+    in close_timeout plus the supervisor's grace (2 s, set shorter here
+    through WSLOOP_STOP_GRACE): the healthy worker closes its clients with
+    1001, the stuck one is killed with SIGKILL (logged, with its stack),
+    and the exit status says not all was clean."""
+    close_timeout, grace = 0.5, 0.3
+    port, running = spinning_workers(spin_app, "--worker-timeout", "none", "--close-timeout", str(close_timeout),
+                                     env={"WSLOOP_STOP_GRACE": str(grace)})
     with running as (process, log):
         wait_serving(port, process, log)
         log.wait_count(r"worker \d+.*listening on", 2)
@@ -156,10 +158,12 @@ def test_sigterm_ends_within_close_timeout_and_grace_with_a_stuck_worker(spin_ap
         code = process.wait(10)
         elapsed = time.monotonic() - started
         assert code == 1, log.text()
-        assert elapsed < close_timeout + 2.0 + 1.0, "took %.1f s" % elapsed
-        assert "worker %s (pid" % stuck in log.wait_for(r"still running [\d.]+ s after SIGTERM; killing it").string
+        assert elapsed < close_timeout + grace + 1.0, "took %.1f s" % elapsed
+        killing = log.wait_for(r"still running ([\d.]+) s after SIGTERM; killing it")
+        assert "worker %s (pid" % stuck in killing.string
+        assert float(killing.group(1)) == round(close_timeout + grace, 1), killing.string
         log.wait_for(r"in on_message")
-        assert clients[0].expect_eof()
+        clients[0].expect_eof()
         for client in clients:
             client.shutdown()
 
@@ -170,7 +174,9 @@ def test_a_bad_worker_timeout_is_one_line(value):
                             capture_output=True, text=True, timeout=30, env=cli_env())
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("wsloop: error: ") and "--worker-timeout" in lines[0], result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("wsloop: error: "), result.stderr
+    assert "--worker-timeout" in lines[0], result.stderr
 
 
 # =============================================================================
@@ -226,7 +232,8 @@ def check_scrape(samples, previous):
     for name in COUNTERS:
         totals, workers = split_by_worker(samples, name)
         # (A worker that has no handshake yet has no handshakes_total sample.)
-        assert set(workers) <= {"1", "2"} and totals, (name, workers)
+        assert set(workers) <= {"1", "2"}, (name, workers)
+        assert totals, (name, workers)
         if name != "wsloop_handshakes_total":
             assert set(workers) == {"1", "2"}, (name, workers)
         for labels, total in totals.items():
