@@ -86,7 +86,6 @@ import hashlib
 import heapq
 import importlib
 import inspect
-import itertools
 import ipaddress
 import itertools
 import json
@@ -3262,7 +3261,7 @@ class _RedisLink:
         except Exception as exc:
             # The last line of defence: whatever Redis sent, the bridge
             # fails alone and the server's other sockets go on.
-            logger.error("%s: unexpected %s: %s", self.label(), type(exc).__name__, exc, exc_info=True)
+            logger.error("%s: unexpected %s: %s", self.label(), type(exc).__name__, _printable(str(exc)), exc_info=True)
             if self.sock is not None:
                 self.fail("internal error")
 
@@ -3467,7 +3466,7 @@ class _RedisLink:
 
 
 def _escape_reply(text: str) -> str:
-    return text[:200].encode("ascii", "backslashreplace").decode("ascii").replace("\n", "\\n").replace("\r", "\\r")
+    return _printable(text[:200])
 
 
 def _describe_reply(reply: Any) -> str:
@@ -5044,7 +5043,7 @@ class Connection:
                 )
                 self._stats.slow_consumer_closes += 1
                 self._close_now(CloseCode.POLICY_VIOLATION, "too slow to keep up")
-                raise ConnectionClosed("peer too slow: output limit reached")
+                raise protocol.closed_error("peer too slow: output limit reached")
         if self._queue is None and len(frame) < _COPY_FREE_FROM:
             protocol.outgoing += frame
         else:
@@ -5054,7 +5053,7 @@ class Connection:
             if total is not None and output.held > total:
                 self._shed_slowest(output, total)
                 if self._sock is None or protocol.state is not _OPEN:
-                    raise ConnectionClosed("peer too slow: total output limit reached")
+                    raise protocol.closed_error("peer too slow: total output limit reached")
         self._schedule_flush()
 
     def _enqueue(self, chunk: bytes) -> None:
@@ -5872,8 +5871,7 @@ class Server:
         if history is not None:
             self._history = _History(history, history_ttl, history_topics)  # checks them
             if broker is not None:
-                broker._use_history(history, history_ttl)
-                self._history = None
+                self._history = None  # kept in Redis: the broker is told once every check has passed
         elif history_ttl is not None or position_format is not None:
             raise ValueError("history_ttl and position_format go with history")
         self._position_format = position_format
@@ -5932,6 +5930,8 @@ class Server:
             metrics_path=metrics_path,
             metrics_allow_ips=metrics_allow_ips,
         )
+        if history is not None and broker is not None:
+            broker._use_history(history, history_ttl)
         self._loop = _EventLoop()  # after every check: a bad argument leaks no descriptor
         self._listeners: List[_Listener] = []
         try:
@@ -6185,7 +6185,7 @@ class Server:
             def broker(key: str) -> Samples:
                 return lambda figures: [] if figures["broker"] is None else [("", figures["broker"][key])]
 
-            metric("broker_connected", "gauge", "1 when both Redis links are up.",
+            metric("broker_connected", "gauge", "1 when every link to every Redis server is up.",
                    lambda figures: [] if figures["broker"] is None else
                    [("", int(figures["broker"]["state"] == "connected"))], min)
             metric("broker_gaps_total", "counter", "Reconnects after which messages may be lost.", broker("gaps"))
@@ -6380,6 +6380,14 @@ class Server:
         """
         _check_topic(topic)
         message = _checked_message(message)
+        if self.broker is not None and self.history is not None:
+            # With history a message is delivered, here too, only once Redis
+            # has given it a position: one Redis cannot carry is refused
+            # here, in the caller's thread, rather than lost.
+            size = len(message) if isinstance(message, bytes) else len(message.encode("utf-8", "surrogatepass"))
+            if size > self.broker.max_message:
+                raise ValueError("a message of %d bytes is over the broker's max_message (%d): with history it "
+                                 "could not be given a position" % (size, self.broker.max_message))
         if not self._loop.in_loop_thread:
             self._loop.call_soon_threadsafe(self.publish, topic, message, exclude)
             return 0
@@ -6557,8 +6565,14 @@ class Server:
 
     def _resume_accepting(self) -> None:
         self._accept_paused = False
-        for listener in self._listeners:
-            listener.watch()
+        if self._may_accept():
+            for listener in self._listeners:
+                listener.watch()
+
+    def _may_accept(self) -> bool:
+        """Whether the listeners may be watched again after a pause (a
+        worker that stepped aside at max_connections says no)."""
+        return True
 
     def _add_connection(self, sock: socket.socket, address: Any) -> None:
         options = self.options
@@ -7883,11 +7897,17 @@ class _WorkerServer(Server):
                 self._full_timer = self.call_later(_FULL_CHECK, self._take_again)
                 return
             sock.setblocking(False)
-            self._listeners.append(_Listener(self, sock, None))
-        else:
+            listener = _Listener(self, sock, None)
+            self._listeners.append(listener)
+            if self._accept_paused:
+                listener.unwatch()  # out of descriptors: _resume_accepting watches it
+        elif not self._accept_paused:
             for listener in self._listeners:
                 listener.watch()
         logger.info("below max_connections again: taking new connections")
+
+    def _may_accept(self) -> bool:
+        return self._full_timer is None  # not while stepped aside at max_connections
 
     def _join(self, index: int, own_socket: bool, figures_dir: Optional[str]) -> None:
         """Worker ``index`` of the supervisor: ``own_socket`` if it listens on

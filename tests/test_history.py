@@ -486,6 +486,20 @@ def test_an_append_sent_again_is_not_doubled(redis_server):
     assert admin.evalsha(sha, 2, *keys, "wsloop:t", other, "10", "epoch1", "0", "1") == 2
 
 
+def test_with_history_a_message_redis_cannot_carry_is_refused_not_lost(redis_server):
+    """With history every message is delivered once Redis gives it a
+    position; one over the broker's max_message never would be, so publish
+    refuses it in the caller's thread rather than drop it silently."""
+    broker = wsloop.RedisBroker(redis_server.url, max_message=1000)
+    with running_server(broker=broker, history=10) as server:
+        with pytest.raises(ValueError, match="max_message"):
+            server.publish("t", "\u00e9" * 501)  # 1,002 bytes of UTF-8
+        with pytest.raises(ValueError, match="max_message"):
+            server.publish("t", bytes(1001))
+        assert server.publish("t", bytes(1000)) == 0  # taken: delivered when Redis sends it back
+    assert broker.stats()["dropped"] == 0
+
+
 @pytest.mark.parametrize("options", [dict(history=0), dict(history=5, history_ttl=0), dict(history=5, history_topics=0),
                                      dict(history_ttl=5), dict(position_format=str)])
 def test_history_options_are_checked(options):

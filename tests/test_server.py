@@ -10,7 +10,7 @@ import time
 import pytest
 
 import wsloop
-from helpers import Client, Recorder, client_frame, request_bytes, running_server
+from helpers import TIMEOUT, Client, Recorder, client_frame, request_bytes, running_server
 
 TEXT, BINARY, CLOSE, PING, PONG = 1, 2, 8, 9, 10
 
@@ -288,6 +288,40 @@ def test_slow_receiver_of_broadcasts_is_closed_with_1008_others_keep_going(caplo
         assert len(server.connections) == 1  # the reader is still open
         reader.send_text("still open")
         assert reader.recv_message() == "still open"
+
+
+class SendUntilRefused(wsloop.Handler):
+    """On a message: send 60 KB frames until send() refuses, and keep the
+    ConnectionClosed it raised."""
+
+    def __init__(self):
+        self.error = None
+        self.done = threading.Event()
+
+    def on_message(self, conn, message):
+        try:
+            for _ in range(1000):
+                conn.send(bytes(60000))
+        except wsloop.ConnectionClosed as exc:
+            self.error = exc
+        self.done.set()
+
+
+def test_a_send_refused_for_a_slow_peer_says_which_close_the_server_sent():
+    """The ConnectionClosed that send() raises at max_pending_output names
+    the 1008 the server sent, as every other ConnectionClosed does."""
+    handler = SendUntilRefused()
+    with running_server(handler, max_pending_output=256 * 1024) as server:
+        client = Client(server.port)
+        client.send_text("go")
+        assert handler.done.wait(TIMEOUT), "send() was never refused"
+        error = handler.error
+        assert error is not None, "60 MB were accepted for a peer that does not read"
+        assert error.sent_code == 1008, str(error)
+        assert error.sent_reason == "too slow to keep up", str(error)
+        assert "peer too slow" in str(error)
+        assert "sent 1008" in str(error)
+        assert client.expect_close() == (1008, "too slow to keep up")
 
 
 class SendThenWaitForDrain(wsloop.Handler):
