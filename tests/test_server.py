@@ -272,7 +272,9 @@ def test_echo_flood_from_a_non_reading_client_is_bounded_and_lossless():
 
 def test_slow_receiver_of_broadcasts_is_closed_with_1008_others_keep_going(caplog):
     count, chunk = 400, bytes(60000)  # 24 MB: more than the socket buffers hold
-    with running_server(wsloop.Chat(), max_pending_output=256 * 1024) as server:
+    # close_timeout: longer than the 400 broadcasts take on a loaded machine,
+    # so the 1008 is not cut short by a reset; the slow one answers it.
+    with running_server(wsloop.Chat(), max_pending_output=256 * 1024, close_timeout=TIMEOUT) as server:
         slow = Client(server.port)
         slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
         reader = Client(server.port)
@@ -284,6 +286,7 @@ def test_slow_receiver_of_broadcasts_is_closed_with_1008_others_keep_going(caplo
                 server.broadcast(chunk)  # from this thread: queued to the loop
                 assert reader.recv_message() == chunk
             assert slow.expect_close() == (1008, "too slow to keep up")
+            slow.close()  # the closing handshake's answer
         assert "peer too slow" in caplog.text
         assert len(server.connections) == 1  # the reader is still open
         reader.send_text("still open")

@@ -265,8 +265,10 @@ def test_slow_subscriber_is_closed_with_1008_others_keep_going(caplog):
     every message, in order, and stays open."""
     count, chunk = 400, bytes(60000)  # 24 MB: more than the socket buffers hold
     recorder = Recorder()
-    # close_timeout: the slow one never answers the 1008; do not wait 1 s for it.
-    with running_server(recorder, max_pending_output=256 * 1024, ping_interval=None, close_timeout=0.2) as server:
+    # close_timeout: longer than the 400 publishes take on a loaded machine,
+    # so the 1008 is not cut short by a reset; the slow one answers it
+    # below, so nothing waits it out.
+    with running_server(recorder, max_pending_output=256 * 1024, ping_interval=None, close_timeout=TIMEOUT) as server:
         slow = Client(server.port)
         slow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
         fast = Client(server.port)
@@ -282,6 +284,7 @@ def test_slow_subscriber_is_closed_with_1008_others_keep_going(caplog):
                     server.publish("t", chunk[:-4] + number.to_bytes(4, "big"))
                     assert fast.recv_message() == chunk[:-4] + number.to_bytes(4, "big")
                 assert slow.expect_close() == (1008, "too slow to keep up")
+                slow.close()  # the closing handshake's answer
             assert "too slow" in caplog.text
             assert wait_closed(recorder, conns[0])
             assert conns[1].state is wsloop.State.OPEN
