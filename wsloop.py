@@ -122,6 +122,8 @@ __all__ = [
     "Handler",
     "HandshakeError",
     "Headers",
+    "InvalidResponse",
+    "InvalidUpgrade",
     "Opcode",
     "PreparedMessage",
     "Protocol",
@@ -278,19 +280,45 @@ class ProtocolError(WebSocketError):
 
 
 class HandshakeError(WebSocketError):
-    """The opening handshake cannot succeed; ``status`` is the HTTP answer,
-    ``headers`` (a :class:`Headers`) and ``body`` what a server's refusal
-    said, for a client."""
+    """The opening handshake cannot succeed; ``status`` is the HTTP refusal
+    (the status a server answers with, or, for a client, the one the server
+    refused with) and None when there was none: then it is one of the two
+    subclasses below.  ``headers`` (a :class:`Headers`) and ``body`` are
+    what a server's refusal said, for a client."""
 
     def __init__(
-        self, status: int, reason: str, headers: Iterable[Tuple[str, str]] = (), body: bytes = b""
+        self,
+        status: Optional[int],
+        reason: str,
+        headers: Iterable[Tuple[str, str]] = (),
+        body: bytes = b"",
     ):
-        super().__init__("%d %s" % (status, reason) if status else reason)
-        self.status = status  # 0 when a client got no valid HTTP response
+        super().__init__("%d %s" % (status, reason) if status is not None else reason)
+        self.status = status
         self.reason = reason
         # Headers is defined further down; it exists by the time one is raised.
         self.headers = Headers(headers)
         self.body = body  # what a server's refusal said, for a client
+
+
+class InvalidResponse(HandshakeError):
+    """Client: the server's answer is not a valid HTTP response (or the
+    connection closed before one came); ``status`` is None.  Perhaps not a
+    WebSocket server, or one starting: :func:`reconnecting` tries again."""
+
+    def __init__(self, reason: str):
+        super().__init__(None, reason)
+
+
+class InvalidUpgrade(HandshakeError):
+    """Client: the server switched protocols (101) but its answer breaks
+    RFC 6455 4.1 or RFC 7692 (a 101 over HTTP/1.0, a wrong
+    Sec-WebSocket-Accept, an extension or subprotocol not offered);
+    ``status`` is None and ``headers`` are the 101's.  A server bug:
+    :func:`reconnecting` does not try again."""
+
+    def __init__(self, reason: str, headers: Iterable[Tuple[str, str]] = ()):
+        super().__init__(None, reason, headers)
 
 
 class ConnectionClosed(WebSocketError):
@@ -710,18 +738,18 @@ def _parse_response_head(buffer: Union[bytes, bytearray]) -> Optional[Tuple[Resp
     client's side of the handshake, under the same limits as requests).
 
     Returns ``(response, reason phrase, head_length)``, ``None`` when more
-    bytes are needed, or raises :class:`HandshakeError` (status 0: not a
-    valid HTTP response).
+    bytes are needed, or raises :class:`InvalidResponse` (not a valid HTTP
+    response) or :class:`InvalidUpgrade` (a 101 over HTTP/1.0).
     """
     end = buffer.find(b"\r\n\r\n")
     if end < 0:
         _check_partial_response(buffer)
         return None
     if end + 4 > MAX_REQUEST_HEAD:
-        raise HandshakeError(0, "response head too large")
+        raise InvalidResponse("response head too large")
     lines = bytes(buffer[:end]).split(b"\r\n")
     if len(lines[0]) > MAX_REQUEST_LINE:
-        raise HandshakeError(0, "status line too long")
+        raise InvalidResponse("status line too long")
     parts = lines[0].split(b" ", 2)
     if (
         len(parts) < 2
@@ -729,11 +757,14 @@ def _parse_response_head(buffer: Union[bytes, bytearray]) -> Optional[Tuple[Resp
         or len(parts[1]) != 3
         or not parts[1].isdigit()
     ):
-        raise HandshakeError(0, "not an HTTP/1.1 response")
+        raise InvalidResponse("not an HTTP/1.1 response")
     if parts[1] == b"101" and parts[0] != b"HTTP/1.1":
         # RFC 6455 4.1: the handshake is HTTP/1.1 (1.0 has no Upgrade).
-        raise HandshakeError(101, "a 101 over %s, not HTTP/1.1" % parts[0].decode("ascii"))
-    _check_header_lines(lines[1:], 0, 0)
+        raise InvalidUpgrade("a 101 over %s, not HTTP/1.1" % parts[0].decode("ascii"))
+    try:
+        _check_header_lines(lines[1:], 400, 431)  # the request's rules; no status to answer here
+    except HandshakeError as exc:
+        raise InvalidResponse(exc.reason) from None
     response = Response(int(parts[1]), b"", _split_header_block(b"\r\n".join(lines[1:])))
     reason = parts[2].decode("latin-1") if len(parts) > 2 else ""
     return response, reason, end + 4
@@ -741,18 +772,18 @@ def _parse_response_head(buffer: Union[bytes, bytearray]) -> Optional[Tuple[Resp
 
 def _check_partial_response(buffer: Union[bytes, bytearray]) -> None:
     """The request head's limits, on a response head that has not ended yet
-    (HandshakeError status 0): a server that sends endless lines fails the
+    (:class:`InvalidResponse`): a server that sends endless lines fails the
     handshake as soon as it crosses one, as a client would on the server."""
     if len(buffer) > MAX_REQUEST_HEAD:
-        raise HandshakeError(0, "response head too large")
+        raise InvalidResponse("response head too large")
     first_end = buffer.find(b"\r\n")
     if (len(buffer) if first_end < 0 else first_end) > MAX_REQUEST_LINE:
-        raise HandshakeError(0, "status line too long")
+        raise InvalidResponse("status line too long")
     if first_end >= 0:
         if len(buffer) - buffer.rfind(b"\r\n") - 2 > MAX_HEADER_LINE:
-            raise HandshakeError(0, "header line too long")
+            raise InvalidResponse("header line too long")
         if buffer.count(b"\r\n") > MAX_HEADERS + 1:
-            raise HandshakeError(0, "too many headers")
+            raise InvalidResponse("too many headers")
 
 
 def _header_line(name: str, value: str) -> str:
@@ -1196,8 +1227,8 @@ def _accept_deflate(values: List[str], settings: Deflate) -> _PerMessageDeflate:
     Raises :class:`HandshakeError` for anything but one permessage-deflate
     with known, single, valid parameters.
     """
-    def refuse(why: str) -> HandshakeError:
-        return HandshakeError(101, "bad Sec-WebSocket-Extensions: " + why)
+    def refuse(why: str) -> InvalidUpgrade:
+        return InvalidUpgrade("bad Sec-WebSocket-Extensions: " + why)
 
     try:
         offers = _parse_extensions(values)
@@ -1949,7 +1980,7 @@ class Protocol:
             except HandshakeError as exc:
                 self.handshake_error = exc
         elif self.client and self.state is _CONNECTING and self.handshake_error is None:
-            self.handshake_error = HandshakeError(0, "connection closed before the server answered")
+            self.handshake_error = InvalidResponse("connection closed before the server answered")
         if self.close_code is None:
             self.close_code = CloseCode.ABNORMAL
         if self.state is not _CLOSED:
@@ -2041,8 +2072,8 @@ class Protocol:
 
     def _check_switch(self, headers: Headers) -> None:
         """Validate a 101 (RFC 6455 4.1, the client's checks)."""
-        def refuse(why: str) -> HandshakeError:
-            return HandshakeError(101, why, headers.items())
+        def refuse(why: str) -> InvalidUpgrade:
+            return InvalidUpgrade(why, headers.items())
 
         if "websocket" not in _header_tokens(headers.get("Upgrade")):
             raise refuse("Upgrade header must name websocket")
@@ -2078,7 +2109,8 @@ class Protocol:
                 self._negotiated = _negotiate_deflate(offers, self._compression)
         except HandshakeError as exc:
             self.handshake_error = exc
-            self.respond(exc.status, exc.headers, exc.reason.encode() + b"\n")
+            # A server's HandshakeError always carries the status to answer.
+            self.respond(exc.status or 400, exc.headers, exc.reason.encode() + b"\n")
             return None
         return request
 
@@ -7119,7 +7151,9 @@ def connect(
     Raises ValueError for a bad URL or header, OSError when the server
     cannot be reached (ssl.SSLError for TLS), TimeoutError, and
     :class:`HandshakeError` when the server refuses (with its ``status``,
-    ``headers`` and ``body``) or answers what the client did not ask for.
+    ``headers`` and ``body``), its subclass :class:`InvalidResponse` when
+    the answer is not HTTP, and :class:`InvalidUpgrade` when a 101 breaks
+    the protocol or answers what the client did not ask for.
     """
     secure, host, port, host_header, target = _parse_ws_url(url)
     if ssl_context is not None and not secure:
@@ -7196,7 +7230,8 @@ def reconnecting(
 
     Tried again, after a wait: a network error (``OSError``, so refused,
     reset, unreachable, timed out; not a certificate that fails
-    verification), an answer that is not HTTP, a 5xx refusal, and a
+    verification), an answer that is not HTTP (:class:`InvalidResponse`),
+    a 5xx refusal, and a
     connection that ended with 1001, 1006, 1011, 1012 or 1013 (iterating
     such a connection ends quietly, as for 1000).  The n-th attempt in a
     row waits between half and all of ``min(max_delay, initial_delay * 2 **
@@ -7206,7 +7241,8 @@ def reconnecting(
     ``threading.Event().wait`` to be able to cut it short).
 
     The end: a normal close (1000, or 1005) ends the loop; a 4xx or other
-    refusal raises :class:`HandshakeError`, and any other close raises
+    refusal raises :class:`HandshakeError`, a 101 that breaks the protocol
+    :class:`InvalidUpgrade`, and any other close raises
     :class:`ConnectionClosed`, from the ``for``.  A bad URL raises
     ValueError here.
     """
@@ -7224,9 +7260,11 @@ def _reconnect(
         why: Exception
         try:
             ws = connect(url, **options)
+        except InvalidResponse as exc:
+            why = exc  # not HTTP, or no answer: perhaps a server (re)starting
         except HandshakeError as exc:
-            if exc.status != 0 and exc.status < 500:
-                raise
+            if exc.status is None or exc.status < 500:
+                raise  # a refusal that will not change, or an InvalidUpgrade
             why = exc
         except ssl.SSLCertVerificationError:
             raise
@@ -8014,7 +8052,7 @@ def _console(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
     except HandshakeError as exc:
-        if exc.status and exc.status != 101:
+        if exc.status is not None:
             said = exc.body.decode("utf-8", "replace").strip().splitlines()
             why = "%d %s%s" % (exc.status, exc.reason, ": " + said[0] if said else "")
             raise _UsageError("%s refused the connection: %s" % (args.connect, _shown(why))) from None
