@@ -123,6 +123,7 @@ __all__ = [
     "HandshakeError",
     "Headers",
     "InvalidResponse",
+    "InvalidState",
     "InvalidUpgrade",
     "Opcode",
     "PreparedMessage",
@@ -299,6 +300,12 @@ class HandshakeError(WebSocketError):
         # Headers is defined further down; it exists by the time one is raised.
         self.headers = Headers(headers)
         self.body = body  # what a server's refusal said, for a client
+
+
+class InvalidState(WebSocketError, RuntimeError):
+    """A method called when the object's state does not allow it (accepting
+    twice, running a server again, topics on a client).  A RuntimeError too,
+    so that code catching that keeps working."""
 
 
 class InvalidResponse(HandshakeError):
@@ -1747,7 +1754,7 @@ class Protocol:
     def _set_state(self, state: State) -> None:
         """The one place the state changes (see the theory of operation)."""
         if state not in _TRANSITIONS[self.state]:
-            raise RuntimeError("cannot go from %s to %s" % (self.state.name, state.name))
+            raise InvalidState("cannot go from %s to %s" % (self.state.name, state.name))
         self.state = state
         if state is _CLOSED:
             self._buffer = b""
@@ -2013,7 +2020,7 @@ class Protocol:
         header that would break the request.
         """
         if not self.client or self.state is not _CONNECTING or self._key:
-            raise RuntimeError("only a new client protocol sends a request")
+            raise InvalidState("only a new client protocol sends a request")
         if not target.startswith("/") or any(not " " < char < "\x7f" for char in target):
             raise ValueError("request target must be a path and query, got %r" % target)
         self._key = base64.b64encode(os.urandom(16)).decode("ascii")
@@ -2123,7 +2130,7 @@ class Protocol:
         """
         request = self.request
         if request is None or not self.is_upgrade or self.state is not _CONNECTING:
-            raise RuntimeError("no upgrade request to accept")
+            raise InvalidState("no upgrade request to accept")
         lines = [
             "HTTP/1.1 101 Switching Protocols",
             "Upgrade: websocket",
@@ -2148,7 +2155,7 @@ class Protocol:
         """Answer the request (or what there is of it) with an HTTP response
         (an error, or a plain page) and close the connection."""
         if self.state is not _CONNECTING:
-            raise RuntimeError("cannot respond in state %s" % self.state.name)
+            raise InvalidState("cannot respond in state %s" % self.state.name)
         # RFC 9110 9.3.2: HEAD gets the headers GET would, and no body.
         head_only = self.request is not None and self.request.method == "HEAD"
         self.outgoing += _http_response(status, headers, body, head_only)
@@ -4982,7 +4989,7 @@ class Connection:
 
     def _topic_server(self) -> Server:
         if self.server is None:
-            raise RuntimeError("topics belong to a server's connections")
+            raise InvalidState("topics belong to a server's connections")
         return self.server
 
     def pause_reading(self) -> None:
@@ -6030,7 +6037,7 @@ class Server:
         release every socket.  A server runs once."""
         with self._phase_lock:
             if self._phase != "new":
-                raise RuntimeError("this server has already run or been closed")
+                raise InvalidState("this server has already run or been closed")
             self._phase = "running"
         if self.broker is not None:
             self._loop.call_soon(self._start_broker)

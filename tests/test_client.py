@@ -367,6 +367,10 @@ def test_request_only_once_and_only_from_a_client():
         client.request_upgrade("example.com", "/")
     with pytest.raises(RuntimeError):
         wsloop.Protocol().request_upgrade("example.com", "/")
+    with pytest.raises(wsloop.InvalidState):  # the same error, by its name
+        client.request_upgrade("example.com", "/")
+    with pytest.raises(wsloop.InvalidState):
+        wsloop.Protocol().request_upgrade("example.com", "/")
 
 
 # =============================================================================
