@@ -208,6 +208,10 @@ class Event(enum.IntEnum):
 
 
 MASK_LENGTH = 4  # the masking key every client frame carries (RFC 6455 5.3)
+# RFC 6455 5.5: a control frame's payload is at most 125 bytes, and a close
+# frame's starts with its 2-byte code, which leaves 123 for the reason.
+MAX_CONTROL_PAYLOAD = 125
+MAX_CLOSE_REASON = MAX_CONTROL_PAYLOAD - 2
 
 # RFC 6455 section 1.3: the fixed GUID mixed into Sec-WebSocket-Accept.
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -1416,6 +1420,11 @@ _LENGTH_BITS = 0x7F
 # RFC 6455 5.2: a 7-bit length of 126 or 127 says a 16- or 64-bit one follows.
 _LENGTH_16 = 126
 _LENGTH_64 = 127
+# The largest payload each length field holds.  That the 7-bit one's equals
+# MAX_CONTROL_PAYLOAD is RFC 6455's design (a control frame never needs an
+# extended length), but the two limits answer different questions.
+_MAX_LENGTH_7 = _LENGTH_16 - 1
+_MAX_LENGTH_16 = 2**16 - 1
 # What a client frame's header takes: two bytes, the extended length if
 # any, then the mask.
 _HEADER_7 = 2 + MASK_LENGTH
@@ -1435,7 +1444,7 @@ def _frame_header(first_byte: int, length: int) -> bytes:
     """The header of an unmasked (server-to-client) frame."""
     if length < _LENGTH_16:
         return bytes((first_byte, length))
-    if length < 65536:
+    if length <= _MAX_LENGTH_16:
         return _pack_16(first_byte, _LENGTH_16, length)
     return _pack_64(first_byte, _LENGTH_64, length)
 
@@ -1507,7 +1516,7 @@ def _encode_masked(first_byte: int, payload: bytes) -> bytes:
     key = os.urandom(MASK_LENGTH)
     if length < _LENGTH_16:
         header = bytes((first_byte, _MASK_BIT | length))
-    elif length < 65536:
+    elif length <= _MAX_LENGTH_16:
         header = _pack_16(first_byte, _MASK_BIT | _LENGTH_16, length)
     else:
         header = _pack_64(first_byte, _MASK_BIT | _LENGTH_64, length)
@@ -1559,7 +1568,8 @@ def _parse_close_payload(payload: bytes) -> Tuple[int, str]:
 # are consumed as they arrive (unmasked, UTF-8-checked, appended to the
 # message) rather than once the frame is whole, so invalid text fails at the
 # first bad byte, and the buffer never holds more than a partial header or a
-# partial control frame.  Control frames (<= 125 bytes) are handled whole.
+# partial control frame.  Control frames (<= MAX_CONTROL_PAYLOAD, 125 bytes)
+# are handled whole.
 #
 # Any violation raises ProtocolError inside the parser; events() is the
 # one place that turns it into a close frame with the error's code, after
@@ -1815,7 +1825,9 @@ class Protocol:
             return None
         header_length = 2 + self._mask_length
         length = len(data) - header_length
-        if length < 0 or length > 125 or data[1] != length | self._mask_bit or length > self.max_size:
+        # Only a 7-bit length: with 126 or 127 the bytes after the first two
+        # are an extended length, not payload.
+        if length < 0 or length > _MAX_LENGTH_7 or data[1] != length | self._mask_bit or length > self.max_size:
             return None
         first = data[0]
         if first != _WHOLE_TEXT and first != _WHOLE_BINARY:
@@ -2179,8 +2191,8 @@ class Protocol:
         if opcode >= 8:
             if opcode > 0xA:
                 raise ProtocolError("reserved opcode %d" % opcode)
-            if length > 125:
-                raise ProtocolError("control frame payload over 125 bytes")
+            if length > MAX_CONTROL_PAYLOAD:
+                raise ProtocolError("control frame payload over %d bytes" % MAX_CONTROL_PAYLOAD)
             if not first & _FIN:
                 raise ProtocolError("fragmented control frame")
             return
@@ -2351,8 +2363,8 @@ class Protocol:
 
     def ping(self, payload: bytes = b"") -> None:
         """Queue a ping (at most 125 bytes of payload)."""
-        if len(payload) > 125:
-            raise ValueError("ping payload over 125 bytes")
+        if len(payload) > MAX_CONTROL_PAYLOAD:
+            raise ValueError("ping payload over %d bytes" % MAX_CONTROL_PAYLOAD)
         if self.state is not _OPEN:
             raise self.closed_error()
         self._queue_frame(_FIN | Opcode.PING, bytes(payload))
@@ -2362,8 +2374,8 @@ class Protocol:
         if not _is_valid_close_code(code):
             raise ValueError("%r is not a close code one may send" % (code,))
         encoded_reason = reason.encode("utf-8")
-        if len(encoded_reason) > 123:
-            raise ValueError("close reason over 123 bytes")
+        if len(encoded_reason) > MAX_CLOSE_REASON:
+            raise ValueError("close reason over %d bytes" % MAX_CLOSE_REASON)
         if self.state is not _OPEN:
             return
         self._queue_frame(_FIN | Opcode.CLOSE, _close_payload(code, reason))
@@ -4703,16 +4715,16 @@ def _check_close(code: int, reason: str) -> None:
         raise ValueError("%r is not a close code one may send" % (code,))
     if not isinstance(reason, str):
         raise TypeError("reason must be str, not %s" % type(reason).__name__)
-    if len(reason.encode("utf-8")) > 123:
-        raise ValueError("close reason over 123 bytes")
+    if len(reason.encode("utf-8")) > MAX_CLOSE_REASON:
+        raise ValueError("close reason over %d bytes" % MAX_CLOSE_REASON)
 
 
 def _check_ping(payload: Any) -> bytes:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise TypeError("ping payload must be bytes, not %s" % type(payload).__name__)
     data = bytes(payload)
-    if len(data) > 125:
-        raise ValueError("ping payload over 125 bytes")
+    if len(data) > MAX_CONTROL_PAYLOAD:
+        raise ValueError("ping payload over %d bytes" % MAX_CONTROL_PAYLOAD)
     return data
 
 
