@@ -1693,7 +1693,7 @@ class Protocol:
         "_mask_bit",
         "_key",
         "_offered_subprotocols",
-        "_refusal",
+        "_refused_response",
         "_frames",
     )
 
@@ -1715,7 +1715,7 @@ class Protocol:
         self.response: Optional[Response] = None  # client: the server's answer
         self._key = ""  # client: the Sec-WebSocket-Key sent
         self._offered_subprotocols: Iterable[str] = ()
-        self._refusal: Optional[Tuple[Response, str]] = None  # client: a non-101 being read
+        self._refused_response: Optional[Tuple[Response, str]] = None  # client: a non-101 being read
         self.outgoing = bytearray()
         self.request: Optional[Request] = None
         self.is_upgrade = False
@@ -1993,9 +1993,9 @@ class Protocol:
 
     def receive_eof(self) -> None:
         """The peer closed its side of TCP (or the connection dropped)."""
-        if self._refusal is not None:
+        if self._refused_response is not None:
             try:
-                self._read_refusal(eof=True)  # a refusal's body ends with the connection
+                self._read_refused_body(eof=True)  # a refusal's body ends with the connection
             except HandshakeError as exc:
                 self.handshake_error = exc
         elif self.client and self.state is _CONNECTING and self.handshake_error is None:
@@ -2057,7 +2057,7 @@ class Protocol:
     def _receive_response(self) -> bool:
         """Client: read the server's answer; True once a valid 101 opened us."""
         try:
-            if self._refusal is None:
+            if self._refused_response is None:
                 parsed = _parse_response_head(self._buffer)
                 if parsed is None:
                     return False
@@ -2069,24 +2069,24 @@ class Protocol:
                     self.opened = True
                     self._set_state(_OPEN)
                     return True
-                self._refusal = (response, reason)
-            self._read_refusal(eof=False)
+                self._refused_response = (response, reason)
+            self._read_refused_body(eof=False)
         except HandshakeError as exc:
             self.handshake_error = exc
             self._set_state(_CLOSED)
         return False
 
-    def _read_refusal(self, eof: bool) -> None:
+    def _read_refused_body(self, eof: bool) -> None:
         """Keep a refusal's body (up to a limit) until it is whole, then fail."""
-        if self._refusal is None:
+        if self._refused_response is None:
             return
-        response, reason = self._refusal
+        response, reason = self._refused_response
         length_text = Headers(response.headers).get("Content-Length")
         wanted = int(length_text) if length_text and length_text.isdigit() else None
         limit = MAX_REQUEST_HEAD if wanted is None else min(wanted, MAX_REQUEST_HEAD)
         if len(self._buffer) >= limit or eof:
             body = bytes(self._buffer[:limit])
-            self._refusal = None
+            self._refused_response = None
             raise HandshakeError(response.status, reason, response.headers, body)
 
     def _check_switch(self, headers: Headers) -> None:
@@ -2252,7 +2252,7 @@ class Protocol:
         tail = incoming.data
         if message_done and tail is None:
             # The whole message is in this one piece: the fast, common case.
-            return self._deliver(incoming.opcode, data)
+            return self._message_event(incoming.opcode, data)
         if tail is None:
             tail = incoming.data = bytearray()
             if incoming.opcode == _OP_TEXT:
@@ -2277,12 +2277,12 @@ class Protocol:
             return None
         parts = incoming.parts
         if parts is None:
-            return self._deliver(incoming.opcode, tail)
+            return self._message_event(incoming.opcode, tail)
         if tail:
             parts.append(bytes(tail))
-        return self._deliver(incoming.opcode, b"".join(parts))  # bytes: _deliver copies it no more
+        return self._message_event(incoming.opcode, b"".join(parts))  # bytes: _message_event copies it no more
 
-    def _deliver(self, opcode: int, data: Union[bytes, bytearray]) -> Optional[Tuple[Event, Any]]:
+    def _message_event(self, opcode: int, data: Union[bytes, bytearray]) -> Optional[Tuple[Event, Any]]:
         """The message is complete: hand it on (``data`` is all of it)."""
         self._incoming = None
         if self.state is not _OPEN:
@@ -2587,7 +2587,7 @@ class _EventLoop:
             for _ in range(len(ready)):
                 callback, args = ready.popleft()
                 self._run_callback(callback, args)
-            self._flush()
+            self._run_flushes()
 
     def _run_timers(self) -> None:
         timers = self._timers
@@ -2611,7 +2611,7 @@ class _EventLoop:
         except Exception:
             logger.exception("error in callback %r", callback)
 
-    def _flush(self) -> None:
+    def _run_flushes(self) -> None:
         queue = self._flush_queue
         while queue:
             self._flush_queue = []
@@ -3164,7 +3164,7 @@ class _RedisLink:
         self.appends: Deque[bytes] = collections.deque()  # history appends not yet answered
         self.ping_sent: Optional[float] = None
         self.attempts = 0
-        self.events = 0
+        self.interest = 0
         self.resolving = False
         self._resolver: Optional[threading.Thread] = None
         self._tls_pending = False
@@ -3252,7 +3252,7 @@ class _RedisLink:
             return
         self.sock = sock
         self._tls_pending = self.shard.tls
-        self.events = _EVENT_WRITE
+        self.interest = _EVENT_WRITE
         loop.selector.register(sock, _EVENT_WRITE, self)
 
     def _connected(self) -> None:
@@ -3290,7 +3290,7 @@ class _RedisLink:
         sock = self.sock
         if sock is None or self._tls_pending or self.state == "disconnected":
             return
-        if self.outgoing and not self.events & _EVENT_WRITE:
+        if self.outgoing and not self.interest & _EVENT_WRITE:
             try:
                 sent = sock.send(self.outgoing)
                 del self.outgoing[:sent]
@@ -3299,12 +3299,12 @@ class _RedisLink:
             except OSError as exc:
                 self.fail("write failed: %s" % (exc.strerror or exc))
                 return
-        self._set_events(_EVENT_READ | (_EVENT_WRITE if self.outgoing else 0))
+        self._set_interest(_EVENT_READ | (_EVENT_WRITE if self.outgoing else 0))
 
-    def _set_events(self, events: int) -> None:
-        if self.sock is not None and events != self.events:
-            self.events = events
-            self.broker.loop.selector.modify(self.sock, events, self)  # type: ignore[union-attr]
+    def _set_interest(self, interest: int) -> None:
+        if self.sock is not None and interest != self.interest:
+            self.interest = interest
+            self.broker.loop.selector.modify(self.sock, interest, self)  # type: ignore[union-attr]
 
     def _handle_io(self, mask: int) -> None:
         try:
@@ -3320,7 +3320,7 @@ class _RedisLink:
         sock: Any = self.sock
         if sock is None:
             return
-        if self.state == "connecting" and self.events == _EVENT_WRITE and not self._tls_pending:
+        if self.state == "connecting" and self.interest == _EVENT_WRITE and not self._tls_pending:
             error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
                 self.fail("cannot connect: %s" % os.strerror(error))
@@ -3336,9 +3336,9 @@ class _RedisLink:
                     self.fail("TLS failed: %s" % exc)
                     return
                 self.broker.loop.selector.modify(sock, _EVENT_READ | _EVENT_WRITE, self)  # type: ignore[union-attr]
-                self.events = _EVENT_READ | _EVENT_WRITE
+                self.interest = _EVENT_READ | _EVENT_WRITE
             else:
-                self._set_events(_EVENT_READ)
+                self._set_interest(_EVENT_READ)
                 self._connected()
                 return
         if self._tls_pending:
@@ -3350,14 +3350,14 @@ class _RedisLink:
                 self.fail("TLS handshake failed: %s" % (getattr(exc, "reason", None) or exc))
                 return
             self._tls_pending = False
-            self.events = 0
-            self._set_events(_EVENT_READ)
+            self.interest = 0
+            self._set_interest(_EVENT_READ)
             self._connected()
             return
         if mask & _EVENT_READ:
             self._read()
         if self.sock is not None and mask & _EVENT_WRITE:
-            self.events &= ~_EVENT_WRITE
+            self.interest &= ~_EVENT_WRITE
             self.flush()
 
     def _read(self) -> None:
@@ -3499,7 +3499,7 @@ class _RedisLink:
         self.sock = None
         self.state = "disconnected"
         self.resolving = False
-        self.events = 0
+        self.interest = 0
         if sock is not None:
             try:
                 self.broker.loop.selector.unregister(sock)  # type: ignore[union-attr]
@@ -3784,7 +3784,7 @@ class RedisBroker:
         self.node_id = os.urandom(8)
         self._random = random.Random()  # jitter; its own, so no one else's seed decides it
         self.loop: Optional[_EventLoop] = None
-        self._deliver: Optional[Callable[..., Any]] = None
+        self._deliver_to_server: Optional[Callable[..., Any]] = None
         self._gap: Optional[Callable[[List[str], Optional[Dict[str, Dict[str, int]]]], None]] = None
         self._closed = False
         self._counts = {
@@ -3857,7 +3857,7 @@ class RedisBroker:
         gap: Callable[[List[str], Optional[Dict[str, Dict[str, int]]]], None],
     ) -> None:
         self.loop = loop
-        self._deliver = deliver
+        self._deliver_to_server = deliver
         self._gap = gap
         for shard in self._shards:
             shard.subscriber.connect()
@@ -3979,8 +3979,8 @@ class RedisBroker:
             del seen[next(iter(seen))]  # the node heard from longest ago
         seen[node] = sequence
         self._counts["received"] += 1
-        if self._deliver is not None:
-            self._deliver(topic, message)
+        if self._deliver_to_server is not None:
+            self._deliver_to_server(topic, message)
 
     # -- history in Redis ----------------------------------------------------
 
@@ -4034,8 +4034,8 @@ class RedisBroker:
                 self._repair(topic, last, (offset, (epoch, offset, message)))
                 return
         self._positions[topic] = (epoch, offset)
-        if self._deliver is not None:
-            self._deliver(topic, message, None, epoch, offset)
+        if self._deliver_to_server is not None:
+            self._deliver_to_server(topic, message, None, epoch, offset)
 
     def _repair(self, topic: str, last: Tuple[str, int], held: Optional[Tuple[int, Any]]) -> None:
         repair = self._repairs[topic] = _Catchup(last[0], last[1], whole=False)
@@ -4052,8 +4052,8 @@ class RedisBroker:
         out, more = repair.page(epoch, page.top, page.first, items)
         for epoch, offset, message in out:
             self._positions[topic] = (epoch, offset)
-            if self._deliver is not None:
-                self._deliver(topic, message, None, epoch, offset)
+            if self._deliver_to_server is not None:
+                self._deliver_to_server(topic, message, None, epoch, offset)
         if more:
             self._read(topic, repair.cursor, lambda page: self._repaired(topic, repair, page))
             return
@@ -4577,12 +4577,12 @@ class _Gate:
         subprotocol chooser), which came from ``peer`` over TLS or not."""
         address, scheme = self.client(request, peer, tls)
         admission = _Admission(address, scheme)
-        admission.response = self._refusal(who, request, is_upgrade, address, scheme, shutting_down)
+        admission.response = self._refusal_for(who, request, is_upgrade, address, scheme, shutting_down)
         if admission.response is None:
             admission.subprotocol, admission.response = self._subprotocol(who, request)
         return admission
 
-    def _refusal(
+    def _refusal_for(
         self, who: Any, request: Request, is_upgrade: bool, address: Any, scheme: str, shutting_down: bool
     ) -> Optional[Response]:
         options = self._options
@@ -4774,7 +4774,7 @@ class Connection:
         "_protocol",
         "_options",
         "_loop",
-        "_events",
+        "_interest",
         "_reading_paused",
         "_backlog",
         "_flush_scheduled",
@@ -4853,7 +4853,7 @@ class Connection:
         # and its payload while its pong is awaited.
         self._ping_at = 0.0
         self._ping_payload: Optional[bytes] = None
-        self._events = _EVENT_READ
+        self._interest = _EVENT_READ
         loop.selector.register(sock, _EVENT_READ, self)
         # The open timeout covers the TLS handshake too.
         self._open_timer: Optional[_Timer] = None
@@ -5195,14 +5195,14 @@ class Connection:
         if self._sock is None:
             return
         protocol = self._protocol
-        if (protocol.outgoing or self._queue is not None) and not self._events & _EVENT_WRITE:
+        if (protocol.outgoing or self._queue is not None) and not self._interest & _EVENT_WRITE:
             # Not known to be blocked: try now rather than wait for a wake-up.
             if not self._write():
                 return
             if (
                 not protocol.outgoing
                 and self._queue is None
-                and self._events == _EVENT_READ
+                and self._interest == _EVENT_READ
                 and protocol.state is _OPEN
                 and self._drain_callbacks is None
             ):
@@ -5309,11 +5309,11 @@ class Connection:
         elif unsent > high_water:
             # Backpressure: stop reading a peer that is not reading our replies.
             self._reading_paused = True
-        events = 0 if self._reading_paused or self._backlog or self._reading_held else _EVENT_READ
+        interest = 0 if self._reading_paused or self._backlog or self._reading_held else _EVENT_READ
         if unsent:
             # TLS may have to read before it can write.
-            events |= _EVENT_READ if self._write_wants_read else _EVENT_WRITE
-        self._set_events(events)
+            interest |= _EVENT_READ if self._write_wants_read else _EVENT_WRITE
+        self._set_interest(interest)
 
     def _run_drain_callbacks(self) -> None:
         callbacks = self._drain_callbacks or []
@@ -5353,10 +5353,10 @@ class Connection:
         try:
             sock.do_handshake()
         except ssl.SSLWantReadError:
-            self._set_events(_EVENT_READ)
+            self._set_interest(_EVENT_READ)
             return
         except ssl.SSLWantWriteError:
-            self._set_events(_EVENT_WRITE)
+            self._set_interest(_EVENT_WRITE)
             return
         except (ssl.SSLError, OSError) as exc:
             # Plain HTTP on the TLS port lands here too: one line, no traceback.
@@ -5369,23 +5369,24 @@ class Connection:
             self._close_socket()
             return
         self._tls_handshaking = False
-        self._set_events(_EVENT_READ)
+        self._set_interest(_EVENT_READ)
         self._on_readable()  # the client's request may be buffered already
 
-    def _set_events(self, events: int) -> None:
-        """Watch the socket for ``events``; 0 takes it out of the selector,
-        so a socket left unread (paused) cannot keep waking the loop."""
-        old = self._events
-        if events == old:
+    def _set_interest(self, interest: int) -> None:
+        """Watch the socket for ``interest`` (selector events); 0 takes it
+        out of the selector, so a socket left unread (paused) cannot keep
+        waking the loop."""
+        old = self._interest
+        if interest == old:
             return
-        self._events = events
+        self._interest = interest
         selector = self._loop.selector
-        if not events:
+        if not interest:
             selector.unregister(self._sock)  # type: ignore[arg-type]
         elif not old:
-            selector.register(self._sock, events, self)  # type: ignore[arg-type]
+            selector.register(self._sock, interest, self)  # type: ignore[arg-type]
         else:
-            selector.modify(self._sock, events, self)  # type: ignore[arg-type]
+            selector.modify(self._sock, interest, self)  # type: ignore[arg-type]
 
     def _receive_tls(self, view: memoryview) -> int:
         """Read into ``view``; 0 at EOF, -1 when nothing is ready."""
