@@ -122,6 +122,9 @@ __all__ = [
     "Handler",
     "HandshakeError",
     "Headers",
+    "InvalidResponse",
+    "InvalidState",
+    "InvalidUpgrade",
     "Opcode",
     "PreparedMessage",
     "Protocol",
@@ -205,6 +208,10 @@ class Event(enum.IntEnum):
 
 
 MASK_LENGTH = 4  # the masking key every client frame carries (RFC 6455 5.3)
+# RFC 6455 5.5: a control frame's payload is at most 125 bytes, and a close
+# frame's starts with its 2-byte code, which leaves 123 for the reason.
+MAX_CONTROL_PAYLOAD = 125
+MAX_CLOSE_REASON = MAX_CONTROL_PAYLOAD - 2
 
 # RFC 6455 section 1.3: the fixed GUID mixed into Sec-WebSocket-Accept.
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -278,19 +285,51 @@ class ProtocolError(WebSocketError):
 
 
 class HandshakeError(WebSocketError):
-    """The opening handshake cannot succeed; ``status`` is the HTTP answer,
-    ``headers`` (a :class:`Headers`) and ``body`` what a server's refusal
-    said, for a client."""
+    """The opening handshake cannot succeed; ``status`` is the HTTP refusal
+    (the status a server answers with, or, for a client, the one the server
+    refused with) and None when there was none: then it is one of the two
+    subclasses below.  ``headers`` (a :class:`Headers`) and ``body`` are
+    what a server's refusal said, for a client."""
 
     def __init__(
-        self, status: int, reason: str, headers: Iterable[Tuple[str, str]] = (), body: bytes = b""
+        self,
+        status: Optional[int],
+        reason: str,
+        headers: Iterable[Tuple[str, str]] = (),
+        body: bytes = b"",
     ):
-        super().__init__("%d %s" % (status, reason) if status else reason)
-        self.status = status  # 0 when a client got no valid HTTP response
+        super().__init__("%d %s" % (status, reason) if status is not None else reason)
+        self.status = status
         self.reason = reason
         # Headers is defined further down; it exists by the time one is raised.
         self.headers = Headers(headers)
         self.body = body  # what a server's refusal said, for a client
+
+
+class InvalidState(WebSocketError, RuntimeError):
+    """A method called when the object's state does not allow it (accepting
+    twice, running a server again, topics on a client).  A RuntimeError too,
+    so that code catching that keeps working."""
+
+
+class InvalidResponse(HandshakeError):
+    """Client: the server's answer is not a valid HTTP response (or the
+    connection closed before one came); ``status`` is None.  Perhaps not a
+    WebSocket server, or one starting: :func:`reconnecting` tries again."""
+
+    def __init__(self, reason: str):
+        super().__init__(None, reason)
+
+
+class InvalidUpgrade(HandshakeError):
+    """Client: the server switched protocols (101) but its answer breaks
+    RFC 6455 4.1 or RFC 7692 (a 101 over HTTP/1.0, a wrong
+    Sec-WebSocket-Accept, an extension or subprotocol not offered);
+    ``status`` is None and ``headers`` are the 101's.  A server bug:
+    :func:`reconnecting` does not try again."""
+
+    def __init__(self, reason: str, headers: Iterable[Tuple[str, str]] = ()):
+        super().__init__(None, reason, headers)
 
 
 class ConnectionClosed(WebSocketError):
@@ -710,18 +749,18 @@ def _parse_response_head(buffer: Union[bytes, bytearray]) -> Optional[Tuple[Resp
     client's side of the handshake, under the same limits as requests).
 
     Returns ``(response, reason phrase, head_length)``, ``None`` when more
-    bytes are needed, or raises :class:`HandshakeError` (status 0: not a
-    valid HTTP response).
+    bytes are needed, or raises :class:`InvalidResponse` (not a valid HTTP
+    response) or :class:`InvalidUpgrade` (a 101 over HTTP/1.0).
     """
     end = buffer.find(b"\r\n\r\n")
     if end < 0:
         _check_partial_response(buffer)
         return None
     if end + 4 > MAX_REQUEST_HEAD:
-        raise HandshakeError(0, "response head too large")
+        raise InvalidResponse("response head too large")
     lines = bytes(buffer[:end]).split(b"\r\n")
     if len(lines[0]) > MAX_REQUEST_LINE:
-        raise HandshakeError(0, "status line too long")
+        raise InvalidResponse("status line too long")
     parts = lines[0].split(b" ", 2)
     if (
         len(parts) < 2
@@ -729,11 +768,14 @@ def _parse_response_head(buffer: Union[bytes, bytearray]) -> Optional[Tuple[Resp
         or len(parts[1]) != 3
         or not parts[1].isdigit()
     ):
-        raise HandshakeError(0, "not an HTTP/1.1 response")
+        raise InvalidResponse("not an HTTP/1.1 response")
     if parts[1] == b"101" and parts[0] != b"HTTP/1.1":
         # RFC 6455 4.1: the handshake is HTTP/1.1 (1.0 has no Upgrade).
-        raise HandshakeError(101, "a 101 over %s, not HTTP/1.1" % parts[0].decode("ascii"))
-    _check_header_lines(lines[1:], 0, 0)
+        raise InvalidUpgrade("a 101 over %s, not HTTP/1.1" % parts[0].decode("ascii"))
+    try:
+        _check_header_lines(lines[1:], 400, 431)  # the request's rules; no status to answer here
+    except HandshakeError as exc:
+        raise InvalidResponse(exc.reason) from None
     response = Response(int(parts[1]), b"", _split_header_block(b"\r\n".join(lines[1:])))
     reason = parts[2].decode("latin-1") if len(parts) > 2 else ""
     return response, reason, end + 4
@@ -741,18 +783,18 @@ def _parse_response_head(buffer: Union[bytes, bytearray]) -> Optional[Tuple[Resp
 
 def _check_partial_response(buffer: Union[bytes, bytearray]) -> None:
     """The request head's limits, on a response head that has not ended yet
-    (HandshakeError status 0): a server that sends endless lines fails the
+    (:class:`InvalidResponse`): a server that sends endless lines fails the
     handshake as soon as it crosses one, as a client would on the server."""
     if len(buffer) > MAX_REQUEST_HEAD:
-        raise HandshakeError(0, "response head too large")
+        raise InvalidResponse("response head too large")
     first_end = buffer.find(b"\r\n")
     if (len(buffer) if first_end < 0 else first_end) > MAX_REQUEST_LINE:
-        raise HandshakeError(0, "status line too long")
+        raise InvalidResponse("status line too long")
     if first_end >= 0:
         if len(buffer) - buffer.rfind(b"\r\n") - 2 > MAX_HEADER_LINE:
-            raise HandshakeError(0, "header line too long")
+            raise InvalidResponse("header line too long")
         if buffer.count(b"\r\n") > MAX_HEADERS + 1:
-            raise HandshakeError(0, "too many headers")
+            raise InvalidResponse("too many headers")
 
 
 def _header_line(name: str, value: str) -> str:
@@ -1196,8 +1238,8 @@ def _accept_deflate(values: List[str], settings: Deflate) -> _PerMessageDeflate:
     Raises :class:`HandshakeError` for anything but one permessage-deflate
     with known, single, valid parameters.
     """
-    def refuse(why: str) -> HandshakeError:
-        return HandshakeError(101, "bad Sec-WebSocket-Extensions: " + why)
+    def refuse(why: str) -> InvalidUpgrade:
+        return InvalidUpgrade("bad Sec-WebSocket-Extensions: " + why)
 
     try:
         offers = _parse_extensions(values)
@@ -1378,6 +1420,11 @@ _LENGTH_BITS = 0x7F
 # RFC 6455 5.2: a 7-bit length of 126 or 127 says a 16- or 64-bit one follows.
 _LENGTH_16 = 126
 _LENGTH_64 = 127
+# The largest payload each length field holds.  That the 7-bit one's equals
+# MAX_CONTROL_PAYLOAD is RFC 6455's design (a control frame never needs an
+# extended length), but the two limits answer different questions.
+_MAX_LENGTH_7 = _LENGTH_16 - 1
+_MAX_LENGTH_16 = 2**16 - 1
 # What a client frame's header takes: two bytes, the extended length if
 # any, then the mask.
 _HEADER_7 = 2 + MASK_LENGTH
@@ -1397,7 +1444,7 @@ def _frame_header(first_byte: int, length: int) -> bytes:
     """The header of an unmasked (server-to-client) frame."""
     if length < _LENGTH_16:
         return bytes((first_byte, length))
-    if length < 65536:
+    if length <= _MAX_LENGTH_16:
         return _pack_16(first_byte, _LENGTH_16, length)
     return _pack_64(first_byte, _LENGTH_64, length)
 
@@ -1469,7 +1516,7 @@ def _encode_masked(first_byte: int, payload: bytes) -> bytes:
     key = os.urandom(MASK_LENGTH)
     if length < _LENGTH_16:
         header = bytes((first_byte, _MASK_BIT | length))
-    elif length < 65536:
+    elif length <= _MAX_LENGTH_16:
         header = _pack_16(first_byte, _MASK_BIT | _LENGTH_16, length)
     else:
         header = _pack_64(first_byte, _MASK_BIT | _LENGTH_64, length)
@@ -1521,7 +1568,8 @@ def _parse_close_payload(payload: bytes) -> Tuple[int, str]:
 # are consumed as they arrive (unmasked, UTF-8-checked, appended to the
 # message) rather than once the frame is whole, so invalid text fails at the
 # first bad byte, and the buffer never holds more than a partial header or a
-# partial control frame.  Control frames (<= 125 bytes) are handled whole.
+# partial control frame.  Control frames (<= MAX_CONTROL_PAYLOAD, 125 bytes)
+# are handled whole.
 #
 # Any violation raises ProtocolError inside the parser; events() is the
 # one place that turns it into a close frame with the error's code, after
@@ -1645,7 +1693,7 @@ class Protocol:
         "_mask_bit",
         "_key",
         "_offered_subprotocols",
-        "_refusal",
+        "_refused_response",
         "_frames",
     )
 
@@ -1667,7 +1715,7 @@ class Protocol:
         self.response: Optional[Response] = None  # client: the server's answer
         self._key = ""  # client: the Sec-WebSocket-Key sent
         self._offered_subprotocols: Iterable[str] = ()
-        self._refusal: Optional[Tuple[Response, str]] = None  # client: a non-101 being read
+        self._refused_response: Optional[Tuple[Response, str]] = None  # client: a non-101 being read
         self.outgoing = bytearray()
         self.request: Optional[Request] = None
         self.is_upgrade = False
@@ -1716,7 +1764,7 @@ class Protocol:
     def _set_state(self, state: State) -> None:
         """The one place the state changes (see the theory of operation)."""
         if state not in _TRANSITIONS[self.state]:
-            raise RuntimeError("cannot go from %s to %s" % (self.state.name, state.name))
+            raise InvalidState("cannot go from %s to %s" % (self.state.name, state.name))
         self.state = state
         if state is _CLOSED:
             self._buffer = b""
@@ -1777,7 +1825,9 @@ class Protocol:
             return None
         header_length = 2 + self._mask_length
         length = len(data) - header_length
-        if length < 0 or length > 125 or data[1] != length | self._mask_bit or length > self.max_size:
+        # Only a 7-bit length: with 126 or 127 the bytes after the first two
+        # are an extended length, not payload.
+        if length < 0 or length > _MAX_LENGTH_7 or data[1] != length | self._mask_bit or length > self.max_size:
             return None
         first = data[0]
         if first != _WHOLE_TEXT and first != _WHOLE_BINARY:
@@ -1943,13 +1993,13 @@ class Protocol:
 
     def receive_eof(self) -> None:
         """The peer closed its side of TCP (or the connection dropped)."""
-        if self._refusal is not None:
+        if self._refused_response is not None:
             try:
-                self._read_refusal(eof=True)  # a refusal's body ends with the connection
+                self._read_refused_body(eof=True)  # a refusal's body ends with the connection
             except HandshakeError as exc:
                 self.handshake_error = exc
         elif self.client and self.state is _CONNECTING and self.handshake_error is None:
-            self.handshake_error = HandshakeError(0, "connection closed before the server answered")
+            self.handshake_error = InvalidResponse("connection closed before the server answered")
         if self.close_code is None:
             self.close_code = CloseCode.ABNORMAL
         if self.state is not _CLOSED:
@@ -1982,7 +2032,7 @@ class Protocol:
         header that would break the request.
         """
         if not self.client or self.state is not _CONNECTING or self._key:
-            raise RuntimeError("only a new client protocol sends a request")
+            raise InvalidState("only a new client protocol sends a request")
         if not target.startswith("/") or any(not " " < char < "\x7f" for char in target):
             raise ValueError("request target must be a path and query, got %r" % target)
         self._key = base64.b64encode(os.urandom(16)).decode("ascii")
@@ -2007,7 +2057,7 @@ class Protocol:
     def _receive_response(self) -> bool:
         """Client: read the server's answer; True once a valid 101 opened us."""
         try:
-            if self._refusal is None:
+            if self._refused_response is None:
                 parsed = _parse_response_head(self._buffer)
                 if parsed is None:
                     return False
@@ -2019,30 +2069,30 @@ class Protocol:
                     self.opened = True
                     self._set_state(_OPEN)
                     return True
-                self._refusal = (response, reason)
-            self._read_refusal(eof=False)
+                self._refused_response = (response, reason)
+            self._read_refused_body(eof=False)
         except HandshakeError as exc:
             self.handshake_error = exc
             self._set_state(_CLOSED)
         return False
 
-    def _read_refusal(self, eof: bool) -> None:
+    def _read_refused_body(self, eof: bool) -> None:
         """Keep a refusal's body (up to a limit) until it is whole, then fail."""
-        if self._refusal is None:
+        if self._refused_response is None:
             return
-        response, reason = self._refusal
+        response, reason = self._refused_response
         length_text = Headers(response.headers).get("Content-Length")
         wanted = int(length_text) if length_text and length_text.isdigit() else None
         limit = MAX_REQUEST_HEAD if wanted is None else min(wanted, MAX_REQUEST_HEAD)
         if len(self._buffer) >= limit or eof:
             body = bytes(self._buffer[:limit])
-            self._refusal = None
+            self._refused_response = None
             raise HandshakeError(response.status, reason, response.headers, body)
 
     def _check_switch(self, headers: Headers) -> None:
         """Validate a 101 (RFC 6455 4.1, the client's checks)."""
-        def refuse(why: str) -> HandshakeError:
-            return HandshakeError(101, why, headers.items())
+        def refuse(why: str) -> InvalidUpgrade:
+            return InvalidUpgrade(why, headers.items())
 
         if "websocket" not in _header_tokens(headers.get("Upgrade")):
             raise refuse("Upgrade header must name websocket")
@@ -2078,7 +2128,8 @@ class Protocol:
                 self._negotiated = _negotiate_deflate(offers, self._compression)
         except HandshakeError as exc:
             self.handshake_error = exc
-            self.respond(exc.status, exc.headers, exc.reason.encode() + b"\n")
+            # A server's HandshakeError always carries the status to answer.
+            self.respond(exc.status or 400, exc.headers, exc.reason.encode() + b"\n")
             return None
         return request
 
@@ -2091,7 +2142,7 @@ class Protocol:
         """
         request = self.request
         if request is None or not self.is_upgrade or self.state is not _CONNECTING:
-            raise RuntimeError("no upgrade request to accept")
+            raise InvalidState("no upgrade request to accept")
         lines = [
             "HTTP/1.1 101 Switching Protocols",
             "Upgrade: websocket",
@@ -2116,7 +2167,7 @@ class Protocol:
         """Answer the request (or what there is of it) with an HTTP response
         (an error, or a plain page) and close the connection."""
         if self.state is not _CONNECTING:
-            raise RuntimeError("cannot respond in state %s" % self.state.name)
+            raise InvalidState("cannot respond in state %s" % self.state.name)
         # RFC 9110 9.3.2: HEAD gets the headers GET would, and no body.
         head_only = self.request is not None and self.request.method == "HEAD"
         self.outgoing += _http_response(status, headers, body, head_only)
@@ -2140,8 +2191,8 @@ class Protocol:
         if opcode >= 8:
             if opcode > 0xA:
                 raise ProtocolError("reserved opcode %d" % opcode)
-            if length > 125:
-                raise ProtocolError("control frame payload over 125 bytes")
+            if length > MAX_CONTROL_PAYLOAD:
+                raise ProtocolError("control frame payload over %d bytes" % MAX_CONTROL_PAYLOAD)
             if not first & _FIN:
                 raise ProtocolError("fragmented control frame")
             return
@@ -2201,7 +2252,7 @@ class Protocol:
         tail = incoming.data
         if message_done and tail is None:
             # The whole message is in this one piece: the fast, common case.
-            return self._deliver(incoming.opcode, data)
+            return self._message_event(incoming.opcode, data)
         if tail is None:
             tail = incoming.data = bytearray()
             if incoming.opcode == _OP_TEXT:
@@ -2226,12 +2277,12 @@ class Protocol:
             return None
         parts = incoming.parts
         if parts is None:
-            return self._deliver(incoming.opcode, tail)
+            return self._message_event(incoming.opcode, tail)
         if tail:
             parts.append(bytes(tail))
-        return self._deliver(incoming.opcode, b"".join(parts))  # bytes: _deliver copies it no more
+        return self._message_event(incoming.opcode, b"".join(parts))  # bytes: _message_event copies it no more
 
-    def _deliver(self, opcode: int, data: Union[bytes, bytearray]) -> Optional[Tuple[Event, Any]]:
+    def _message_event(self, opcode: int, data: Union[bytes, bytearray]) -> Optional[Tuple[Event, Any]]:
         """The message is complete: hand it on (``data`` is all of it)."""
         self._incoming = None
         if self.state is not _OPEN:
@@ -2312,8 +2363,8 @@ class Protocol:
 
     def ping(self, payload: bytes = b"") -> None:
         """Queue a ping (at most 125 bytes of payload)."""
-        if len(payload) > 125:
-            raise ValueError("ping payload over 125 bytes")
+        if len(payload) > MAX_CONTROL_PAYLOAD:
+            raise ValueError("ping payload over %d bytes" % MAX_CONTROL_PAYLOAD)
         if self.state is not _OPEN:
             raise self.closed_error()
         self._queue_frame(_FIN | Opcode.PING, bytes(payload))
@@ -2323,8 +2374,8 @@ class Protocol:
         if not _is_valid_close_code(code):
             raise ValueError("%r is not a close code one may send" % (code,))
         encoded_reason = reason.encode("utf-8")
-        if len(encoded_reason) > 123:
-            raise ValueError("close reason over 123 bytes")
+        if len(encoded_reason) > MAX_CLOSE_REASON:
+            raise ValueError("close reason over %d bytes" % MAX_CLOSE_REASON)
         if self.state is not _OPEN:
             return
         self._queue_frame(_FIN | Opcode.CLOSE, _close_payload(code, reason))
@@ -2536,7 +2587,7 @@ class _EventLoop:
             for _ in range(len(ready)):
                 callback, args = ready.popleft()
                 self._run_callback(callback, args)
-            self._flush()
+            self._run_flushes()
 
     def _run_timers(self) -> None:
         timers = self._timers
@@ -2560,7 +2611,7 @@ class _EventLoop:
         except Exception:
             logger.exception("error in callback %r", callback)
 
-    def _flush(self) -> None:
+    def _run_flushes(self) -> None:
         queue = self._flush_queue
         while queue:
             self._flush_queue = []
@@ -3113,7 +3164,7 @@ class _RedisLink:
         self.appends: Deque[bytes] = collections.deque()  # history appends not yet answered
         self.ping_sent: Optional[float] = None
         self.attempts = 0
-        self.events = 0
+        self.interest = 0
         self.resolving = False
         self._resolver: Optional[threading.Thread] = None
         self._tls_pending = False
@@ -3201,7 +3252,7 @@ class _RedisLink:
             return
         self.sock = sock
         self._tls_pending = self.shard.tls
-        self.events = _EVENT_WRITE
+        self.interest = _EVENT_WRITE
         loop.selector.register(sock, _EVENT_WRITE, self)
 
     def _connected(self) -> None:
@@ -3239,7 +3290,7 @@ class _RedisLink:
         sock = self.sock
         if sock is None or self._tls_pending or self.state == "disconnected":
             return
-        if self.outgoing and not self.events & _EVENT_WRITE:
+        if self.outgoing and not self.interest & _EVENT_WRITE:
             try:
                 sent = sock.send(self.outgoing)
                 del self.outgoing[:sent]
@@ -3248,12 +3299,12 @@ class _RedisLink:
             except OSError as exc:
                 self.fail("write failed: %s" % (exc.strerror or exc))
                 return
-        self._set_events(_EVENT_READ | (_EVENT_WRITE if self.outgoing else 0))
+        self._set_interest(_EVENT_READ | (_EVENT_WRITE if self.outgoing else 0))
 
-    def _set_events(self, events: int) -> None:
-        if self.sock is not None and events != self.events:
-            self.events = events
-            self.broker.loop.selector.modify(self.sock, events, self)  # type: ignore[union-attr]
+    def _set_interest(self, interest: int) -> None:
+        if self.sock is not None and interest != self.interest:
+            self.interest = interest
+            self.broker.loop.selector.modify(self.sock, interest, self)  # type: ignore[union-attr]
 
     def _handle_io(self, mask: int) -> None:
         try:
@@ -3269,7 +3320,7 @@ class _RedisLink:
         sock: Any = self.sock
         if sock is None:
             return
-        if self.state == "connecting" and self.events == _EVENT_WRITE and not self._tls_pending:
+        if self.state == "connecting" and self.interest == _EVENT_WRITE and not self._tls_pending:
             error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if error:
                 self.fail("cannot connect: %s" % os.strerror(error))
@@ -3285,9 +3336,9 @@ class _RedisLink:
                     self.fail("TLS failed: %s" % exc)
                     return
                 self.broker.loop.selector.modify(sock, _EVENT_READ | _EVENT_WRITE, self)  # type: ignore[union-attr]
-                self.events = _EVENT_READ | _EVENT_WRITE
+                self.interest = _EVENT_READ | _EVENT_WRITE
             else:
-                self._set_events(_EVENT_READ)
+                self._set_interest(_EVENT_READ)
                 self._connected()
                 return
         if self._tls_pending:
@@ -3299,14 +3350,14 @@ class _RedisLink:
                 self.fail("TLS handshake failed: %s" % (getattr(exc, "reason", None) or exc))
                 return
             self._tls_pending = False
-            self.events = 0
-            self._set_events(_EVENT_READ)
+            self.interest = 0
+            self._set_interest(_EVENT_READ)
             self._connected()
             return
         if mask & _EVENT_READ:
             self._read()
         if self.sock is not None and mask & _EVENT_WRITE:
-            self.events &= ~_EVENT_WRITE
+            self.interest &= ~_EVENT_WRITE
             self.flush()
 
     def _read(self) -> None:
@@ -3448,7 +3499,7 @@ class _RedisLink:
         self.sock = None
         self.state = "disconnected"
         self.resolving = False
-        self.events = 0
+        self.interest = 0
         if sock is not None:
             try:
                 self.broker.loop.selector.unregister(sock)  # type: ignore[union-attr]
@@ -3733,7 +3784,7 @@ class RedisBroker:
         self.node_id = os.urandom(8)
         self._random = random.Random()  # jitter; its own, so no one else's seed decides it
         self.loop: Optional[_EventLoop] = None
-        self._deliver: Optional[Callable[..., Any]] = None
+        self._deliver_to_server: Optional[Callable[..., Any]] = None
         self._gap: Optional[Callable[[List[str], Optional[Dict[str, Dict[str, int]]]], None]] = None
         self._closed = False
         self._counts = {
@@ -3806,7 +3857,7 @@ class RedisBroker:
         gap: Callable[[List[str], Optional[Dict[str, Dict[str, int]]]], None],
     ) -> None:
         self.loop = loop
-        self._deliver = deliver
+        self._deliver_to_server = deliver
         self._gap = gap
         for shard in self._shards:
             shard.subscriber.connect()
@@ -3928,8 +3979,8 @@ class RedisBroker:
             del seen[next(iter(seen))]  # the node heard from longest ago
         seen[node] = sequence
         self._counts["received"] += 1
-        if self._deliver is not None:
-            self._deliver(topic, message)
+        if self._deliver_to_server is not None:
+            self._deliver_to_server(topic, message)
 
     # -- history in Redis ----------------------------------------------------
 
@@ -3983,8 +4034,8 @@ class RedisBroker:
                 self._repair(topic, last, (offset, (epoch, offset, message)))
                 return
         self._positions[topic] = (epoch, offset)
-        if self._deliver is not None:
-            self._deliver(topic, message, None, epoch, offset)
+        if self._deliver_to_server is not None:
+            self._deliver_to_server(topic, message, None, epoch, offset)
 
     def _repair(self, topic: str, last: Tuple[str, int], held: Optional[Tuple[int, Any]]) -> None:
         repair = self._repairs[topic] = _Catchup(last[0], last[1], whole=False)
@@ -4001,8 +4052,8 @@ class RedisBroker:
         out, more = repair.page(epoch, page.top, page.first, items)
         for epoch, offset, message in out:
             self._positions[topic] = (epoch, offset)
-            if self._deliver is not None:
-                self._deliver(topic, message, None, epoch, offset)
+            if self._deliver_to_server is not None:
+                self._deliver_to_server(topic, message, None, epoch, offset)
         if more:
             self._read(topic, repair.cursor, lambda page: self._repaired(topic, repair, page))
             return
@@ -4526,12 +4577,12 @@ class _Gate:
         subprotocol chooser), which came from ``peer`` over TLS or not."""
         address, scheme = self.client(request, peer, tls)
         admission = _Admission(address, scheme)
-        admission.response = self._refusal(who, request, is_upgrade, address, scheme, shutting_down)
+        admission.response = self._refusal_for(who, request, is_upgrade, address, scheme, shutting_down)
         if admission.response is None:
             admission.subprotocol, admission.response = self._subprotocol(who, request)
         return admission
 
-    def _refusal(
+    def _refusal_for(
         self, who: Any, request: Request, is_upgrade: bool, address: Any, scheme: str, shutting_down: bool
     ) -> Optional[Response]:
         options = self._options
@@ -4664,16 +4715,16 @@ def _check_close(code: int, reason: str) -> None:
         raise ValueError("%r is not a close code one may send" % (code,))
     if not isinstance(reason, str):
         raise TypeError("reason must be str, not %s" % type(reason).__name__)
-    if len(reason.encode("utf-8")) > 123:
-        raise ValueError("close reason over 123 bytes")
+    if len(reason.encode("utf-8")) > MAX_CLOSE_REASON:
+        raise ValueError("close reason over %d bytes" % MAX_CLOSE_REASON)
 
 
 def _check_ping(payload: Any) -> bytes:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise TypeError("ping payload must be bytes, not %s" % type(payload).__name__)
     data = bytes(payload)
-    if len(data) > 125:
-        raise ValueError("ping payload over 125 bytes")
+    if len(data) > MAX_CONTROL_PAYLOAD:
+        raise ValueError("ping payload over %d bytes" % MAX_CONTROL_PAYLOAD)
     return data
 
 
@@ -4723,7 +4774,7 @@ class Connection:
         "_protocol",
         "_options",
         "_loop",
-        "_events",
+        "_interest",
         "_reading_paused",
         "_backlog",
         "_flush_scheduled",
@@ -4802,7 +4853,7 @@ class Connection:
         # and its payload while its pong is awaited.
         self._ping_at = 0.0
         self._ping_payload: Optional[bytes] = None
-        self._events = _EVENT_READ
+        self._interest = _EVENT_READ
         loop.selector.register(sock, _EVENT_READ, self)
         # The open timeout covers the TLS handshake too.
         self._open_timer: Optional[_Timer] = None
@@ -4950,7 +5001,7 @@ class Connection:
 
     def _topic_server(self) -> Server:
         if self.server is None:
-            raise RuntimeError("topics belong to a server's connections")
+            raise InvalidState("topics belong to a server's connections")
         return self.server
 
     def pause_reading(self) -> None:
@@ -5144,14 +5195,14 @@ class Connection:
         if self._sock is None:
             return
         protocol = self._protocol
-        if (protocol.outgoing or self._queue is not None) and not self._events & _EVENT_WRITE:
+        if (protocol.outgoing or self._queue is not None) and not self._interest & _EVENT_WRITE:
             # Not known to be blocked: try now rather than wait for a wake-up.
             if not self._write():
                 return
             if (
                 not protocol.outgoing
                 and self._queue is None
-                and self._events == _EVENT_READ
+                and self._interest == _EVENT_READ
                 and protocol.state is _OPEN
                 and self._drain_callbacks is None
             ):
@@ -5258,11 +5309,11 @@ class Connection:
         elif unsent > high_water:
             # Backpressure: stop reading a peer that is not reading our replies.
             self._reading_paused = True
-        events = 0 if self._reading_paused or self._backlog or self._reading_held else _EVENT_READ
+        interest = 0 if self._reading_paused or self._backlog or self._reading_held else _EVENT_READ
         if unsent:
             # TLS may have to read before it can write.
-            events |= _EVENT_READ if self._write_wants_read else _EVENT_WRITE
-        self._set_events(events)
+            interest |= _EVENT_READ if self._write_wants_read else _EVENT_WRITE
+        self._set_interest(interest)
 
     def _run_drain_callbacks(self) -> None:
         callbacks = self._drain_callbacks or []
@@ -5302,10 +5353,10 @@ class Connection:
         try:
             sock.do_handshake()
         except ssl.SSLWantReadError:
-            self._set_events(_EVENT_READ)
+            self._set_interest(_EVENT_READ)
             return
         except ssl.SSLWantWriteError:
-            self._set_events(_EVENT_WRITE)
+            self._set_interest(_EVENT_WRITE)
             return
         except (ssl.SSLError, OSError) as exc:
             # Plain HTTP on the TLS port lands here too: one line, no traceback.
@@ -5318,23 +5369,24 @@ class Connection:
             self._close_socket()
             return
         self._tls_handshaking = False
-        self._set_events(_EVENT_READ)
+        self._set_interest(_EVENT_READ)
         self._on_readable()  # the client's request may be buffered already
 
-    def _set_events(self, events: int) -> None:
-        """Watch the socket for ``events``; 0 takes it out of the selector,
-        so a socket left unread (paused) cannot keep waking the loop."""
-        old = self._events
-        if events == old:
+    def _set_interest(self, interest: int) -> None:
+        """Watch the socket for ``interest`` (selector events); 0 takes it
+        out of the selector, so a socket left unread (paused) cannot keep
+        waking the loop."""
+        old = self._interest
+        if interest == old:
             return
-        self._events = events
+        self._interest = interest
         selector = self._loop.selector
-        if not events:
+        if not interest:
             selector.unregister(self._sock)  # type: ignore[arg-type]
         elif not old:
-            selector.register(self._sock, events, self)  # type: ignore[arg-type]
+            selector.register(self._sock, interest, self)  # type: ignore[arg-type]
         else:
-            selector.modify(self._sock, events, self)  # type: ignore[arg-type]
+            selector.modify(self._sock, interest, self)  # type: ignore[arg-type]
 
     def _receive_tls(self, view: memoryview) -> int:
         """Read into ``view``; 0 at EOF, -1 when nothing is ready."""
@@ -5998,7 +6050,7 @@ class Server:
         release every socket.  A server runs once."""
         with self._phase_lock:
             if self._phase != "new":
-                raise RuntimeError("this server has already run or been closed")
+                raise InvalidState("this server has already run or been closed")
             self._phase = "running"
         if self.broker is not None:
             self._loop.call_soon(self._start_broker)
@@ -7119,7 +7171,9 @@ def connect(
     Raises ValueError for a bad URL or header, OSError when the server
     cannot be reached (ssl.SSLError for TLS), TimeoutError, and
     :class:`HandshakeError` when the server refuses (with its ``status``,
-    ``headers`` and ``body``) or answers what the client did not ask for.
+    ``headers`` and ``body``), its subclass :class:`InvalidResponse` when
+    the answer is not HTTP, and :class:`InvalidUpgrade` when a 101 breaks
+    the protocol or answers what the client did not ask for.
     """
     secure, host, port, host_header, target = _parse_ws_url(url)
     if ssl_context is not None and not secure:
@@ -7196,7 +7250,8 @@ def reconnecting(
 
     Tried again, after a wait: a network error (``OSError``, so refused,
     reset, unreachable, timed out; not a certificate that fails
-    verification), an answer that is not HTTP, a 5xx refusal, and a
+    verification), an answer that is not HTTP (:class:`InvalidResponse`),
+    a 5xx refusal, and a
     connection that ended with 1001, 1006, 1011, 1012 or 1013 (iterating
     such a connection ends quietly, as for 1000).  The n-th attempt in a
     row waits between half and all of ``min(max_delay, initial_delay * 2 **
@@ -7206,7 +7261,8 @@ def reconnecting(
     ``threading.Event().wait`` to be able to cut it short).
 
     The end: a normal close (1000, or 1005) ends the loop; a 4xx or other
-    refusal raises :class:`HandshakeError`, and any other close raises
+    refusal raises :class:`HandshakeError`, a 101 that breaks the protocol
+    :class:`InvalidUpgrade`, and any other close raises
     :class:`ConnectionClosed`, from the ``for``.  A bad URL raises
     ValueError here.
     """
@@ -7224,9 +7280,11 @@ def _reconnect(
         why: Exception
         try:
             ws = connect(url, **options)
+        except InvalidResponse as exc:
+            why = exc  # not HTTP, or no answer: perhaps a server (re)starting
         except HandshakeError as exc:
-            if exc.status != 0 and exc.status < 500:
-                raise
+            if exc.status is None or exc.status < 500:
+                raise  # a refusal that will not change, or an InvalidUpgrade
             why = exc
         except ssl.SSLCertVerificationError:
             raise
@@ -8014,7 +8072,7 @@ def _console(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
     except HandshakeError as exc:
-        if exc.status and exc.status != 101:
+        if exc.status is not None:
             said = exc.body.decode("utf-8", "replace").strip().splitlines()
             why = "%d %s%s" % (exc.status, exc.reason, ": " + said[0] if said else "")
             raise _UsageError("%s refused the connection: %s" % (args.connect, _shown(why))) from None

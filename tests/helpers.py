@@ -246,6 +246,42 @@ def running_server(handler=None, **options):
         server.close()
 
 
+@contextmanager
+def answering_once(answer):
+    """A loopback listener whose first connection gets ``answer`` (bytes)
+    once its request head is in, then TCP closes: a hostile or broken
+    server for a client to meet.  Yields the ws:// URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(TIMEOUT)
+    errors = []
+
+    def serve():
+        try:
+            sock, _ = listener.accept()
+            with sock:
+                sock.settimeout(TIMEOUT)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        raise EOFError("the client closed before its request ended")
+                    head += chunk
+                sock.sendall(answer)
+        except BaseException as exc:  # re-raised in the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield "ws://127.0.0.1:%d/" % listener.getsockname()[1]
+    finally:
+        thread.join(3 * TIMEOUT)
+        listener.close()
+    assert not thread.is_alive(), "the answering thread did not finish"
+    if errors:
+        raise errors[0]
+
+
 def small_window_client(port, rcvbuf=4096, timeout=10.0):
     """A handshaken Client whose receive buffer is set small before connecting,
     so the kernel holds little of what the server sends it."""

@@ -214,24 +214,26 @@ class RawPeer:
 
 
 class FakeServer:
-    """A listening socket whose one connection runs ``script(RawPeer)`` on a
-    thread; leaving the ``with`` block joins it and re-raises its failure."""
+    """A listening socket whose connections, one after another, each run
+    the next of ``scripts(RawPeer)`` on a thread; leaving the ``with`` block
+    joins it and re-raises its failure."""
 
-    def __init__(self, script):
+    def __init__(self, *scripts):
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(TIMEOUT)
         self.port = self.listener.getsockname()[1]
         self.url = "ws://127.0.0.1:%d/" % self.port
         self.error = None
-        self._script = script
+        self._scripts = scripts
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         try:
-            sock, _ = self.listener.accept()
-            with sock:
-                sock.settimeout(TIMEOUT)
-                self._script(RawPeer(sock))
+            for script in self._scripts:
+                sock, _ = self.listener.accept()
+                with sock:
+                    sock.settimeout(TIMEOUT)
+                    script(RawPeer(sock))
         except BaseException as exc:  # re-raised in the test's thread by __exit__
             self.error = exc
 
@@ -365,6 +367,10 @@ def test_request_only_once_and_only_from_a_client():
         client.request_upgrade("example.com", "/")
     with pytest.raises(RuntimeError):
         wsloop.Protocol().request_upgrade("example.com", "/")
+    with pytest.raises(wsloop.InvalidState):  # the same error, by its name
+        client.request_upgrade("example.com", "/")
+    with pytest.raises(wsloop.InvalidState):
+        wsloop.Protocol().request_upgrade("example.com", "/")
 
 
 # =============================================================================
@@ -492,7 +498,8 @@ def test_bad_switching_protocols_fails_the_handshake(compression, changes, extra
     assert feed(client, switching(request, changes, extra) + server_frame(TEXT, "never seen")) == []
     error = client.handshake_error
     assert isinstance(error, wsloop.HandshakeError)
-    assert error.status == 101
+    assert isinstance(error, wsloop.InvalidUpgrade), error
+    assert error.status is None
     assert why in error.reason
     assert client.state is wsloop.State.CLOSED
     assert not client.opened
@@ -502,7 +509,7 @@ def test_bad_switching_protocols_fails_the_handshake(compression, changes, extra
 def test_a_subprotocol_nobody_offered_fails_the_handshake():
     client, request = new_client()
     feed(client, switching(request, {"Sec-WebSocket-Protocol": "chat"}))
-    assert client.handshake_error.status == 101
+    assert isinstance(client.handshake_error, wsloop.InvalidUpgrade), client.handshake_error
     assert client.state is wsloop.State.CLOSED
 
 
@@ -510,17 +517,18 @@ def test_server_must_confirm_server_no_context_takeover_when_asked():
     client, request = new_client(wsloop.Deflate(client_no_context_takeover=True))
     assert "server_no_context_takeover" in request_fields(request)[1]["sec-websocket-extensions"]
     feed(client, switching(request, {"Sec-WebSocket-Extensions": "permessage-deflate"}))
-    assert client.handshake_error.status == 101
+    assert isinstance(client.handshake_error, wsloop.InvalidUpgrade), client.handshake_error
     assert "server_no_context_takeover" in client.handshake_error.reason
 
 
 def test_malformed_extensions_header_in_a_101_is_reported_as_a_bad_101():
-    # HandshakeError.status is what the server answered (0: not HTTP); a
-    # syntax error in the 101's Sec-WebSocket-Extensions is still a 101.
+    # A syntax error in the 101's Sec-WebSocket-Extensions is still a bad
+    # 101 (InvalidUpgrade), not an answer that is not HTTP (InvalidResponse).
     client, request = new_client(wsloop.Deflate())
     feed(client, switching(request, {"Sec-WebSocket-Extensions": 'permessage-deflate; client_max_window_bits="9'}))
     assert client.state is wsloop.State.CLOSED
-    assert client.handshake_error.status == 101, client.handshake_error
+    assert isinstance(client.handshake_error, wsloop.InvalidUpgrade), client.handshake_error
+    assert not isinstance(client.handshake_error, wsloop.InvalidResponse)
 
 
 def test_valid_deflate_answers_are_accepted():
@@ -544,10 +552,11 @@ def test_valid_deflate_answers_are_accepted():
         b"HTTP/1.1 101 Switching Protocols\r\n folded: line\r\n\r\n",
     ],
 )
-def test_an_answer_that_is_not_http_has_status_0(answer):
+def test_an_answer_that_is_not_http_is_an_invalid_response(answer):
     client, _ = new_client()
     assert feed(client, answer) == []
-    assert client.handshake_error.status == 0
+    assert isinstance(client.handshake_error, wsloop.InvalidResponse), client.handshake_error
+    assert client.handshake_error.status is None
     assert client.state is wsloop.State.CLOSED
 
 
@@ -559,7 +568,7 @@ def test_a_response_head_over_64_kib_is_refused_before_its_end():
         feed(client, head if sent == 0 else b"X-Filler: " + b"a" * 4000 + b"\r\n")
         sent += 1
         assert sent < 20, "64 KiB crossed without an error"
-    assert client.handshake_error.status == 0
+    assert isinstance(client.handshake_error, wsloop.InvalidResponse), client.handshake_error
     assert "too large" in client.handshake_error.reason
     assert client.state is wsloop.State.CLOSED
 
@@ -567,7 +576,7 @@ def test_a_response_head_over_64_kib_is_refused_before_its_end():
 def test_a_header_line_over_8_kib_is_refused():
     client, _ = new_client()
     feed(client, b"HTTP/1.1 101 Switching Protocols\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n")
-    assert client.handshake_error.status == 0
+    assert isinstance(client.handshake_error, wsloop.InvalidResponse), client.handshake_error
 
 
 def test_refusal_with_content_length_keeps_status_headers_and_body():
@@ -612,11 +621,11 @@ def test_redirect_is_a_refusal_with_its_location():
     assert client.handshake_error.headers.get("Location") == "/elsewhere"
 
 
-def test_eof_before_any_answer_has_status_0():
+def test_eof_before_any_answer_is_an_invalid_response():
     client, _ = new_client()
     feed(client, b"HTTP/1.1 101 Swi")
     client.receive_eof()
-    assert client.handshake_error.status == 0
+    assert isinstance(client.handshake_error, wsloop.InvalidResponse), client.handshake_error
     assert client.state is wsloop.State.CLOSED
 
 
@@ -1616,14 +1625,15 @@ def test_a_normal_close_by_the_client_ends_iteration_quietly():
 def test_a_response_head_crossing_a_limit_fails_before_its_end(answer, why):
     client, _ = new_client()
     assert feed(client, answer) == []
-    assert (client.handshake_error.status, client.handshake_error.reason) == (0, why)
+    assert isinstance(client.handshake_error, wsloop.InvalidResponse), client.handshake_error
+    assert (client.handshake_error.status, client.handshake_error.reason) == (None, why)
     assert client.state is wsloop.State.CLOSED
 
 
 def test_a_101_must_be_http_1_1():
     client, request = new_client()
     feed(client, switching(request).replace(b"HTTP/1.1", b"HTTP/1.0", 1))
-    assert client.handshake_error.status == 101
+    assert isinstance(client.handshake_error, wsloop.InvalidUpgrade), client.handshake_error
     assert "HTTP/1.0" in client.handshake_error.reason
     assert client.state is wsloop.State.CLOSED
     assert not client.opened
@@ -1649,8 +1659,8 @@ def flood(peer, head, line, limit=256 * 2**20):
 @pytest.mark.parametrize(
     "head, line, status",
     [
-        (b"HTTP/1.1 101 Switching Protocols\r\n", b"X-Filler: aaaaaaaaaaaaaaaa\r\n", 0),  # endless header lines
-        (b"HTTP/1.1 101 Switching Protocols\r\nX-Endless: ", b"a", 0),  # one endless header line
+        (b"HTTP/1.1 101 Switching Protocols\r\n", b"X-Filler: aaaaaaaaaaaaaaaa\r\n", None),  # endless header lines
+        (b"HTTP/1.1 101 Switching Protocols\r\nX-Endless: ", b"a", None),  # one endless header line
         (b"HTTP/1.1 500 Oops\r\n\r\n", b"body ", 500),  # a refusal with an endless body
         (b"HTTP/1.1 403 Forbidden\r\nContent-Length: 99999999999\r\n\r\n", b"body ", 403),
     ],
@@ -1663,6 +1673,7 @@ def test_an_endless_answer_fails_the_handshake_at_once(head, line, status):
             wsloop.connect(server.url, open_timeout=TIMEOUT)
         elapsed = time.monotonic() - start
     assert info.value.status == status
+    assert isinstance(info.value, wsloop.InvalidResponse) == (status is None), info.value
     assert elapsed < TIMEOUT / 2, "the client read on until the open timeout"
     # What the kernel buffers on both sides, no more: not the 256 MiB offered.
     assert sent[0] < 32 * 2**20, "the client read %d bytes" % sent[0]
@@ -1704,6 +1715,83 @@ def test_a_refusal_without_length_on_a_connection_left_open_is_a_handshake_error
             wsloop.connect(server.url, open_timeout=0.3)  # the body ends with the time allowed
         assert closed.wait(TIMEOUT)
     assert (info.value.status, info.value.body) == (503, b"back soon\n")
+
+
+# -----------------------------------------------------------------------------
+# A bad answer is a named HandshakeError over real sockets: InvalidResponse
+# (not HTTP, or none) and InvalidUpgrade (a 101 that breaks RFC 6455 4.1)
+# -----------------------------------------------------------------------------
+
+
+def answers_garbage(peer):
+    peer.read_request()
+    peer.send(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+
+
+def closes_before_answering(peer):
+    peer.read_request()  # then TCP closes, no answer
+
+
+def answers_101_over_http_1_0(peer):
+    request = peer.read_request()
+    peer.send(switching(request).replace(b"HTTP/1.1", b"HTTP/1.0", 1))
+    peer.read_until_eof()
+
+
+def answers_101_with_a_wrong_accept(peer):
+    request = peer.read_request()
+    peer.send(switching(request, {"Sec-WebSocket-Accept": "d3Jvbmc="}))
+    peer.read_until_eof()
+
+
+@pytest.mark.parametrize("script, why", [
+    (answers_garbage, "not an HTTP/1.1 response"),
+    (closes_before_answering, "connection closed before the server answered"),
+])
+def test_connect_raises_invalid_response_for_an_answer_that_is_not_http(script, why):
+    with FakeServer(script) as server:
+        with pytest.raises(wsloop.InvalidResponse) as info:
+            wsloop.connect(server.url, open_timeout=TIMEOUT)
+    assert isinstance(info.value, wsloop.HandshakeError), "still caught as the public base"
+    assert info.value.status is None
+    assert info.value.reason == why
+    assert str(info.value) == why
+
+
+@pytest.mark.parametrize("script, why", [
+    (answers_101_over_http_1_0, "a 101 over HTTP/1.0, not HTTP/1.1"),
+    (answers_101_with_a_wrong_accept, "Sec-WebSocket-Accept does not match the key sent"),
+])
+def test_connect_raises_invalid_upgrade_for_a_101_that_breaks_the_protocol(script, why):
+    with FakeServer(script) as server:
+        with pytest.raises(wsloop.InvalidUpgrade) as info:
+            wsloop.connect(server.url, open_timeout=TIMEOUT)
+    assert isinstance(info.value, wsloop.HandshakeError), "still caught as the public base"
+    assert not isinstance(info.value, wsloop.InvalidResponse)
+    assert info.value.status is None
+    assert info.value.reason == why
+
+
+def test_a_refusal_is_a_handshake_error_of_neither_subclass():
+    def script(peer):
+        peer.read_request()
+        peer.send(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 3\r\n\r\nno\n")
+
+    with FakeServer(script) as server:
+        with pytest.raises(wsloop.HandshakeError) as info:
+            wsloop.connect(server.url, open_timeout=TIMEOUT)
+    assert type(info.value) is wsloop.HandshakeError, type(info.value)
+    assert info.value.status == 403
+
+
+def test_reconnecting_retries_an_invalid_response_and_raises_an_invalid_upgrade():
+    delays = []
+    with FakeServer(answers_garbage, closes_before_answering, answers_101_over_http_1_0) as server:
+        with pytest.raises(wsloop.InvalidUpgrade) as info:
+            for _ in wsloop.reconnecting(server.url, sleep=delays.append, open_timeout=TIMEOUT):
+                pytest.fail("a bad answer is not yielded")
+    assert "HTTP/1.0" in info.value.reason
+    assert len(delays) == 2, "each InvalidResponse is retried once, the InvalidUpgrade is not"
 
 
 # =============================================================================

@@ -105,6 +105,8 @@ def test_plain_http_get_is_an_event_the_application_answers():
     assert events[0][1].path == "/page"
     with pytest.raises(RuntimeError):
         protocol.accept()  # not an upgrade: nothing to accept
+    with pytest.raises(wsloop.InvalidState):  # the same error, by its name
+        protocol.accept()
     protocol.respond(200, [("Content-Type", "text/html")], b"<p>hi</p>")
     response = protocol.data_to_send()
     assert response.startswith(b"HTTP/1.1 200 OK\r\n") and response.endswith(b"\r\n\r\n<p>hi</p>")

@@ -368,6 +368,25 @@ def test_close_arguments_are_checked():
     assert protocol.state is wsloop.State.CLOSING
 
 
+def test_control_and_close_limits_have_their_own_names():
+    assert wsloop.MAX_CONTROL_PAYLOAD == 125  # RFC 6455 5.5
+    assert wsloop.MAX_CLOSE_REASON == 123  # the 2-byte code takes the rest
+    protocol = open_protocol()
+    with pytest.raises(ValueError, match="ping payload over 125 bytes"):
+        protocol.ping(b"p" * (wsloop.MAX_CONTROL_PAYLOAD + 1))
+    protocol.ping(b"p" * wsloop.MAX_CONTROL_PAYLOAD)
+    with pytest.raises(ValueError, match="close reason over 123 bytes"):
+        protocol.close(1000, "r" * (wsloop.MAX_CLOSE_REASON + 1))
+    assert run(protocol, client_frame(PING, b"x" * (wsloop.MAX_CONTROL_PAYLOAD + 1))) == []
+    closed_with(protocol, 1002)
+
+
+@pytest.mark.parametrize("size, header", [(125, 2), (126, 4), (65535, 4), (65536, 10)])
+def test_each_length_field_holds_up_to_its_maximum(size, header):
+    frame = wsloop.encode_frame(BINARY, bytes(size))
+    assert len(frame) - size == header
+
+
 def test_eof_without_close_is_abnormal():
     protocol = open_protocol()
     protocol.receive_eof()

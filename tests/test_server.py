@@ -509,3 +509,16 @@ def test_drain_after_a_failure_is_bounded_even_without_a_close_timeout(monkeypat
         started = time.monotonic()
         client.expect_eof()  # we keep our side open; the server gives up
         assert time.monotonic() - started < 5
+
+
+def test_running_a_server_twice_raises_invalid_state_a_runtime_error_too():
+    with running_server(Recorder()) as server:
+        with pytest.raises(wsloop.InvalidState) as info:
+            server.serve_forever()  # a second run while the first one serves
+        client = Client(server.port)
+        client.send_text("still served")
+        assert client.recv_message() == "still served", "the first run goes on"
+        client.shutdown()
+    assert isinstance(info.value, RuntimeError), "existing `except RuntimeError` still catches it"
+    assert isinstance(info.value, wsloop.WebSocketError)
+    assert "already run" in str(info.value)
