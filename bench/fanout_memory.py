@@ -19,48 +19,12 @@ import os
 import re
 import resource
 import shlex
-import socket
 import subprocess
 import sys
 
+from memory import handshake, status_kib, zero_mask_frame  # bench/memory.py, beside this file
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEY = "dGhlIHNhbXBsZSBub25jZQ=="
-
-
-def status_kib(pid, field):
-    with open("/proc/%d/status" % pid) as status:
-        return int(re.search(field + r":\s+(\d+) kB", status.read()).group(1))
-
-
-def handshake(port, receive_buffer=None):
-    sock = socket.socket()
-    if receive_buffer:
-        # Set before connecting, so the window the server sees stays small.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-    sock.connect(("127.0.0.1", port))
-    sock.sendall(("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                  "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n" % KEY).encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(1)  # byte by byte: nothing after the head is taken
-        if not chunk:
-            raise SystemExit("closed in the handshake")
-        head += chunk
-    if not head.startswith(b"HTTP/1.1 101"):
-        raise SystemExit("handshake refused: %r" % head[:100])
-    return sock
-
-
-def binary_frame(payload):
-    """A masked client binary frame with a zero mask (the payload goes as is)."""
-    length = len(payload)
-    if length < 126:
-        header = bytes([0x82, 0x80 | length])
-    elif length < 65536:
-        header = bytes([0x82, 0x80 | 126]) + length.to_bytes(2, "big")
-    else:
-        header = bytes([0x82, 0x80 | 127]) + length.to_bytes(8, "big")
-    return header + b"\0\0\0\0" + payload
 
 
 def receive_exactly(sock, count):
@@ -92,11 +56,11 @@ def main():
             raise SystemExit("the server did not start: %s" % line)
         port = int(found.group(1))
         process.stderr.close()  # no more logs needed (an unread pipe would stall the server)
-        sender = handshake(port)
-        receivers = [handshake(port, receive_buffer=4096) for _ in range(args.receivers)]
+        sender, _ = handshake(port)
+        receivers = [handshake(port, receive_buffer=4096)[0] for _ in range(args.receivers)]
         base = status_kib(process.pid, "VmRSS")
         payload = os.urandom(args.size)  # random: nothing along the way shrinks it
-        frame = binary_frame(payload)
+        frame = zero_mask_frame(0x82, payload)  # FIN, binary
         echoed = len(frame) - 4  # the server's frame: the same header, no mask
         for _ in range(args.messages):
             sender.sendall(frame)

@@ -23,21 +23,43 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
 
-def rss_kib(pid):
+def status_kib(pid, field="VmRSS"):
+    """A /proc/PID/status figure in KiB (VmRSS, VmHWM, ...)."""
     with open("/proc/%d/status" % pid) as status:
-        return int(re.search(r"VmRSS:\s+(\d+) kB", status.read()).group(1))
+        return int(re.search(field + r":\s+(\d+) kB", status.read()).group(1))
 
 
-def handshake(port, offer):
-    sock = socket.create_connection(("127.0.0.1", port))
+def handshake(port, offer=None, receive_buffer=None):
+    """An upgraded socket and the 101's head.  ``receive_buffer`` is set
+    before connecting, so the window the server sees stays that small."""
+    sock = socket.socket()
+    if receive_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.connect(("127.0.0.1", port))
     extra = "Sec-WebSocket-Extensions: %s\r\n" % offer if offer else ""
     sock.sendall(("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                   "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s\r\n" % (KEY, extra)).encode())
     head = b""
     while b"\r\n\r\n" not in head:
-        head += sock.recv(1)  # byte by byte: nothing after the head is taken
-    assert head.startswith(b"HTTP/1.1 101"), head
+        chunk = sock.recv(1)  # byte by byte: nothing after the head is taken
+        if not chunk:
+            raise SystemExit("closed in the handshake")
+        head += chunk
+    if not head.startswith(b"HTTP/1.1 101"):
+        raise SystemExit("handshake refused: %r" % head[:100])
     return sock, head.decode("latin-1")
+
+
+def zero_mask_frame(first_byte, payload):
+    """A client frame masked with zeros (so the payload goes as is)."""
+    length = len(payload)
+    if length < 126:
+        header = bytes([first_byte, 0x80 | length])
+    elif length < 65536:
+        header = bytes([first_byte, 0x80 | 126]) + length.to_bytes(2, "big")
+    else:
+        header = bytes([first_byte, 0x80 | 127]) + length.to_bytes(8, "big")
+    return header + b"\x00\x00\x00\x00" + payload
 
 
 def json_like(size, seed=7692):
@@ -55,14 +77,7 @@ def json_like(size, seed=7692):
 def compressed_frame(payload, bits):
     compressor = zlib.compressobj(wbits=-bits)
     body = (compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
-    length = len(body)
-    if length < 126:
-        header = bytes([0xC1, 0x80 | length])
-    elif length < 65536:
-        header = bytes([0xC1, 0x80 | 126]) + length.to_bytes(2, "big")
-    else:
-        header = bytes([0xC1, 0x80 | 127]) + length.to_bytes(8, "big")
-    return header + b"\x00\x00\x00\x00" + body  # a zero mask keeps the payload as is
+    return zero_mask_frame(0xC1, body)  # FIN, RSV1 (compressed), text
 
 
 def read_frame(sock):
@@ -99,15 +114,15 @@ def measure(count, offer, label, size=None):
         port = int(re.search(r":(\d+)$", process.stderr.readline().strip()).group(1))
         process.stderr.close()  # no more logs needed; the server keeps running
         warm, answer = handshake(port, offer)
-        base = rss_kib(process.pid)
+        base = status_kib(process.pid)
         socks = [handshake(port, offer)[0] for _ in range(count)]
-        used = (rss_kib(process.pid) - base) / count
+        used = (status_kib(process.pid) - base) / count
         if size:
             frame = compressed_frame(json_like(size), client_bits(answer))
             for sock in socks:
                 sock.sendall(frame)
                 read_frame(sock)
-            used = (rss_kib(process.pid) - base) / count
+            used = (status_kib(process.pid) - base) / count
         print("| %s | %.1f KiB |" % (label, used), flush=True)
         for sock in socks + [warm]:
             sock.close()
