@@ -96,6 +96,17 @@ def echoes(client, text):
     return client.recv_message() == text
 
 
+def clients_of_two_workers(port, process, log):
+    """Once both workers listen: clients on both, the worker of the first
+    (the one a test will make spin) and a client of the other worker."""
+    wait_serving(port, process, log)
+    log.wait_count(r"worker \d+.*listening on", 2)
+    clients, workers = clients_on_both_workers(port, log, least=2)
+    stuck = workers[0]
+    other = next(client for client, worker in zip(clients, workers) if worker != stuck)
+    return clients, stuck, other
+
+
 def test_a_stuck_worker_is_killed_and_replaced_within_its_timeout(spin_app):
     """Guards: with --worker-timeout 1 a worker whose handler spins stops
     beating; the supervisor logs it with its stack (the handler's name),
@@ -105,11 +116,7 @@ def test_a_stuck_worker_is_killed_and_replaced_within_its_timeout(spin_app):
     timeout = 1.0
     port, running = spinning_workers(spin_app, "--worker-timeout", str(timeout), "--close-timeout", "2")
     with running as (process, log):
-        wait_serving(port, process, log)
-        log.wait_count(r"worker \d+.*listening on", 2)
-        clients, workers = clients_on_both_workers(port, log, least=2)
-        stuck = workers[0]
-        other = next(client for client, worker in zip(clients, workers) if worker != stuck)
+        clients, stuck, other = clients_of_two_workers(port, process, log)
         pids = children_of(process.pid)
         started = time.monotonic()
         clients[0].send_text("spin")
@@ -144,11 +151,7 @@ def test_sigterm_ends_within_close_timeout_and_grace_with_a_stuck_worker(spin_ap
     port, running = spinning_workers(spin_app, "--worker-timeout", "none", "--close-timeout", str(close_timeout),
                                      env={"WSLOOP_STOP_GRACE": str(grace)})
     with running as (process, log):
-        wait_serving(port, process, log)
-        log.wait_count(r"worker \d+.*listening on", 2)
-        clients, workers = clients_on_both_workers(port, log, least=2)
-        stuck = workers[0]
-        other = next(client for client, worker in zip(clients, workers) if worker != stuck)
+        clients, stuck, other = clients_of_two_workers(port, process, log)
         clients[0].send_text("spin")
         assert echoes(other, "before the signal")
         started = time.monotonic()
