@@ -1131,7 +1131,9 @@ def test_publishes_made_while_away_wait_until_this_process_has_resubscribed(fake
     resubscribed.  Now they wait until every SUBSCRIBE of the
     resubscription is confirmed: the fake Redis holds the confirmations,
     and the buffered PUBLISHes reach it only after it lets them go."""
-    with cluster(fake_redis.url, count=1, ping_interval=0.3, ping_timeout=0.5, reconnect_max=0.1) as (A,):
+    # ping_timeout: long, so a loaded machine does not drop the link while its
+    # confirmations are held (it would resubscribe, held again for good).
+    with cluster(fake_redis.url, count=1, ping_interval=0.3, ping_timeout=TIMEOUT, reconnect_max=0.1) as (A,):
         A.client("/t")
         number, _ = fake_redis.subscriber()
         fake_redis.hold_confirmations = True
