@@ -104,6 +104,7 @@ import threading
 import time
 import urllib.parse
 import zlib
+import typing
 from typing import (
     Any, Callable, Deque, Dict, FrozenSet, Generator, Iterable, Iterator, List, NoReturn, Optional,
     Set, Tuple, Union,
@@ -2427,11 +2428,36 @@ class _Timer:
                 self.loop.cancelled_timers += 1
 
 
+# What the loop drives, named by what it calls rather than by class: the
+# loop knows nothing of connections, listeners or Redis links.
+
+
+class _Watched(typing.Protocol):
+    """Registered with the selector as its own ``key.data``."""
+
+    def _handle_io(self, mask: int) -> None:
+        """Act on readiness (``mask`` of ``selectors.EVENT_*``)."""
+
+
+class _Flushing(typing.Protocol):
+    """Writes its pending output once per turn, when scheduled."""
+
+    def _flush(self) -> None:
+        """Write what is pending, as much as the socket takes."""
+
+
+class _KeptAlive(typing.Protocol):
+    """Checked for pings and ping timeouts by the loop's keepalive sweep."""
+
+    def _keepalive_check(self, now: float) -> None:
+        """Send a ping or time out, as due at ``now`` (the loop's clock)."""
+
+
 class _EventLoop:
     """A minimal selectors loop: readiness callbacks, timers, the door.
 
     Objects registered with the selector carry themselves as ``key.data``
-    and implement ``_handle_io(mask)``.
+    (a :class:`_Watched`).
     """
 
     def __init__(self) -> None:
@@ -2445,7 +2471,7 @@ class _EventLoop:
         # than a timer (and its heap entry and bound method) for each idle
         # connection.  It runs every quarter of the shortest ping interval
         # or timeout, so a ping or a timeout comes at most that late.
-        self._keepalive: Dict[Any, None] = {}
+        self._keepalive: Dict[_KeptAlive, None] = {}
         self._keepalive_tick = 0.0
         self._keepalive_timer: Optional[_Timer] = None
         # The door: (callback, args) to run on the loop's thread.  deque
@@ -2454,7 +2480,7 @@ class _EventLoop:
         # Guards each connection's count of message bytes other threads have
         # put through the door and the loop has not queued yet.
         self.crossing_lock = threading.Lock()
-        self._flush_queue: List[Connection] = []
+        self._flush_queue: List[_Flushing] = []
         # One receive buffer for every connection: the loop reads one socket
         # at a time, and the protocol copies out what it keeps.
         self.receive_buffer = bytearray(RECV_SIZE)
@@ -2496,7 +2522,7 @@ class _EventLoop:
             self.cancelled_timers = 0
         heapq.heappush(timers, timer)
 
-    def watch_keepalive(self, connection: Any, period: float) -> None:
+    def watch_keepalive(self, connection: _KeptAlive, period: float) -> None:
         """Have ``connection._keepalive_check(now)`` called about every
         ``period / 4`` seconds (loop thread only)."""
         self._keepalive[connection] = None
@@ -2507,7 +2533,7 @@ class _EventLoop:
             self._keepalive_tick = tick
             self._keepalive_timer = self.call_later(tick, self._sweep_keepalive)
 
-    def unwatch_keepalive(self, connection: Any) -> None:
+    def unwatch_keepalive(self, connection: _KeptAlive) -> None:
         self._keepalive.pop(connection, None)
 
     def _sweep_keepalive(self) -> None:
@@ -2534,7 +2560,7 @@ class _EventLoop:
         # while select() waits, and select() resumes after it.
         self._wake()
 
-    def schedule_flush(self, connection: Connection) -> None:
+    def schedule_flush(self, connection: _Flushing) -> None:
         """Have ``connection`` write its output once, at the end of this turn."""
         self._flush_queue.append(connection)
 
@@ -2579,7 +2605,8 @@ class _EventLoop:
             elif timers:
                 timeout = max(0.0, timers[0].when - time.monotonic())
             for key, mask in select(timeout):
-                key.data._handle_io(mask)
+                watched: _Watched = key.data
+                watched._handle_io(mask)
             if timers:
                 self._run_timers()
             # What is queued now; what these callbacks queue runs next turn,
