@@ -5952,7 +5952,9 @@ class Server:
     (default: :class:`Echo`), or a function ``on_message(conn, message)``.
     The socket is bound when the server is created, so ``port=0`` picks a
     free port, readable as :attr:`port`.  Timeouts are in seconds, positive,
-    or ``None`` to disable one.  ``compression`` is ``True``
+    or ``None`` to disable one.  Every option is checked before a socket is
+    opened: a bad value raises ValueError naming the option and the value,
+    one of the wrong type TypeError (see :class:`_Options`).  ``compression`` is ``True``
     (permessage-deflate with :class:`Deflate`'s defaults), a
     :class:`Deflate`, or ``False``.
 
@@ -7301,8 +7303,10 @@ def connect(
     unless ``ssl_context`` says otherwise.  ``open_timeout`` bounds the
     TCP connection, TLS and the HTTP handshake together.
 
-    Raises ValueError for a bad URL or header, OSError when the server
-    cannot be reached (ssl.SSLError for TLS), TimeoutError, and
+    Raises ValueError for a bad URL, header or option value (naming the
+    option; TypeError for a value of the wrong type), before connecting;
+    OSError when the server cannot be reached (ssl.SSLError for TLS),
+    TimeoutError, and
     :class:`HandshakeError` when the server refuses (with its ``status``,
     ``headers`` and ``body``), its subclass :class:`InvalidResponse` when
     the answer is not HTTP, and :class:`InvalidUpgrade` when a 101 breaks
