@@ -4348,14 +4348,15 @@ class _Options:
     """Everything a server or a client connection is configured with: built
     once, by keyword (:meth:`for_server`, :meth:`for_client`), and checked
     here and nowhere else.  A bad value raises ValueError naming its option
-    (``_OptionError``: "max_size must be a positive integer or None (no
-    limit), not -1"); a value of the wrong type TypeError.  Every connection,
-    the gate and the server read their settings here, as plain attributes.
+    (``_OptionError``: "max_size must be a positive integer or None, not
+    -1"); a value of the wrong type TypeError.  Every connection, the gate
+    and the server read their settings here, as plain attributes (slots:
+    the hot path reads some of them on every message).
 
-    An option lives in two places: here (its slot, its keyword and its
-    check) and its documentation (Server's docstring, or connect()'s, and
-    the README).  Server and connect() pass their keywords on unchanged, and
-    the CLI's flags are named after the options they set.
+    An option lives here (its slot, its keyword, its default and its check)
+    and in its documentation: the keyword of Server or connect() with their
+    docstrings, which hand it on unchanged, and the README.  A CLI flag is
+    named after the option it sets (_flag_error relies on that).
     """
 
     __slots__ = (
@@ -4518,8 +4519,8 @@ class _Options:
         handler method a client has, ``on_message``.  ``open_timeout`` is
         checked here but is connect()'s own deadline (TimeoutError), not
         the connection's open timer, which would end it as if the server
-        had; and a client's pending output has no bound (its senders wait
-        at write_high_water instead)."""
+        had; and a client connection's pending output has no bound of its
+        own (its senders wait at write_high_water instead)."""
         _timeout("open_timeout", open_timeout)
         return cls({"on_message": on_message}, open_timeout=None, max_pending_output=None, **options)
 
