@@ -1083,6 +1083,8 @@ class Deflate:
             raise ValueError("client_window_bits must be 8-15")
         if not 1 <= mem_level <= 9:
             raise ValueError("mem_level must be 1-9")
+        if threshold < 0:
+            raise ValueError("threshold must be at least 0")
         self.window_bits = window_bits
         self.client_window_bits = client_window_bits
         self.no_context_takeover = no_context_takeover
@@ -4310,80 +4312,244 @@ def _handler_methods(handler: Any) -> Dict[str, Optional[Callable[..., Any]]]:
     return methods
 
 
+class _OptionError(ValueError):
+    """A bad value for an option: ``options`` names it first, then any
+    other option the message names (the CLI puts their flags in their
+    place)."""
+
+    def __init__(self, message: str, *options: str):
+        super().__init__(message)
+        self.options = options
+
+
+def _bad(option: str, expected: str, value: Any) -> _OptionError:
+    return _OptionError("%s must be %s, not %r" % (option, expected, value), option)
+
+
 def _timeout(name: str, value: Optional[float]) -> Optional[float]:
-    if value is not None and not value > 0:
-        raise ValueError("%s must be a positive number of seconds, or None to disable it" % name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("%s must be a number of seconds or None, not %r" % (name, value))
+    if not value > 0:  # NaN too
+        raise _bad(name, "a positive number of seconds, or None to disable it", value)
+    return value
+
+
+# The options _timeout checks: on the command line, their None is 'none'.
+_TIMEOUT_OPTIONS = ("open_timeout", "close_timeout", "ping_interval", "ping_timeout")
+
+
+def _count_option(name: str, value: Any, none_ok: bool = False) -> Any:
+    """``value``, an int of at least 1 (or None, if ``none_ok``); TypeError
+    for what is not an int at all."""
+    if value is None and none_ok:
+        return None
+    expected = "a positive integer" + (" or None" if none_ok else "")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError("%s must be %s, not %r" % (name, expected, value))
+    if value < 1:
+        raise _bad(name, expected, value)
+    return value
+
+
+def _rate_option(name: str, value: Any, low: float) -> Optional[float]:
+    """``value`` as a float of at least ``low`` (above 0 when ``low`` is 0), or None."""
+    if value is None:
+        return None
+    expected = "a number above 0" if low == 0 else "a number of at least %g" % low
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("%s must be %s, or None, not %r" % (name, expected, value))
+    if not (value > 0 if low == 0 else value >= low) or value != value:
+        raise _bad(name, expected + ", or None", value)
+    return float(value)
+
+
+def _path_option(name: str, value: Optional[str]) -> Optional[str]:
+    if value is not None and not (isinstance(value, str) and value.startswith("/")):
+        raise _bad(name, "a path starting with / or None", value)
     return value
 
 
 class _Options:
-    """A server's limits, policy and handler methods, checked once.
+    """Everything a server or a client connection is configured with: built
+    once, by keyword (:meth:`for_server`, :meth:`for_client`), and checked
+    here and nowhere else.  A bad value raises ValueError naming its option
+    (``_OptionError``: "max_size must be a positive integer or None, not
+    -1"); a value of the wrong type TypeError.  Every connection, the gate
+    and the server read their settings here, as plain attributes (slots:
+    the hot path reads some of them on every message).
 
-    Every connection reads its settings here, and nowhere else.
+    An option lives here (its slot, its keyword, its default and its check)
+    and in its documentation: the keyword of Server or connect() with their
+    docstrings, which hand it on unchanged, and the README.  A CLI flag is
+    named after the option it sets (_flag_error relies on that).
     """
+
+    __slots__ = (
+        # handler methods
+        "on_handshake", "on_connect", "on_message", "on_close", "on_broker_gap", "on_start", "on_stop",
+        # every connection
+        "max_size", "max_fragments", "open_timeout", "close_timeout", "ping_interval", "ping_timeout",
+        "write_high_water", "max_pending_output", "compression",
+        # a server's connections
+        "max_total_pending", "max_messages_per_second", "message_burst", "ssl_context",
+        # the handshake and the gate
+        "origins", "subprotocols", "select_subprotocol", "response_headers", "health_path", "pages",
+        "name", "max_connections", "max_connections_per_ip", "forwarded_allow", "forwarded_unix",
+        "forwarded_header", "metrics_path", "metrics_allow",
+        # fan-out and history
+        "broker", "health_broker", "max_topics", "history", "history_ttl", "history_topics",
+        "position_format",
+    )
 
     def __init__(
         self,
-        handler: Any,
-        max_size: Optional[int],
-        max_fragments: Optional[int],
-        open_timeout: Optional[float],
-        close_timeout: Optional[float],
-        ping_interval: Optional[float],
-        ping_timeout: Optional[float],
-        write_high_water: int,
-        max_pending_output: int,
-        compression: Union[bool, Deflate, None],
-        ssl_context: Optional[ssl.SSLContext],
-        origins: Optional[Iterable[Optional[str]]],
-        subprotocols: Iterable[str],
-        select_subprotocol: Optional[Callable[[Connection, List[str]], Optional[str]]],
-        response_headers: Iterable[Tuple[str, str]],
-        health_path: Optional[str],
-        pages: Optional[Dict[str, Tuple[str, bytes]]],
+        methods: Dict[str, Optional[Callable[..., Any]]],
+        *,
+        max_size: Optional[int] = DEFAULT_MAX_SIZE,
+        max_fragments: Optional[int] = None,
+        open_timeout: Optional[float] = DEFAULT_OPEN_TIMEOUT,
+        close_timeout: Optional[float] = DEFAULT_CLOSE_TIMEOUT,
+        ping_interval: Optional[float] = DEFAULT_PING_INTERVAL,
+        ping_timeout: Optional[float] = DEFAULT_PING_TIMEOUT,
+        write_high_water: int = DEFAULT_WRITE_HIGH_WATER,
+        max_pending_output: Optional[int] = DEFAULT_MAX_PENDING_OUTPUT,
+        max_total_pending: Optional[int] = None,
+        compression: Union[bool, Deflate, None] = True,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        origins: Optional[Iterable[Optional[str]]] = None,
+        subprotocols: Iterable[str] = (),
+        select_subprotocol: Optional[Callable[[Connection, List[str]], Optional[str]]] = None,
+        response_headers: Iterable[Tuple[str, str]] = (),
+        health_path: Optional[str] = None,
+        pages: Optional[Dict[str, Tuple[str, bytes]]] = None,
+        broker: Optional[RedisBroker] = None,
+        health_requires_broker: bool = False,
+        max_topics: int = DEFAULT_MAX_TOPICS,
+        history: Optional[int] = None,
+        history_ttl: Optional[float] = None,
+        history_topics: int = DEFAULT_HISTORY_TOPICS,
+        position_format: Optional[Callable[[str, str, Union[str, bytes]], Union[str, bytes]]] = None,
+        max_connections: Optional[int] = None,
+        max_connections_per_ip: Optional[int] = None,
+        max_messages_per_second: Optional[float] = None,
+        message_burst: Optional[float] = None,
+        forwarded_allow_ips: Optional[Iterable[str]] = None,
+        forwarded_header: str = "x-forwarded-for",
+        metrics_path: Optional[str] = None,
+        metrics_allow_ips: Optional[Iterable[str]] = None,
+        name: Optional[str] = None,
     ):
-        methods = _handler_methods(handler)
-        self.on_handshake = methods["on_handshake"]
-        self.on_connect = methods["on_connect"]
-        self.on_message = methods["on_message"]
-        self.on_close = methods["on_close"]
-        self.on_broker_gap = methods["on_broker_gap"]
-        self.on_start = methods["on_start"]
-        self.on_stop = methods["on_stop"]
-        if max_size is None:
-            # No limit: a peer may then make this process hold any amount.
-            max_size = _UNLIMITED_SIZE
-        if max_size < 1:
-            raise ValueError("max_size must be at least 1, or None for no limit")
-        if max_fragments is not None and max_fragments < 1:
-            raise ValueError("max_fragments must be at least 1")
-        if write_high_water < 1 or max_pending_output < 1:
-            raise ValueError("write_high_water and max_pending_output must be at least 1")
-        self.max_size = max_size
+        self.on_handshake = methods.get("on_handshake")
+        self.on_connect = methods.get("on_connect")
+        self.on_message = methods.get("on_message")
+        self.on_close = methods.get("on_close")
+        self.on_broker_gap = methods.get("on_broker_gap")
+        self.on_start = methods.get("on_start")
+        self.on_stop = methods.get("on_stop")
+
+        # No limit is a number every size check can compare with: a peer
+        # may then make this process hold any amount.
+        self.max_size: int = _count_option("max_size", max_size, True) or _UNLIMITED_SIZE
         # Computed once: every connection shares this int, not one each.
-        self.max_fragments = max_fragments if max_fragments is not None else _default_max_fragments(max_size)
+        self.max_fragments: int = (
+            _count_option("max_fragments", max_fragments, True) or _default_max_fragments(self.max_size)
+        )
         self.open_timeout = _timeout("open_timeout", open_timeout)
         self.close_timeout = _timeout("close_timeout", close_timeout)
         self.ping_interval = _timeout("ping_interval", ping_interval)
         self.ping_timeout = _timeout("ping_timeout", ping_timeout)
-        self.write_high_water = write_high_water
-        self.max_pending_output = max_pending_output
+        self.write_high_water: int = _count_option("write_high_water", write_high_water)
+        self.max_pending_output: int = (
+            _count_option("max_pending_output", max_pending_output, True) or _UNLIMITED_SIZE
+        )
+        self.max_total_pending: int = (
+            _count_option("max_total_pending", max_total_pending, True) or _default_max_total_pending()
+        )
         if compression is True:
             compression = Deflate()
+        elif not (compression is None or compression is False or isinstance(compression, Deflate)):
+            raise TypeError("compression must be True, False or a Deflate, not %r" % (compression,))
         self.compression: Optional[Deflate] = compression or None
+        if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
+            raise TypeError("ssl_context must be an ssl.SSLContext or None, not %r" % (ssl_context,))
         self.ssl_context = ssl_context
+
+        # The message-rate limit: a token bucket of message_burst tokens
+        # (the rate itself by default), refilled at the rate.
+        self.max_messages_per_second = _rate_option("max_messages_per_second", max_messages_per_second, 0)
+        rate = self.max_messages_per_second
+        if message_burst is not None and rate is None:
+            raise _OptionError("message_burst goes with max_messages_per_second",
+                               "message_burst", "max_messages_per_second")
+        if message_burst is None and rate is not None and rate < 1:
+            raise _OptionError("message_burst (by default max_messages_per_second) must be at least 1, not %r"
+                               % rate, "message_burst", "max_messages_per_second")
+        burst = _rate_option("message_burst", rate if message_burst is None else message_burst, 1)
+        self.message_burst = burst or 0.0
+
         self.origins = None if origins is None else frozenset(origins)
         self.subprotocols = list(subprotocols)
+        if select_subprotocol is not None and not callable(select_subprotocol):
+            raise TypeError("select_subprotocol must be callable or None, not %r" % (select_subprotocol,))
         self.select_subprotocol = select_subprotocol
         self.response_headers = list(response_headers)
-        self.health_path = health_path
+        self.health_path = _path_option("health_path", health_path)
         self.pages = dict(pages or {})
-        self.name: Optional[str] = None  # the server's name, on its health check
-        self.health_broker: Optional[RedisBroker] = None  # 503 while it is down
-        self.max_total_pending: Optional[int] = None  # set by Server
-        # The message-rate limit (set by Server, see its docstring).
-        self.max_messages_per_second: Optional[float] = None
-        self.message_burst = 0.0
+        self.name = name  # the server's name, on its health check
+        self.max_connections: Optional[int] = _count_option("max_connections", max_connections, True)
+        self.max_connections_per_ip: Optional[int] = _count_option(
+            "max_connections_per_ip", max_connections_per_ip, True)
+        try:
+            self.forwarded_allow, self.forwarded_unix = _parse_proxies(forwarded_allow_ips or ())
+        except ValueError as exc:
+            raise _OptionError("forwarded_allow_ips: %s" % exc, "forwarded_allow_ips") from None
+        header = forwarded_header.lower() if isinstance(forwarded_header, str) else forwarded_header
+        if header not in _FORWARDED_HEADERS:
+            raise _bad("forwarded_header", "one of %s" % ", ".join(_FORWARDED_HEADERS), forwarded_header)
+        self.forwarded_header: str = header
+        self.metrics_path = _path_option("metrics_path", metrics_path)
+        try:
+            self.metrics_allow = list(_LOOPBACK) if metrics_allow_ips is None else _parse_networks(metrics_allow_ips)
+        except ValueError as exc:
+            raise _OptionError("metrics_allow_ips: %s" % exc, "metrics_allow_ips") from None
+
+        self.broker = broker
+        if health_requires_broker and broker is None:
+            raise _OptionError("health_requires_broker goes with broker", "health_requires_broker", "broker")
+        self.health_broker = broker if health_requires_broker else None  # 503 while it is down
+        self.max_topics: int = _count_option("max_topics", max_topics)
+        self.history: Optional[int] = _count_option("history", history, True)
+        self.history_ttl = _rate_option("history_ttl", history_ttl, 0)
+        self.history_topics: int = _count_option("history_topics", history_topics)
+        if history is None:
+            for option, value in (("history_ttl", history_ttl), ("position_format", position_format)):
+                if value is not None:
+                    raise _OptionError("%s goes with history" % option, option, "history")
+        self.position_format = position_format
+
+    @classmethod
+    def for_server(cls, handler: Any, **options: Any) -> _Options:
+        """A server's options: ``handler`` (checked: TypeError for one that
+        cannot serve) and Server's keywords."""
+        return cls(_handler_methods(handler), **options)
+
+    @classmethod
+    def for_client(
+        cls,
+        on_message: Callable[[Connection, Union[str, bytes]], None],
+        open_timeout: Optional[float] = DEFAULT_OPEN_TIMEOUT,
+        **options: Any,
+    ) -> _Options:
+        """A client connection's options: connect()'s keywords, and the one
+        handler method a client has, ``on_message``.  ``open_timeout`` is
+        checked here but is connect()'s own deadline (TimeoutError), not
+        the connection's open timer, which would end it as if the server
+        had; and a client connection's pending output has no bound of its
+        own (its senders wait at write_high_water instead)."""
+        _timeout("open_timeout", open_timeout)
+        return cls({"on_message": on_message}, open_timeout=None, max_pending_output=None, **options)
 
 
 class _HeldOutput:
@@ -4490,37 +4656,18 @@ class _Gate:
     ``max_connections_per_ip`` 429, from an Origin not allowed 403.
     """
 
-    def __init__(
-        self,
-        options: _Options,
-        stats: _Stats,
-        metrics: Callable[[], bytes],
-        max_connections: Optional[int] = None,
-        max_connections_per_ip: Optional[int] = None,
-        forwarded_allow_ips: Optional[Iterable[str]] = None,
-        forwarded_header: str = "x-forwarded-for",
-        metrics_path: Optional[str] = None,
-        metrics_allow_ips: Optional[Iterable[str]] = None,
-    ):
-        for limit_name, limit in (("max_connections", max_connections),
-                                  ("max_connections_per_ip", max_connections_per_ip)):
-            if limit is not None and limit < 1:
-                raise ValueError("%s must be at least 1" % limit_name)
-        forwarded_header = forwarded_header.lower()
-        if forwarded_header not in _FORWARDED_HEADERS:
-            raise ValueError("forwarded_header must be one of %s, got %r"
-                             % (", ".join(_FORWARDED_HEADERS), forwarded_header))
-        if metrics_path is not None and not metrics_path.startswith("/"):
-            raise ValueError("metrics_path must start with /, got %r" % metrics_path)
+    def __init__(self, options: _Options, stats: _Stats, metrics: Callable[[], bytes]):
         self._options = options
         self._stats = stats
         self._metrics = metrics
-        self.max_connections = max_connections
-        self.max_connections_per_ip = max_connections_per_ip
-        self.forwarded_allow, self.forwarded_unix = _parse_proxies(forwarded_allow_ips or ())
-        self.forwarded_header = forwarded_header
-        self.metrics_path = metrics_path
-        self.metrics_allow = list(_LOOPBACK) if metrics_allow_ips is None else _parse_networks(metrics_allow_ips)
+        # The gate's own options (checked by _Options), read on every request.
+        self.max_connections = options.max_connections
+        self.max_connections_per_ip = options.max_connections_per_ip
+        self.forwarded_allow = options.forwarded_allow
+        self.forwarded_unix = options.forwarded_unix
+        self.forwarded_header = options.forwarded_header
+        self.metrics_path = options.metrics_path
+        self.metrics_allow = options.metrics_allow
         self.held = 0  # connections that arrived within max_connections (all, with no limit)
         # Accepted past max_connections, oldest first, until they end.
         self._waiting: Dict[Any, None] = {}
@@ -5833,7 +5980,9 @@ class Server:
     (default: :class:`Echo`), or a function ``on_message(conn, message)``.
     The socket is bound when the server is created, so ``port=0`` picks a
     free port, readable as :attr:`port`.  Timeouts are in seconds, positive,
-    or ``None`` to disable one.  ``compression`` is ``True``
+    or ``None`` to disable one.  Every option is checked before a socket is
+    opened: a bad value raises ValueError naming the option and the value,
+    one of the wrong type TypeError (see :class:`_Options`).  ``compression`` is ``True``
     (permessage-deflate with :class:`Deflate`'s defaults), a
     :class:`Deflate`, or ``False``.
 
@@ -5939,30 +6088,33 @@ class Server:
         backlog: int = 1024,
     ):
         self.handler = handler if handler is not None else Echo()
-        self.broker = broker
-        if max_topics < 1:
-            raise ValueError("max_topics must be at least 1")
-        self.max_topics = max_topics
+        # Every keyword but the listening ones, checked once (see _Options).
+        self.options = options = _Options.for_server(
+            self.handler, max_size=max_size, max_fragments=max_fragments, open_timeout=open_timeout,
+            close_timeout=close_timeout, ping_interval=ping_interval, ping_timeout=ping_timeout,
+            write_high_water=write_high_water, max_pending_output=max_pending_output,
+            max_total_pending=max_total_pending, compression=compression, ssl_context=ssl_context,
+            origins=origins, subprotocols=subprotocols, select_subprotocol=select_subprotocol,
+            response_headers=response_headers, health_path=health_path, pages=pages, broker=broker,
+            health_requires_broker=health_requires_broker, max_topics=max_topics, history=history,
+            history_ttl=history_ttl, history_topics=history_topics, position_format=position_format,
+            max_connections=max_connections, max_connections_per_ip=max_connections_per_ip,
+            max_messages_per_second=max_messages_per_second, message_burst=message_burst,
+            forwarded_allow_ips=forwarded_allow_ips, forwarded_header=forwarded_header,
+            metrics_path=metrics_path, metrics_allow_ips=metrics_allow_ips, name=name,
+        )
+        self.broker = options.broker
+        self.max_topics = options.max_topics
         # History (see the section "History and recovery"): kept here
         # without a broker, in Redis with one.
-        self.history = history
+        self.history = options.history
         self._history: Optional[_History] = None
-        if history is not None:
-            self._history = _History(history, history_ttl, history_topics)  # checks them
-            if broker is not None:
-                self._history = None  # kept in Redis: the broker is told once every check has passed
-        elif history_ttl is not None or position_format is not None:
-            raise ValueError("history_ttl and position_format go with history")
-        self._position_format = position_format
+        if options.history is not None and options.broker is None:
+            self._history = _History(options.history, options.history_ttl, options.history_topics)
+        self._position_format = options.position_format
         # Subscribers being caught up: (connection, topic) -> [catch-up,
         # on_recovery, announced].
         self._catchups: Dict[Tuple[Connection, str], List[Any]] = {}
-        self.options = _Options(
-            self.handler, max_size, max_fragments, open_timeout, close_timeout,
-            ping_interval, ping_timeout, write_high_water, max_pending_output,
-            compression, ssl_context, origins, subprotocols, select_subprotocol,
-            response_headers, health_path, pages,
-        )
         # Owned by the loop's thread: the table of connections (every one
         # with a socket, oldest first), each mapped to whether it is open
         # (what broadcast and `connections` see).  One table, not two: an
@@ -5981,36 +6133,11 @@ class Server:
         self._phase = "new"
         self._phase_lock = threading.Lock()
         self._done = threading.Event()
-        options = self.options
-        options.name = name
-        if health_requires_broker:
-            if broker is None:
-                raise ValueError("health_requires_broker needs a broker")
-            options.health_broker = broker
-        if max_total_pending is not None and max_total_pending < 1:
-            raise ValueError("max_total_pending must be at least 1")
-        options.max_total_pending = _default_max_total_pending() if max_total_pending is None else max_total_pending
-        if max_messages_per_second is not None:
-            if not max_messages_per_second > 0:
-                raise ValueError("max_messages_per_second must be positive")
-            burst = max_messages_per_second if message_burst is None else message_burst
-            if burst < 1:
-                raise ValueError("message_burst must be at least 1")
-            options.max_messages_per_second = float(max_messages_per_second)
-            options.message_burst = float(burst)
         self._stats = _Stats()
         # Who gets in, and the counts that decides it by (see _Gate).
-        self._gate = _Gate(
-            options, self._stats, self._metrics_text,
-            max_connections=max_connections,
-            max_connections_per_ip=max_connections_per_ip,
-            forwarded_allow_ips=forwarded_allow_ips,
-            forwarded_header=forwarded_header,
-            metrics_path=metrics_path,
-            metrics_allow_ips=metrics_allow_ips,
-        )
-        if history is not None and broker is not None:
-            broker._use_history(history, history_ttl)
+        self._gate = _Gate(options, self._stats, self._metrics_text)
+        if options.history is not None and options.broker is not None:
+            options.broker._use_history(options.history, options.history_ttl)
         self._loop = _EventLoop()  # after every check: a bad argument leaks no descriptor
         self._listeners: List[_Listener] = []
         try:
@@ -6957,8 +7084,11 @@ class ClientConnection:
         self._drain_waiters: List[threading.Event] = []  # senders held by flow control
         self._opened = threading.Event()  # open, or failed before it opened
         self._quiet_ends: Tuple[int, ...] = ()  # more closes that end iteration (reconnecting)
-        options.on_message = self._on_message
         self._connection = Connection(self, sock, address, 0, options, self._loop, protocol)
+        # Its one handler method, options.on_message (_received), finds
+        # this object here: the application's slot, and the client is the
+        # application of its connection.
+        self._connection.data = self
         self._connection._schedule_flush()  # the request goes out on the first turn
         self._thread = threading.Thread(target=self._run, name="wsloop-client", daemon=True)
         self._thread.start()
@@ -6978,6 +7108,12 @@ class ClientConnection:
                 waiter.set()
         self._opened.set()
         self._loop.stop()
+
+    @staticmethod
+    def _received(connection: Connection, message: Union[str, bytes]) -> None:
+        """The client's on_message (see _Options.for_client)."""
+        client: ClientConnection = connection.data
+        client._on_message(connection, message)
 
     def _on_message(self, connection: Connection, message: Union[str, bytes]) -> None:
         with self._condition:
@@ -7195,8 +7331,10 @@ def connect(
     unless ``ssl_context`` says otherwise.  ``open_timeout`` bounds the
     TCP connection, TLS and the HTTP handshake together.
 
-    Raises ValueError for a bad URL or header, OSError when the server
-    cannot be reached (ssl.SSLError for TLS), TimeoutError, and
+    Raises ValueError for a bad URL, header or option value (naming the
+    option; TypeError for a value of the wrong type), before connecting;
+    OSError when the server cannot be reached (ssl.SSLError for TLS),
+    TimeoutError, and
     :class:`HandshakeError` when the server refuses (with its ``status``,
     ``headers`` and ``body``), its subclass :class:`InvalidResponse` when
     the answer is not HTTP, and :class:`InvalidUpgrade` when a 101 breaks
@@ -7205,11 +7343,10 @@ def connect(
     secure, host, port, host_header, target = _parse_ws_url(url)
     if ssl_context is not None and not secure:
         raise ValueError("ssl_context given for a ws:// URL")
-    # open_timeout is the client's own deadline (TimeoutError), not the
-    # connection's open timer, which would end it as if the server had.
-    options = _Options(
-        Handler(), max_size, max_fragments, None, close_timeout, ping_interval,
-        ping_timeout, write_high_water, 2**62, compression, None, None, (), None, (), None, None,
+    options = _Options.for_client(
+        ClientConnection._received, open_timeout, max_size=max_size, max_fragments=max_fragments,
+        close_timeout=close_timeout, ping_interval=ping_interval, ping_timeout=ping_timeout,
+        write_high_water=write_high_water, compression=compression,
     )
     protocol = Protocol(options.max_size, options.max_fragments, options.compression, client=True)
     protocol.request_upgrade(host_header, target, headers or (), subprotocols or (), origin)
@@ -7432,48 +7569,43 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise _UsageError(message + " (see --help)")
 
 
+# The flags parse text into values and check nothing more: the values are
+# checked once, by _Options (or Deflate), whose ValueError _main prints
+# with the flags in place of the option names (_flag_error).
+
+
 def _size(text: str) -> int:
     units = {"k": 2**10, "m": 2**20, "g": 2**30}
     text = text.strip().lower().rstrip("ib")
     try:
         if text and text[-1] in units:
-            value = int(float(text[:-1]) * units[text[-1]])
-        else:
-            value = int(text)
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError("not a size: %r (try 1048576 or 1M)" % text) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("size must be positive")
-    return value
 
 
 def _seconds(text: str) -> Optional[float]:
     if text.lower() in ("none", "off"):
         return None
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError("not a number of seconds: %r" % text) from None
-    if not value > 0:  # 0 would mean "at once", which no timeout wants
-        raise argparse.ArgumentTypeError("%s: must be positive seconds, or 'none' to disable" % text)
-    return value
 
 
-def _positive(text: str) -> int:
-    value = _count(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("%s: must be at least 1" % text)
-    return value
-
-
-def _positive_float(text: str) -> float:
+def _integer(text: str) -> int:
     try:
-        value = float(text)
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a whole number: %r" % text) from None
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError("not a number: %r" % text) from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("%s: must be positive" % text)
-    return value
 
 
 def _octal(text: str) -> int:
@@ -7483,16 +7615,6 @@ def _octal(text: str) -> int:
         raise argparse.ArgumentTypeError("not an octal mode: %r (try 660)" % text) from None
     if not 0 <= value <= 0o777:
         raise argparse.ArgumentTypeError("%s: a mode is 000-777" % text)
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not a whole number: %r" % text) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("%s: must not be negative" % text)
     return value
 
 
@@ -7508,7 +7630,7 @@ def _build_parser() -> argparse.ArgumentParser:
     apps.add_argument("--broadcast", action="store_true", help="send every message to every client")
     apps.add_argument("--app", metavar="MODULE:ATTR", help="serve your handler (an object, class or on_message function)")
     parser.add_argument("--max-size", type=_size, default=DEFAULT_MAX_SIZE, help="largest incoming message in bytes (default 1M)")
-    parser.add_argument("--max-fragments", type=int, default=None, help="most frames per message (default max(1024, max-size/64))")
+    parser.add_argument("--max-fragments", type=_integer, default=None, help="most frames per message (default max(1024, max-size/64))")
     parser.add_argument("--open-timeout", type=_seconds, default=DEFAULT_OPEN_TIMEOUT, help="seconds to finish the handshake (default 10; 'none' disables)")
     parser.add_argument("--close-timeout", type=_seconds, default=DEFAULT_CLOSE_TIMEOUT, help="seconds to finish the closing handshake (default 10)")
     parser.add_argument("--ping-interval", type=_seconds, default=DEFAULT_PING_INTERVAL, help="seconds between keepalive pings (default 20; 'none' disables)")
@@ -7523,14 +7645,14 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-compression", action="store_true", help="decline permessage-deflate")
     parser.add_argument("--compression-window-bits", type=int, default=12, metavar="BITS", help="server compression window, 9-15 (default 12)")
     parser.add_argument("--compression-no-context-takeover", action="store_true", help="compress each message on its own (less memory per connection)")
-    parser.add_argument("--compression-threshold", type=_count, default=128, metavar="BYTES", help="send shorter messages uncompressed (default 128)")
+    parser.add_argument("--compression-threshold", type=_integer, default=128, metavar="BYTES", help="send shorter messages uncompressed (default 128)")
     parser.add_argument("--log-level", default="info", type=str.lower, choices=["debug", "info", "warning", "error"], help="default info")
     parser.add_argument("--version", action="version", version="wsloop " + __version__)
     ops = parser.add_argument_group("operations")
-    ops.add_argument("--max-connections", type=_positive, metavar="N", help="past N connections, new clients get 503 (default: no limit)")
-    ops.add_argument("--max-connections-per-ip", type=_positive, metavar="N", help="past N open connections from one address (IPv6: its /64), 429")
-    ops.add_argument("--max-messages-per-second", type=_positive_float, metavar="R", help="close (1008) a client sending faster than R messages a second (default: no limit)")
-    ops.add_argument("--message-burst", type=_positive_float, metavar="B", help="messages a client may send at once within that rate (default R)")
+    ops.add_argument("--max-connections", type=_integer, metavar="N", help="past N connections, new clients get 503 (default: no limit)")
+    ops.add_argument("--max-connections-per-ip", type=_integer, metavar="N", help="past N open connections from one address (IPv6: its /64), 429")
+    ops.add_argument("--max-messages-per-second", type=_number, metavar="R", help="close (1008) a client sending faster than R messages a second (default: no limit)")
+    ops.add_argument("--message-burst", type=_number, metavar="B", help="messages a client may send at once within that rate (default R)")
     ops.add_argument("--forwarded-allow-ips", metavar="LIST", help="proxies (addresses, networks, 'unix' for a Unix-socket peer, '*' for any; comma-separated) whose --forwarded-header is believed")
     ops.add_argument("--forwarded-header", default="x-forwarded-for", type=str.lower, choices=list(_FORWARDED_HEADERS), help="the one header naming the client that a trusted proxy sets: x-forwarded-for (with X-Forwarded-Proto; default) or forwarded (RFC 7239); the other is ignored")
     ops.add_argument("--uds", metavar="PATH", help="listen on this Unix socket instead of TCP (for a proxy on the same host)")
@@ -7543,8 +7665,8 @@ def _build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--worker-timeout", type=_seconds, default=30.0, metavar="SECONDS", help="kill and restart a worker whose loop has not turned for this long (default 30; 'none' disables)")
     scale.add_argument("--redis", metavar="URL", action="append", help="fan out topics (and --broadcast) through Redis: redis://[user:password@]host:port[/db] or rediss://; repeat it to spread topics over several Redis servers")
     scale.add_argument("--redis-prefix", default="wsloop", metavar="PREFIX", help="Redis channel prefix (default wsloop)")
-    scale.add_argument("--history", type=_positive, metavar="N", help="keep each topic's last N messages (in Redis with --redis) so clients recover what they missed: ?since=POSITION (default off)")
-    scale.add_argument("--history-ttl", type=_positive_float, metavar="SECONDS", help="with --history: keep only messages younger than this (in Redis: a topic's whole history expires this long after its last message)")
+    scale.add_argument("--history", type=_integer, metavar="N", help="keep each topic's last N messages (in Redis with --redis) so clients recover what they missed: ?since=POSITION (default off)")
+    scale.add_argument("--history-ttl", type=_number, metavar="SECONDS", help="with --history: keep only messages younger than this (in Redis: a topic's whole history expires this long after its last message)")
     scale.add_argument("--health-requires-broker", action="store_true", help="the health check answers 503 while no link to Redis is up (default: off)")
     client = parser.add_argument_group("client console")
     client.add_argument("--connect", metavar="URL", help="connect to ws:// or wss:// URL: send each line typed, print each message")
@@ -8137,6 +8259,87 @@ def _console(args: argparse.Namespace) -> int:
     return 0 if _ended_normally(closed) else 1
 
 
+# Options whose flag is not named after them.
+_FLAGS = {"broker": "--redis", "origins": "--origin"}
+
+
+def _flag_error(error: ValueError, prefix: str = "") -> _UsageError:
+    """A bad option's ValueError as the CLI's one line: the flags in place
+    of the option names it gives (Deflate's name none: the first word is
+    one, under ``prefix``), and 'none' for a timeout's None (no other
+    flag takes None)."""
+    options = error.options if isinstance(error, _OptionError) else str(error).split(" ", 1)[:1]
+    flags = {option: _FLAGS.get(option, "--" + prefix + option.replace("_", "-")) for option in options}
+    text = str(error)
+    if options[0] in _TIMEOUT_OPTIONS + ("worker_timeout",):
+        text = text.replace("None", "'none'")
+    else:  # no other flag takes None
+        text = text.replace(", or None,", ",").replace(" or None,", ",")
+    words = text.split(" ")
+    for index, word in enumerate(words):
+        # Whole words: "history" is not in "history_ttl".
+        start = len(word) - len(word.lstrip("("))
+        name = word[start:].rstrip("),.:;")
+        if name in flags:
+            words[index] = word[:start] + flags[name] + word[start + len(name):]
+    return _UsageError(" ".join(words))
+
+
+def _server_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """Server's keywords from the flags, as given: _Options checks them."""
+    origins = None
+    if args.origin:
+        origins = list(args.origin) + ([None] if args.allow_no_origin else [])
+    pages = {}
+    if not args.app:
+        page = _DEMO_PAGE.replace("{{MODE}}", "chat" if args.broadcast else "echo")
+        page = page.replace("{{HISTORY}}", "true" if args.broadcast and args.history is not None else "false")
+        pages["/"] = ("text/html; charset=utf-8", page.encode())
+    compression: Union[bool, Deflate] = False
+    if not args.no_compression:
+        try:
+            compression = Deflate(
+                window_bits=args.compression_window_bits,
+                no_context_takeover=args.compression_no_context_takeover,
+                threshold=args.compression_threshold,
+            )
+        except ValueError as exc:
+            raise _flag_error(exc, "compression-") from None
+    broker = None
+    if args.redis:
+        try:
+            broker = RedisBroker(args.redis, prefix=args.redis_prefix)
+        except ValueError as exc:
+            raise _UsageError("--redis: %s" % exc) from None
+    return dict(
+        max_size=args.max_size,
+        max_fragments=args.max_fragments,
+        open_timeout=args.open_timeout,
+        close_timeout=args.close_timeout,
+        ping_interval=args.ping_interval,
+        ping_timeout=args.ping_timeout,
+        max_pending_output=args.max_pending_output,
+        max_total_pending=args.max_total_pending,
+        compression=compression,
+        origins=origins,
+        health_path=None if args.health_path.lower() == "none" else args.health_path,
+        pages=pages,
+        broker=broker,
+        health_requires_broker=args.health_requires_broker,
+        history=args.history,
+        history_ttl=args.history_ttl,
+        position_format=Chat.format if args.history is not None and args.broadcast else None,
+        max_connections=args.max_connections,
+        max_connections_per_ip=args.max_connections_per_ip,
+        max_messages_per_second=args.max_messages_per_second,
+        message_burst=args.message_burst,
+        forwarded_allow_ips=None if args.forwarded_allow_ips is None else [args.forwarded_allow_ips],
+        forwarded_header=args.forwarded_header,
+        metrics_path=args.metrics_path,
+        metrics_allow_ips=None if args.metrics_allow_ips is None else [args.metrics_allow_ips],
+    )
+
+
 def _main(argv: Optional[List[str]] = None) -> int:
     try:
         args = _build_parser().parse_args(argv)
@@ -8144,57 +8347,32 @@ def _main(argv: Optional[List[str]] = None) -> int:
             return _console(args)
         if not 0 <= args.port <= 65535:
             raise _UsageError("--port must be 0-65535")
-        if args.max_fragments is not None and args.max_fragments < 1:
-            raise _UsageError("--max-fragments must be at least 1")
         handler = Chat() if args.broadcast else (_load_app(args.app) if args.app else Echo())
         if args.keyfile and not args.certfile:
             raise _UsageError("--keyfile needs --certfile")
         if args.allow_no_origin and not args.origin:
             raise _UsageError("--allow-no-origin goes with --origin")
-        if not 9 <= args.compression_window_bits <= 15:
-            raise _UsageError("--compression-window-bits must be 9-15")
-        compression: Union[bool, Deflate] = False
-        if not args.no_compression:
-            compression = Deflate(
-                window_bits=args.compression_window_bits,
-                no_context_takeover=args.compression_no_context_takeover,
-                threshold=args.compression_threshold,
-            )
         if args.workers < 1:
             raise _UsageError("--workers must be at least 1")
         if args.workers > 1 and args.broadcast and not args.redis:
             # Each worker would hold its own chat: a message would reach only
             # the clients of the worker that took it.
             raise _UsageError("--workers with --broadcast needs --redis, or the chat splits into one per worker")
-        broker = None
-        if args.redis:
-            try:
-                broker = RedisBroker(args.redis, prefix=args.redis_prefix)
-            except ValueError as exc:
-                raise _UsageError("--redis: %s" % exc) from None
-        if args.health_requires_broker and broker is None:
-            raise _UsageError("--health-requires-broker goes with --redis")
         if args.history is not None and not (args.broadcast or args.app):
             raise _UsageError("--history goes with --broadcast or --app")
-        if args.history_ttl is not None and args.history is None:
-            raise _UsageError("--history-ttl goes with --history")
+        if args.uds and args.workers > 1:
+            raise _UsageError("--workers shares a TCP port; with --uds run one process per socket")
+        options = _server_options(args)
+        try:
+            _timeout("worker_timeout", args.worker_timeout)
+            # Checked here, once for every worker: a supervisor must not
+            # start workers that would all refuse the same value.
+            _Options.for_server(handler, **options)
+        except ValueError as exc:
+            raise _flag_error(exc) from None
         ssl_context = None
         if args.certfile:
             ssl_context = _server_ssl_context(args.certfile, args.keyfile)
-        if args.message_burst is not None and args.max_messages_per_second is None:
-            raise _UsageError("--message-burst goes with --max-messages-per-second")
-        networks = {}
-        for flag, parse in (("forwarded_allow_ips", _parse_proxies), ("metrics_allow_ips", _parse_networks)):
-            value = getattr(args, flag)
-            networks[flag] = None if value is None else [value]
-            try:
-                parse(networks[flag] or ())  # one line here, not a traceback from Server
-            except ValueError as exc:
-                raise _UsageError("--%s: %s" % (flag.replace("_", "-"), exc)) from None
-        if args.metrics_path is not None and not args.metrics_path.startswith("/"):
-            raise _UsageError("--metrics-path must start with /, got %r" % args.metrics_path)
-        if args.uds and args.workers > 1:
-            raise _UsageError("--workers shares a TCP port; with --uds run one process per socket")
         listeners = _systemd_listeners()
     except _UsageError as exc:
         print("wsloop: error: %s" % exc, file=sys.stderr)
@@ -8206,51 +8384,19 @@ def _main(argv: Optional[List[str]] = None) -> int:
     )
     if args.workers > 1:
         return _supervise(args, list(sys.argv[1:] if argv is None else argv), listeners)
-    origins = None
-    if args.origin:
-        origins = list(args.origin) + ([None] if args.allow_no_origin else [])
-    pages = {}
-    if not args.app:
-        page = _DEMO_PAGE.replace("{{MODE}}", "chat" if args.broadcast else "echo")
-        page = page.replace("{{HISTORY}}", "true" if args.broadcast and args.history is not None else "false")
-        pages["/"] = ("text/html; charset=utf-8", page.encode())
     _raise_fd_limit()
     try:
         server = (_WorkerServer if worker and worker.isdigit() else Server)(
             handler,
             args.host,
             args.port,
-            max_size=args.max_size,
-            max_fragments=args.max_fragments,
-            open_timeout=args.open_timeout,
-            close_timeout=args.close_timeout,
-            ping_interval=args.ping_interval,
-            ping_timeout=args.ping_timeout,
-            max_pending_output=args.max_pending_output,
-            max_total_pending=args.max_total_pending,
-            compression=compression,
             ssl_context=ssl_context,
-            origins=origins,
-            health_path=None if args.health_path.lower() == "none" else args.health_path,
-            pages=pages,
-            broker=broker,
-            health_requires_broker=args.health_requires_broker,
-            history=args.history,
-            history_ttl=args.history_ttl,
-            position_format=Chat.format if args.history is not None and args.broadcast else None,
-            max_connections=args.max_connections,
-            max_connections_per_ip=args.max_connections_per_ip,
-            max_messages_per_second=args.max_messages_per_second,
-            message_burst=args.message_burst,
-            forwarded_allow_ips=networks["forwarded_allow_ips"],
-            forwarded_header=args.forwarded_header,
-            metrics_path=args.metrics_path,
-            metrics_allow_ips=networks["metrics_allow_ips"],
             name="worker " + worker if worker else None,
             sock=listeners or _inherited_listeners(),
             uds=args.uds if not listeners else None,
             uds_mode=args.uds_mode,
             reuse_port=bool(os.environ.get("WSLOOP_REUSEPORT")),
+            **options,
         )
     except OSError as exc:
         # gaierror (an unknown host) carries its message in strerror; its

@@ -587,9 +587,8 @@ def make_gate(origins=None, health_path=None, pages=None, subprotocols=(), selec
     """A server's real admission gate, built without a server or a socket:
     the policy options a Server would give it, and ``limits`` (the gate's
     own keywords: max_connections, forwarded_allow_ips, ...)."""
-    options = wsloop._Options(
-        wsloop.Echo(), wsloop.DEFAULT_MAX_SIZE, None, None, None, None, None, 1, 1, False, None,
-        origins, subprotocols, select_subprotocol, (), health_path, pages,
+    options = wsloop._Options.for_server(
+        wsloop.Echo(), origins=origins, health_path=health_path, pages=pages, subprotocols=subprotocols,
+        select_subprotocol=select_subprotocol, name=name, **limits,
     )
-    options.name = name
-    return wsloop._Gate(options, wsloop._Stats(), lambda: metrics, **limits)
+    return wsloop._Gate(options, wsloop._Stats(), lambda: metrics)

@@ -415,3 +415,32 @@ def test_demo_page_is_served_when_its_origin_is_allowed(cli_server):
     server = cli_server("--port", str(port), "--origin", "http://127.0.0.1:%d" % port)
     status, head, body = get_root(server.port, "127.0.0.1:%d" % port)
     assert status == 200 and b"new WebSocket(" in body
+
+
+# -- option values: checked once, by the options object; one line with the flag --------
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["--max-fragments", "0"], "--max-fragments must be a positive integer, not 0"),
+        (["--max-size", "-1"], "--max-size must be a positive integer, not -1"),
+        (["--open-timeout", "0"], "--open-timeout must be a positive number of seconds, or 'none' to disable it, not 0.0"),
+        (["--health-path", "healthz"], "--health-path must be a path starting with /, not 'healthz'"),
+        (["--max-messages-per-second", "0.5"],
+         "--message-burst (by default --max-messages-per-second) must be at least 1, not 0.5"),
+        (["--max-messages-per-second", "10", "--message-burst", "0"],
+         "--message-burst must be a number of at least 1, not 0.0"),
+        (["--broadcast", "--history-ttl", "5"], "--history-ttl goes with --history"),
+        (["--health-requires-broker"], "--health-requires-broker goes with --redis"),
+        (["--compression-threshold", "-5"], "--compression-threshold must be at least 0"),
+        (["--worker-timeout", "0"], "--worker-timeout must be a positive number of seconds, or 'none' to disable it, not 0.0"),
+        # A supervisor checks before it starts any worker, rather than
+        # restarting workers that all refuse the same value.
+        (["--workers", "2", "--max-messages-per-second", "0.5"],
+         "--message-burst (by default --max-messages-per-second) must be at least 1, not 0.5"),
+        (["--workers", "2", "--max-fragments", "0"], "--max-fragments must be a positive integer, not 0"),
+    ],
+)
+def test_bad_option_values_are_the_options_error_in_one_line_with_the_flag(args, line):
+    assert assert_one_error_line(*run_refused(*args)) == "wsloop: error: " + line
