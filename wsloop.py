@@ -3206,11 +3206,17 @@ class _RedisLink:
     def label(self) -> str:
         return "redis %s:%d %s" % (self.shard.host, self.shard.port, self.name)
 
+    @property
+    def loop(self) -> _EventLoop:
+        """The loop of the broker: a link lives only while one is attached."""
+        loop = self.broker.loop
+        assert loop is not None
+        return loop
+
     # -- connecting -----------------------------------------------------------
 
     def connect(self) -> None:
-        loop = self.broker.loop
-        assert loop is not None
+        loop = self.loop
         self.state = "connecting"
         self.parser = _RespParser(self.broker.max_message + _ENVELOPE.size + _POSITION_MAX)
         self.outgoing.clear()
@@ -3264,8 +3270,7 @@ class _RedisLink:
             self.fail("no answer while connecting")
 
     def _open(self, infos: List[Any]) -> None:
-        loop = self.broker.loop
-        assert loop is not None
+        loop = self.loop
         try:
             family, kind, proto, _, address = infos[0]
             sock = socket.socket(family, kind, proto)
@@ -3333,7 +3338,7 @@ class _RedisLink:
     def _set_interest(self, interest: int) -> None:
         if self.sock is not None and interest != self.interest:
             self.interest = interest
-            self.broker.loop.selector.modify(self.sock, interest, self)  # type: ignore[union-attr]
+            self.loop.selector.modify(self.sock, interest, self)
 
     def _handle_io(self, mask: int) -> None:
         try:
@@ -3364,7 +3369,7 @@ class _RedisLink:
                 except (OSError, ssl.SSLError) as exc:
                     self.fail("TLS failed: %s" % exc)
                     return
-                self.broker.loop.selector.modify(sock, _EVENT_READ | _EVENT_WRITE, self)  # type: ignore[union-attr]
+                self.loop.selector.modify(sock, _EVENT_READ | _EVENT_WRITE, self)
                 self.interest = _EVENT_READ | _EVENT_WRITE
             else:
                 self._set_interest(_EVENT_READ)
@@ -3428,7 +3433,7 @@ class _RedisLink:
             return
         if more and not self._reading_on:
             self._reading_on = True
-            self.broker.loop.call_soon(self._read_on)  # type: ignore[union-attr]
+            self.loop.call_soon(self._read_on)
 
     def _read_on(self) -> None:
         self._reading_on = False
@@ -3531,7 +3536,7 @@ class _RedisLink:
         self.interest = 0
         if sock is not None:
             try:
-                self.broker.loop.selector.unregister(sock)  # type: ignore[union-attr]
+                self.loop.selector.unregister(sock)
             except (KeyError, ValueError):
                 pass
             if abort:
@@ -3655,7 +3660,8 @@ class _RedisShard:
             self.unconfirmed += len(batch)
             link.command("SUBSCRIBE", *[self.broker._channel(topic) for topic in batch], expect=None)
         if self.resubscribe:
-            self.broker.loop.call_soon(self._resubscribe_some, link)  # type: ignore[union-attr]
+            assert self.broker.loop is not None
+            self.broker.loop.call_soon(self._resubscribe_some, link)
         else:
             self.send_waiting()
 
@@ -4158,7 +4164,8 @@ class RedisBroker:
     def _note_missed(self, topic: str, node: bytes, count: int) -> None:
         self._counts["missed"] += count
         if not self._missed:
-            self.loop.call_soon(self._report_missed)  # type: ignore[union-attr]
+            assert self.loop is not None  # messages come only through an attached loop
+            self.loop.call_soon(self._report_missed)
         per_node = self._missed.setdefault(topic, {})
         key = node.hex()
         per_node[key] = per_node.get(key, 0) + count
