@@ -573,9 +573,10 @@ class Headers:
 class Request:
     """An HTTP request head: ``method``, ``target``, ``path``, ``query``, ``headers``.
 
-    A connection keeps its request for its whole life, so the header block
-    is kept as the bytes that arrived (one object, not dozens of strings)
-    and parsed again on access once the handshake is over.
+    The header block is kept as the bytes that arrived (one object, not
+    dozens of strings) and parsed on first access.  Once the handshake is
+    over a connection keeps no Request at all, only its head as bytes
+    (:func:`_request_head`), and builds a new one on each access.
     """
 
     __slots__ = ("method", "target", "version", "_header_block", "_headers")
@@ -585,7 +586,7 @@ class Request:
         self.target = target
         self.version = version
         self._header_block = header_block  # validated lines, CRLF-separated
-        self._headers: Optional[Headers] = None  # cached while handshaking
+        self._headers: Optional[Headers] = None  # parsed on first access
 
     @property
     def path(self) -> str:
@@ -605,11 +606,8 @@ class Request:
     def headers(self) -> Headers:
         headers = self._headers
         if headers is None:
-            headers = Headers(_split_header_block(self._header_block))
+            headers = self._headers = Headers(_split_header_block(self._header_block))
         return headers
-
-    def _cache_headers(self, keep: bool) -> None:
-        self._headers = Headers(_split_header_block(self._header_block)) if keep else None
 
     def __repr__(self) -> str:
         return "Request(%s %s)" % (self.method, self.target)
@@ -701,9 +699,23 @@ def _parse_request_head(buffer: Union[bytes, bytearray]) -> Optional[Tuple[Reque
     _check_header_lines(lines[1:], 400, 431)
     if not target.startswith("/"):
         target = _origin_form(target)
-    request = Request(method, target, version, b"\r\n".join(lines[1:]))
-    request._cache_headers(True)
-    return request, head_length
+    return Request(method, target, version, b"\r\n".join(lines[1:])), head_length
+
+
+def _request_head(request: Request) -> bytes:
+    """``request``'s head as bytes (its target in origin form), for
+    :func:`_request_from_head` to build an equal Request from: what a
+    connection keeps of its request once the handshake is over."""
+    line = "%s %s HTTP/%d.%d\r\n" % (request.method, request.target, request.version[0], request.version[1])
+    return line.encode("utf-8") + request._header_block
+
+
+def _request_from_head(head: bytes) -> Request:
+    """The Request that :func:`_request_head` gave ``head`` for."""
+    line, _, header_block = head.partition(b"\r\n")
+    method, _, rest = line.decode("utf-8").partition(" ")
+    target, _, version = rest.rpartition(" ")
+    return Request(sys.intern(method), target, _parse_http_version(version), header_block)
 
 
 _ABSOLUTE_SCHEMES = ("http://", "https://", "ws://", "wss://")
@@ -1669,7 +1681,7 @@ class Protocol:
         "client",
         "response",
         "outgoing",
-        "request",
+        "_request",
         "is_upgrade",
         "subprotocol",
         "handshake_error",
@@ -1717,7 +1729,9 @@ class Protocol:
         self._offered_subprotocols: Iterable[str] = ()
         self._refused_response: Optional[Tuple[Response, str]] = None  # client: a non-101 being read
         self.outgoing = bytearray()
-        self.request: Optional[Request] = None
+        # The request (server side): parsed while the handshake runs, then
+        # only its head as bytes (see the request property).
+        self._request: Union[Request, bytes, None] = None
         self.is_upgrade = False
         self.subprotocol: Optional[str] = None
         self.handshake_error: Optional[HandshakeError] = None
@@ -1758,6 +1772,20 @@ class Protocol:
 
     def __repr__(self) -> str:
         return "<Protocol %s>" % self.state.value
+
+    @property
+    def request(self) -> Optional[Request]:
+        """The client's request (server side), None until it has arrived.
+
+        After :meth:`accept` the protocol keeps only the request's head as
+        bytes, and each access builds a new, equal Request from it: an idle
+        connection holds one bytes object rather than a Request and its
+        strings, whatever the handler reads (from any thread, after the
+        close too)."""
+        request = self._request
+        if isinstance(request, bytes):
+            return _request_from_head(request)
+        return request
 
     # -- state ----------------------------------------------------------------
 
@@ -1866,7 +1894,7 @@ class Protocol:
             if self.client:
                 if self._receive_response():
                     yield (Event.RESPONSE, self.response)
-            elif self.request is None:
+            elif self._request is None:
                 request = self._receive_request()
                 if request is not None:
                     yield (Event.REQUEST if self.is_upgrade else Event.HTTP_REQUEST, request)
@@ -2121,7 +2149,7 @@ class Protocol:
                 return None
             request, head_length = parsed
             del self._buffer[:head_length]  # type: ignore[union-attr]  # a bytearray while connecting
-            self.request = request
+            self._request = request
             self.is_upgrade = _check_upgrade_request(request)
             if self.is_upgrade and self._compression is not None:
                 offers = _parse_extensions(request.headers.get_all("Sec-WebSocket-Extensions"))
@@ -2140,8 +2168,8 @@ class Protocol:
         client offered) as Sec-WebSocket-Protocol.  Frames that arrived
         along with the request come out of :meth:`events` next.
         """
-        request = self.request
-        if request is None or not self.is_upgrade or self.state is not _CONNECTING:
+        request = self._request
+        if not isinstance(request, Request) or not self.is_upgrade or self.state is not _CONNECTING:
             raise InvalidState("no upgrade request to accept")
         lines = [
             "HTTP/1.1 101 Switching Protocols",
@@ -2157,7 +2185,7 @@ class Protocol:
             lines.append("Sec-WebSocket-Protocol: " + subprotocol)
         lines.extend("%s: %s" % item for item in headers)
         self.outgoing += ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        request._cache_headers(False)
+        self._request = _request_head(request)  # what an open connection keeps of it
         self.opened = True
         self._set_state(_OPEN)
 
@@ -2169,7 +2197,8 @@ class Protocol:
         if self.state is not _CONNECTING:
             raise InvalidState("cannot respond in state %s" % self.state.name)
         # RFC 9110 9.3.2: HEAD gets the headers GET would, and no body.
-        head_only = self.request is not None and self.request.method == "HEAD"
+        request = self._request  # a Request, or None, while connecting
+        head_only = isinstance(request, Request) and request.method == "HEAD"
         self.outgoing += _http_response(status, headers, body, head_only)
         self._set_state(_CLOSED)
 
