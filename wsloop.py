@@ -4914,7 +4914,6 @@ class Connection:
 
     __slots__ = (
         "id",
-        "server",
         "remote_address",
         "data",
         "_sock",
@@ -4962,7 +4961,6 @@ class Connection:
         # "opened" and "closed", answers what depends on its tables
         # (limits, metrics), and says whether it is shutting down.
         self._owner = owner
-        self.server: Optional[Server] = owner if isinstance(owner, Server) else None
         # The TCP peer; remote_address becomes the client a trusted proxy
         # names, and scheme what it used ("https" behind TLS).
         self.peer_address = address
@@ -5011,6 +5009,12 @@ class Connection:
         return "<Connection %d %s %s>" % (self.id, _format_address(self.remote_address), self.state.value)
 
     # -- what handlers read ---------------------------------------------------
+
+    @property
+    def server(self) -> Optional[Server]:
+        """The server this connection came to (None for a client's)."""
+        owner = self._owner  # (a property, not a field: a slot fewer per connection)
+        return owner if isinstance(owner, Server) else None
 
     @property
     def state(self) -> State:
