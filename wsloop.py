@@ -1668,6 +1668,28 @@ class _Incoming:
         self.in_payload = False
 
 
+class _Handshake:
+    """What a Protocol knows only for its opening handshake (RFC 6455
+    section 4): kept while it runs, and after it by a client (its
+    ``response``) or a connection that failed it (its error); dropped by a
+    server's accept(), since an open server connection needs none of it."""
+
+    __slots__ = ("compression", "opened", "is_upgrade", "error", "negotiated", "response", "key",
+                 "offered_subprotocols", "refused_response")
+
+    def __init__(self, compression: Optional[Deflate]) -> None:
+        self.compression = compression  # the permessage-deflate settings to offer or accept
+        self.opened = False  # client: a valid 101 came
+        self.is_upgrade = False  # server: the request is a valid upgrade
+        self.error: Optional[HandshakeError] = None
+        # Server: the permessage-deflate answer and codec agreed, for accept().
+        self.negotiated: Optional[Tuple[str, _PerMessageDeflate]] = None
+        self.response: Optional[Response] = None  # client: the server's answer
+        self.key = ""  # client: the Sec-WebSocket-Key sent
+        self.offered_subprotocols: Iterable[str] = ()
+        self.refused_response: Optional[Tuple[Response, str]] = None  # client: a non-101 being read
+
+
 class Protocol:
     """One side of a WebSocket connection, without I/O (RFC 6455).
 
@@ -1682,33 +1704,25 @@ class Protocol:
     __slots__ = (
         "state",
         "client",
-        "response",
         "outgoing",
         "_request",
-        "is_upgrade",
+        "_handshake",
         "subprotocol",
-        "handshake_error",
         "close_code",
         "close_reason",
         "close_sent",
         "close_sent_reason",
         "_close_detail",
         "_sent_first",
-        "opened",
         "end_of_output",
         "max_size",
         "max_fragments",
         "extension",
-        "_compression",
-        "_negotiated",
         "_buffer",
         "_unbuffered",
         "_incoming",
         "_mask_length",
         "_mask_bit",
-        "_key",
-        "_offered_subprotocols",
-        "_refused_response",
         "_frames",
     )
 
@@ -1727,17 +1741,12 @@ class Protocol:
         # Client frames carry a mask, server frames none (RFC 6455 5.1).
         self._mask_length = 0 if client else MASK_LENGTH
         self._mask_bit = 0 if client else _MASK_BIT
-        self.response: Optional[Response] = None  # client: the server's answer
-        self._key = ""  # client: the Sec-WebSocket-Key sent
-        self._offered_subprotocols: Iterable[str] = ()
-        self._refused_response: Optional[Tuple[Response, str]] = None  # client: a non-101 being read
         self.outgoing = bytearray()
         # The request (server side): parsed while the handshake runs, then
         # only its head as bytes (see the request property).
         self._request: Union[Request, bytes, None] = None
-        self.is_upgrade = False
+        self._handshake: Optional[_Handshake] = _Handshake(compression)  # None once a server accepted
         self.subprotocol: Optional[str] = None
-        self.handshake_error: Optional[HandshakeError] = None
         # The peer's close frame (NO_STATUS if it had no code); ABNORMAL when
         # the connection ended without one.
         self.close_code: Optional[int] = None
@@ -1747,16 +1756,12 @@ class Protocol:
         self.close_sent_reason = ""
         self._close_detail = ""  # why we failed the connection, kept local
         self._sent_first = False  # our close frame went before the peer's
-        self.opened = False  # the handshake was accepted
         self.end_of_output: Optional[str] = None  # CLOSE or SHUT_WR once CLOSED
         self.max_size = max_size
         self.max_fragments = (
             max_fragments if max_fragments is not None else _default_max_fragments(max_size)
         )
-        # permessage-deflate: the settings offered, what the request
-        # negotiated, and the codec in use once accepted.
-        self._compression = compression
-        self._negotiated: Optional[Tuple[str, _PerMessageDeflate]] = None
+        # permessage-deflate: the codec in use once accepted.
         self.extension: Optional[_PerMessageDeflate] = None
         # Bytes received and kept for later: a bytearray while there are
         # some, the shared b"" when there are none (an idle connection then
@@ -1789,6 +1794,37 @@ class Protocol:
         if isinstance(request, bytes):
             return _request_from_head(request)
         return request
+
+    @property
+    def opened(self) -> bool:
+        """The opening handshake succeeded (the connection was open, or is)."""
+        handshake = self._handshake
+        return True if handshake is None else handshake.opened  # None: a server accepted
+
+    @property
+    def is_upgrade(self) -> bool:
+        """Server: the request is a valid WebSocket upgrade (not plain HTTP)."""
+        handshake = self._handshake
+        return True if handshake is None else handshake.is_upgrade  # None: accepted
+
+    @property
+    def handshake_error(self) -> Optional[HandshakeError]:
+        """Why the opening handshake failed, if it did."""
+        handshake = self._handshake
+        return None if handshake is None else handshake.error
+
+    @property
+    def response(self) -> Optional[Response]:
+        """Client: the server's answer to the opening handshake."""
+        handshake = self._handshake
+        return None if handshake is None else handshake.response
+
+    def _handshaking(self) -> _Handshake:
+        """The handshake's state, for the methods that only run during it."""
+        handshake = self._handshake
+        if handshake is None:
+            raise InvalidState("the opening handshake is over")
+        return handshake
 
     # -- state ----------------------------------------------------------------
 
@@ -2024,13 +2060,15 @@ class Protocol:
 
     def receive_eof(self) -> None:
         """The peer closed its side of TCP (or the connection dropped)."""
-        if self._refused_response is not None:
-            try:
-                self._read_refused_body(eof=True)  # a refusal's body ends with the connection
-            except HandshakeError as exc:
-                self.handshake_error = exc
-        elif self.client and self.state is _CONNECTING and self.handshake_error is None:
-            self.handshake_error = InvalidResponse("connection closed before the server answered")
+        handshake = self._handshake
+        if handshake is not None:
+            if handshake.refused_response is not None:
+                try:
+                    self._read_refused_body(handshake, eof=True)  # a refusal's body ends with the connection
+                except HandshakeError as exc:
+                    handshake.error = exc
+            elif self.client and self.state is _CONNECTING and handshake.error is None:
+                handshake.error = InvalidResponse("connection closed before the server answered")
         if self.close_code is None:
             self.close_code = CloseCode.ABNORMAL
         if self.state is not _CLOSED:
@@ -2062,65 +2100,67 @@ class Protocol:
         CLOSED with :attr:`handshake_error` set.  Raises ValueError for a
         header that would break the request.
         """
-        if not self.client or self.state is not _CONNECTING or self._key:
+        handshake = self._handshake
+        if not self.client or self.state is not _CONNECTING or handshake is None or handshake.key:
             raise InvalidState("only a new client protocol sends a request")
         if not target.startswith("/") or any(not " " < char < "\x7f" for char in target):
             raise ValueError("request target must be a path and query, got %r" % target)
-        self._key = base64.b64encode(os.urandom(16)).decode("ascii")
-        offered = self._offered_subprotocols = tuple(subprotocols)
+        handshake.key = base64.b64encode(os.urandom(16)).decode("ascii")
+        offered = handshake.offered_subprotocols = tuple(subprotocols)
         lines = [
             "GET %s HTTP/1.1" % target,
             _header_line("Host", host),
             "Upgrade: websocket",
             "Connection: Upgrade",
-            "Sec-WebSocket-Key: " + self._key,
+            "Sec-WebSocket-Key: " + handshake.key,
             "Sec-WebSocket-Version: 13",
         ]
         if origin is not None:
             lines.append(_header_line("Origin", origin))
         if offered:
             lines.append(_header_line("Sec-WebSocket-Protocol", ", ".join(offered)))
-        if self._compression is not None:
-            lines.append("Sec-WebSocket-Extensions: " + _deflate_offer(self._compression))
+        if handshake.compression is not None:
+            lines.append("Sec-WebSocket-Extensions: " + _deflate_offer(handshake.compression))
         lines.extend(_header_line(name, value) for name, value in headers)
         self.outgoing += ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def _receive_response(self) -> bool:
         """Client: read the server's answer; True once a valid 101 opened us."""
+        handshake = self._handshaking()
         try:
-            if self._refused_response is None:
+            if handshake.refused_response is None:
                 parsed = _parse_response_head(self._buffer)
                 if parsed is None:
                     return False
                 response, reason, head_length = parsed
                 del self._buffer[:head_length]  # type: ignore[union-attr]  # a bytearray while connecting
-                self.response = response
+                handshake.response = response
                 if response.status == 101:
-                    self._check_switch(Headers(response.headers))
-                    self.opened = True
+                    self._check_switch(handshake, Headers(response.headers))
+                    handshake.opened = True
                     self._set_state(_OPEN)
                     return True
-                self._refused_response = (response, reason)
-            self._read_refused_body(eof=False)
+                handshake.refused_response = (response, reason)
+            self._read_refused_body(handshake, eof=False)
         except HandshakeError as exc:
-            self.handshake_error = exc
+            handshake.error = exc
             self._set_state(_CLOSED)
         return False
 
-    def _read_refused_body(self, eof: bool) -> None:
+    def _read_refused_body(self, handshake: _Handshake, eof: bool) -> None:
         """Keep a refusal's body (up to a limit) until it is whole, then fail."""
-        if self._refused_response is None:
+        if handshake.refused_response is None:
             return
-        response, reason = self._refused_response
+        response, reason = handshake.refused_response
         length_text = Headers(response.headers).get("Content-Length")
         wanted = int(length_text) if length_text and length_text.isdigit() else None
         limit = MAX_REQUEST_HEAD if wanted is None else min(wanted, MAX_REQUEST_HEAD)
         if len(self._buffer) >= limit or eof:
             body = bytes(self._buffer[:limit])
-            self._refused_response = None
+            handshake.refused_response = None
             raise HandshakeError(response.status, reason, response.headers, body)
 
-    def _check_switch(self, headers: Headers) -> None:
+    def _check_switch(self, handshake: _Handshake, headers: Headers) -> None:
         """Validate a 101 (RFC 6455 4.1, the client's checks)."""
         def refuse(why: str) -> InvalidUpgrade:
             return InvalidUpgrade(why, headers.items())
@@ -2129,23 +2169,24 @@ class Protocol:
             raise refuse("Upgrade header must name websocket")
         if "upgrade" not in _header_tokens(headers.get("Connection")):
             raise refuse("Connection header must include upgrade")
-        if headers.get("Sec-WebSocket-Accept") != accept_key(self._key):
+        if headers.get("Sec-WebSocket-Accept") != accept_key(handshake.key):
             raise refuse("Sec-WebSocket-Accept does not match the key sent")
         extensions = headers.get_all("Sec-WebSocket-Extensions")
         if extensions:
-            if self._compression is None:
+            if handshake.compression is None:
                 raise refuse("an extension was not offered")
-            self.extension = _accept_deflate(extensions, self._compression)
+            self.extension = _accept_deflate(extensions, handshake.compression)
         subprotocols = [token.strip() for token in ",".join(headers.get_all("Sec-WebSocket-Protocol")).split(",")]
         subprotocols = [token for token in subprotocols if token]
         if subprotocols:
-            if len(subprotocols) != 1 or subprotocols[0] not in self._offered_subprotocols:
+            if len(subprotocols) != 1 or subprotocols[0] not in handshake.offered_subprotocols:
                 raise refuse("subprotocol %s was not offered" % ", ".join(subprotocols))
             self.subprotocol = subprotocols[0]
 
     # -- handshake: the server's side -----------------------------------------
 
     def _receive_request(self) -> Optional[Request]:
+        handshake = self._handshaking()
         try:
             parsed = _parse_request_head(self._buffer)
             if parsed is None:
@@ -2153,12 +2194,12 @@ class Protocol:
             request, head_length = parsed
             del self._buffer[:head_length]  # type: ignore[union-attr]  # a bytearray while connecting
             self._request = request
-            self.is_upgrade = _check_upgrade_request(request)
-            if self.is_upgrade and self._compression is not None:
+            handshake.is_upgrade = _check_upgrade_request(request)
+            if handshake.is_upgrade and handshake.compression is not None:
                 offers = _parse_extensions(request.headers.get_all("Sec-WebSocket-Extensions"))
-                self._negotiated = _negotiate_deflate(offers, self._compression)
+                handshake.negotiated = _negotiate_deflate(offers, handshake.compression)
         except HandshakeError as exc:
-            self.handshake_error = exc
+            handshake.error = exc
             # A server's HandshakeError always carries the status to answer.
             self.respond(exc.status or 400, exc.headers, exc.reason.encode() + b"\n")
             return None
@@ -2172,7 +2213,13 @@ class Protocol:
         along with the request come out of :meth:`events` next.
         """
         request = self._request
-        if not isinstance(request, Request) or not self.is_upgrade or self.state is not _CONNECTING:
+        handshake = self._handshake
+        if (
+            not isinstance(request, Request)
+            or handshake is None
+            or not handshake.is_upgrade
+            or self.state is not _CONNECTING
+        ):
             raise InvalidState("no upgrade request to accept")
         lines = [
             "HTTP/1.1 101 Switching Protocols",
@@ -2180,16 +2227,17 @@ class Protocol:
             "Connection: Upgrade",
             "Sec-WebSocket-Accept: " + accept_key(request.headers.get("Sec-WebSocket-Key") or ""),
         ]
-        if self._negotiated is not None:
-            response, self.extension = self._negotiated
+        if handshake.negotiated is not None:
+            response, self.extension = handshake.negotiated
             lines.append("Sec-WebSocket-Extensions: " + response)
         if subprotocol is not None:
             self.subprotocol = subprotocol
             lines.append("Sec-WebSocket-Protocol: " + subprotocol)
         lines.extend("%s: %s" % item for item in headers)
         self.outgoing += ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self._request = _request_head(request)  # what an open connection keeps of it
-        self.opened = True
+        # What an open connection keeps of its handshake: the request's head.
+        self._request = _request_head(request)
+        self._handshake = None  # so opened, and is_upgrade
         self._set_state(_OPEN)
 
     def respond(

@@ -137,11 +137,12 @@ def test_query_params_are_parsed_like_parse_qs():
 
 
 def test_request_after_the_handshake_is_what_on_handshake_saw_from_any_thread_and_after_close():
-    """An open connection keeps its request only as the head's bytes and
-    builds conn.request, path, query, query_params and headers from them
-    again: each equal to what on_handshake read, from another thread and
-    after the close too (an absolute-form target, a repeated header, a
-    Latin-1 value, a percent-encoded query)."""
+    """An open connection keeps its request only as the head's bytes (and
+    nothing else of its handshake) and builds conn.request, path, query,
+    query_params and headers from them again: each equal to what
+    on_handshake read, from another thread and after the close too (an
+    absolute-form target, a repeated header, a Latin-1 value, a
+    percent-encoded query)."""
     seen = []
 
     class Note(Recorder):
@@ -165,8 +166,10 @@ def test_request_after_the_handshake_is_what_on_handshake_saw_from_any_thread_an
         assert expected[:3] == ("GET", "/chat?room=1&a=%20b&a=2", (1, 1)), expected
         assert expected[8] == {"room": ["1"], "a": [" b", "2"]}, expected
         assert expected[9][-3:] == [("X-Twice", "one"), ("X-Twice", "two"), ("User-Agent", "caf\xe9")], expected
-        held = [item for item in gc.get_referents(conn._protocol) if isinstance(item, wsloop.Request)]
-        assert held == [], "the open connection still holds a parsed Request"
+        protocol = conn._protocol
+        held = [item for item in gc.get_referents(protocol) if isinstance(item, (wsloop.Request, wsloop._Handshake))]
+        assert held == [], "the open connection still holds its parsed request or handshake state"
+        assert (protocol.opened, protocol.is_upgrade, protocol.handshake_error, protocol.response) == (True, True, None, None)
         assert read(conn) == expected, "rebuilt from another thread"
         assert conn.headers.get("x-twice") == "one, two"
         client.close()
