@@ -4975,8 +4975,7 @@ class Connection:
         "_tls",
         "_tls_handshaking",
         "_write_wants_read",
-        "_open_timer",
-        "_close_timer",
+        "_timer",
         "_ping_at",
         "_ping_payload",
         "_owner",
@@ -5041,17 +5040,17 @@ class Connection:
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._tls_handshaking = self._tls and not protocol.client
         self._write_wants_read = False
-        self._close_timer: Optional[_Timer] = None
         # Keepalive, checked by the loop's sweep: when the last ping went,
         # and its payload while its pong is awaited.
         self._ping_at = 0.0
         self._ping_payload: Optional[bytes] = None
         self._interest = _EVENT_READ
         loop.selector.register(sock, _EVENT_READ, self)
-        # The open timeout covers the TLS handshake too.
-        self._open_timer: Optional[_Timer] = None
+        # The open timeout (it covers the TLS handshake too), then the close
+        # timeout: one at a time, so one field.
+        self._timer: Optional[_Timer] = None
         if options.open_timeout is not None:
-            self._open_timer = loop.call_later(options.open_timeout, self._on_open_timeout)
+            self._timer = loop.call_later(options.open_timeout, self._on_open_timeout)
 
     def __repr__(self) -> str:
         return "<Connection %d %s %s>" % (self.id, _format_address(self.remote_address), self.state.value)
@@ -5836,12 +5835,13 @@ class Connection:
     # -- timers ---------------------------------------------------------------
 
     def _cancel_open_timer(self) -> None:
-        if self._open_timer is not None:
-            self._open_timer.cancel()
-            self._open_timer = None
+        timer = self._timer
+        if timer is not None and timer.callback == self._on_open_timeout:
+            timer.cancel()
+            self._timer = None
 
     def _on_open_timeout(self) -> None:
-        self._open_timer = None
+        self._timer = None
         logger.info(
             "connection %d from %s: opening handshake timed out",
             self.id,
@@ -5851,7 +5851,7 @@ class Connection:
 
     def _start_close_timer(self) -> None:
         """Bound the whole end of the connection, drained or not."""
-        if self._close_timer is not None or self._sock is None:
+        if self._sock is None:
             return
         timeout = self._options.close_timeout
         if timeout is None:
@@ -5859,10 +5859,17 @@ class Connection:
                 return  # waiting for the peer's close frame, as configured
             # Closed: the peer owes us nothing more, so this is bounded anyway.
             timeout = DEFAULT_CLOSE_TIMEOUT
-        self._close_timer = self._loop.call_later(timeout, self._on_close_timeout)
+        timer = self._timer
+        if timer is not None:
+            # Started already, or the open timer of a request refused as it
+            # arrived: whichever ends the connection sooner stays.
+            if timer.callback == self._on_close_timeout or timer.when <= time.monotonic() + timeout:
+                return
+            self._cancel_open_timer()
+        self._timer = self._loop.call_later(timeout, self._on_close_timeout)
 
     def _on_close_timeout(self) -> None:
-        self._close_timer = None
+        self._timer = None
         unsent = len(self._protocol.outgoing) + self._queued
         logger.info(
             "connection %d from %s: closing handshake timed out%s",
@@ -5929,10 +5936,9 @@ class Connection:
             return
         self._sock = None
         self._stop_keepalive()
-        self._cancel_open_timer()
-        if self._close_timer is not None:
-            self._close_timer.cancel()
-            self._close_timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         try:
             self._loop.selector.unregister(sock)
         except (KeyError, ValueError):
