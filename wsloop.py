@@ -1,10 +1,9 @@
 """wsloop: a single-file, dependency-free WebSocket server (RFC 6455, RFC 7692).
 
-One thread multiplexes every socket (with epoll on Linux, :mod:`selectors`
-elsewhere).  Each connection is a small state machine fed by incremental byte
-buffers, so frames may arrive split at any byte, and nothing a client sends
-can make the server grow its memory without bound or stall the other
-connections.
+One thread multiplexes every socket (epoll on Linux, :mod:`selectors` elsewhere).  Each connection is
+a small state machine fed by incremental byte buffers, so frames may arrive
+split at any byte, and nothing a client sends can make the server grow its
+memory without bound or stall the other connections.
 
 Two ways to use it
 ------------------
