@@ -1,6 +1,6 @@
 """wsloop: a single-file, dependency-free WebSocket server (RFC 6455, RFC 7692).
 
-One thread multiplexes every socket (epoll on Linux, :mod:`selectors` elsewhere).  Each connection is
+One thread multiplexes every socket with :mod:`selectors`.  Each connection is
 a small state machine fed by incremental byte buffers, so frames may arrive
 split at any byte, and nothing a client sends can make the server grow its
 memory without bound or stall the other connections.
@@ -90,10 +90,8 @@ import ipaddress
 import itertools
 import json
 import logging
-import math
 import os
 import random
-import select
 import selectors
 import signal
 import socket
@@ -2506,130 +2504,15 @@ class _Timer:
                 self.loop.cancelled_timers += 1
 
 
-class _Selector:
-    """The sockets a loop watches, each with the object that handles its
-    readiness (its ``_handle_io(mask)``): the part of :mod:`selectors` the
-    loop uses, with select() giving ``(watcher, events)`` pairs.
-
-    This one wraps ``selectors.DefaultSelector`` (any platform).
-    """
-
-    def __init__(self) -> None:
-        self._selector = selectors.DefaultSelector()
-
-    def register(self, fileobj: socket.socket, events: int, watcher: Any) -> None:
-        self._selector.register(fileobj, events, watcher)
-
-    def modify(self, fileobj: socket.socket, events: int, watcher: Any) -> None:
-        self._selector.modify(fileobj, events, watcher)
-
-    def unregister(self, fileobj: socket.socket) -> None:
-        self._selector.unregister(fileobj)
-
-    def select(self, timeout: Optional[float]) -> List[Tuple[Any, int]]:
-        return [(key.data, events) for key, events in self._selector.select(timeout)]
-
-    def close(self) -> None:
-        self._selector.close()
-
-
-_READ_WRITE = _EVENT_READ | _EVENT_WRITE
-# epoll's bits for readable and writable (Linux's values where there is no epoll).
-_EPOLLIN = getattr(select, "EPOLLIN", 0x001)
-_EPOLLOUT = getattr(select, "EPOLLOUT", 0x004)
-
-
-class _EpollSelector(_Selector):
-    """A :class:`_Selector` on ``select.epoll`` (Linux), for memory: per
-    socket it keeps one dict entry, descriptor to watcher, where selectors
-    keeps that and a SelectorKey of 80 bytes (an idle connection's tenth).
-
-    What select() reports is what selectors would: epoll reports readable
-    and writable only for what was registered; an error or hang-up, which
-    it always reports, wakes the watcher for all it watches.  That takes
-    the interest, so it is kept for the sockets that watch anything besides
-    reading (few: those whose output backs up).
-    """
-
-    # epoll's bits for selectors' events (indexed by them), and back
-    # (an error or a hang-up aside).
-    _EPOLL_EVENTS = (0, _EPOLLIN, _EPOLLOUT, _EPOLLIN | _EPOLLOUT)
-    _EVENTS = {_EPOLLIN: _EVENT_READ, _EPOLLOUT: _EVENT_WRITE, _EPOLLIN | _EPOLLOUT: _READ_WRITE}
-
-    def __init__(self) -> None:
-        self._epoll = select.epoll()
-        self._watchers: Dict[int, Any] = {}
-        self._interests: Dict[int, int] = {}  # only those not EVENT_READ
-
-    def register(self, fileobj: socket.socket, events: int, watcher: Any) -> None:
-        fd = fileobj.fileno()
-        if fd in self._watchers:
-            raise KeyError("%r (fd %d) is already registered" % (fileobj, fd))
-        self._epoll.register(fd, self._EPOLL_EVENTS[events])
-        self._watchers[fd] = watcher
-        if events != _EVENT_READ:
-            self._interests[fd] = events
-
-    def modify(self, fileobj: socket.socket, events: int, watcher: Any) -> None:
-        fd = fileobj.fileno()
-        if fd not in self._watchers:
-            raise KeyError("%r (fd %d) is not registered" % (fileobj, fd))
-        self._epoll.modify(fd, self._EPOLL_EVENTS[events])
-        self._watchers[fd] = watcher
-        if events != _EVENT_READ:
-            self._interests[fd] = events
-        else:
-            self._interests.pop(fd, None)
-
-    def unregister(self, fileobj: socket.socket) -> None:
-        fd = fileobj.fileno()
-        if self._watchers.pop(fd, None) is None:
-            raise KeyError("%r (fd %d) is not registered" % (fileobj, fd))
-        self._interests.pop(fd, None)
-        try:
-            self._epoll.unregister(fd)
-        except OSError:
-            pass  # closed already: the kernel dropped it
-
-    def select(self, timeout: Optional[float]) -> List[Tuple[Any, int]]:
-        if timeout is None:
-            timeout = -1
-        elif timeout <= 0:
-            timeout = 0
-        else:
-            # epoll waits in whole milliseconds: round up, so that a timer
-            # is due when the wait ends rather than a moment after.
-            timeout = math.ceil(timeout * 1e3) * 1e-3
-        watchers = self._watchers
-        try:
-            reported = self._epoll.poll(timeout, max(len(watchers), 1))
-        except InterruptedError:
-            return []
-        translate = self._EVENTS
-        ready = []
-        for fd, bits in reported:
-            watcher = watchers.get(fd)
-            if watcher is not None:
-                events = translate.get(bits)
-                if events is None:  # an error or hang-up
-                    events = _READ_WRITE & self._interests.get(fd, _EVENT_READ)
-                ready.append((watcher, events))
-        return ready
-
-    def close(self) -> None:
-        self._epoll.close()
-        self._watchers.clear()
-        self._interests.clear()
-
-
 class _EventLoop:
     """A minimal selectors loop: readiness callbacks, timers, the door.
 
-    Objects registered with the selector implement ``_handle_io(mask)``.
+    Objects registered with the selector carry themselves as ``key.data``
+    and implement ``_handle_io(mask)``.
     """
 
     def __init__(self) -> None:
-        self.selector: _Selector = _EpollSelector() if hasattr(select, "epoll") else _Selector()
+        self.selector = selectors.DefaultSelector()
         self._timers: List[_Timer] = []
         self.cancelled_timers = 0
         # How late a timer ran, at most, since someone last asked: the
@@ -2772,8 +2655,8 @@ class _EventLoop:
                 timeout = 0.0
             elif timers:
                 timeout = max(0.0, timers[0].when - time.monotonic())
-            for watcher, mask in select(timeout):
-                watcher._handle_io(mask)
+            for key, mask in select(timeout):
+                key.data._handle_io(mask)
             if timers:
                 self._run_timers()
             # What is queued now; what these callbacks queue runs next turn,

@@ -3,9 +3,7 @@ backpressure, handler errors, shutdown, many connections."""
 
 import logging
 import resource
-import selectors
 import socket
-import struct
 import threading
 import time
 
@@ -516,52 +514,6 @@ def test_cancelled_timers_do_not_pile_up_in_the_heap():
         assert live.callback is print
     finally:
         loop.close()
-
-
-def _tcp_pair():
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client = socket.create_connection(listener.getsockname())
-        served, _ = listener.accept()
-    return served, client
-
-
-@pytest.mark.parametrize("interest", [1, 2, 3])  # selectors.EVENT_READ, EVENT_WRITE, both
-@pytest.mark.parametrize("peer", ["idle", "sent", "shut_wr", "closed", "reset"])
-def test_the_loops_selector_reports_what_selectors_reports(interest, peer):
-    """The loop's selector keeps less per socket than selectors does, but
-    wakes a watcher for the same events, errors and hang-ups included."""
-    served, client = _tcp_pair()
-    reference = selectors.DefaultSelector()
-    loops = wsloop._EventLoop()
-    try:
-        if peer == "sent":
-            client.sendall(b"x")
-        elif peer == "shut_wr":
-            client.shutdown(socket.SHUT_WR)
-        elif peer == "closed":
-            client.close()
-        elif peer == "reset":
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            client.close()
-        if interest & 2:  # a full send buffer is not writable
-            served.setblocking(False)
-        watcher = object()
-        reference.register(served, interest, watcher)
-        loops.selector.register(served, interest, watcher)
-        expected = [(key.data, events) for key, events in reference.select(TIMEOUT if peer != "idle" else 0)]
-        assert loops.selector.select(0) == expected
-        loops.selector.modify(served, 3, watcher)
-        reference.modify(served, 3, watcher)
-        assert loops.selector.select(0) == [(key.data, events) for key, events in reference.select(0)]
-        loops.selector.unregister(served)
-        assert loops.selector.select(0) == []
-        with pytest.raises(KeyError):
-            loops.selector.unregister(served)
-    finally:
-        reference.close()
-        loops.close()
-        served.close()
-        client.close()
 
 
 def test_drain_after_a_failure_is_bounded_even_without_a_close_timeout(monkeypatch):
