@@ -574,9 +574,10 @@ class Headers:
 class Request:
     """An HTTP request head: ``method``, ``target``, ``path``, ``query``, ``headers``.
 
-    A connection keeps its request for its whole life, so the header block
-    is kept as the bytes that arrived (one object, not dozens of strings)
-    and parsed again on access once the handshake is over.
+    The header block is kept as the bytes that arrived (one object, not
+    dozens of strings) and parsed on first access.  Once the handshake is
+    over a connection keeps no Request at all, only its head as bytes
+    (:func:`_request_head`), and builds a new one on each access.
     """
 
     __slots__ = ("method", "target", "version", "_header_block", "_headers")
@@ -586,7 +587,7 @@ class Request:
         self.target = target
         self.version = version
         self._header_block = header_block  # validated lines, CRLF-separated
-        self._headers: Optional[Headers] = None  # cached while handshaking
+        self._headers: Optional[Headers] = None  # parsed on first access
 
     @property
     def path(self) -> str:
@@ -606,11 +607,8 @@ class Request:
     def headers(self) -> Headers:
         headers = self._headers
         if headers is None:
-            headers = Headers(_split_header_block(self._header_block))
+            headers = self._headers = Headers(_split_header_block(self._header_block))
         return headers
-
-    def _cache_headers(self, keep: bool) -> None:
-        self._headers = Headers(_split_header_block(self._header_block)) if keep else None
 
     def __repr__(self) -> str:
         return "Request(%s %s)" % (self.method, self.target)
@@ -702,9 +700,23 @@ def _parse_request_head(buffer: Union[bytes, bytearray]) -> Optional[Tuple[Reque
     _check_header_lines(lines[1:], 400, 431)
     if not target.startswith("/"):
         target = _origin_form(target)
-    request = Request(method, target, version, b"\r\n".join(lines[1:]))
-    request._cache_headers(True)
-    return request, head_length
+    return Request(method, target, version, b"\r\n".join(lines[1:])), head_length
+
+
+def _request_head(request: Request) -> bytes:
+    """``request``'s head as bytes (its target in origin form), for
+    :func:`_request_from_head` to build an equal Request from: what a
+    connection keeps of its request once the handshake is over."""
+    line = "%s %s HTTP/%d.%d\r\n" % (request.method, request.target, request.version[0], request.version[1])
+    return line.encode("utf-8") + request._header_block
+
+
+def _request_from_head(head: bytes) -> Request:
+    """The Request that :func:`_request_head` gave ``head`` for."""
+    line, _, header_block = head.partition(b"\r\n")
+    method, _, rest = line.decode("utf-8").partition(" ")
+    target, _, version = rest.rpartition(" ")
+    return Request(sys.intern(method), target, _parse_http_version(version), header_block)
 
 
 _ABSOLUTE_SCHEMES = ("http://", "https://", "ws://", "wss://")
@@ -1656,6 +1668,28 @@ class _Incoming:
         self.in_payload = False
 
 
+class _Handshake:
+    """What a Protocol knows only for its opening handshake (RFC 6455
+    section 4): kept while it runs, and after it by a client (its
+    ``response``) or a connection that failed it (its error); dropped by a
+    server's accept(), since an open server connection needs none of it."""
+
+    __slots__ = ("compression", "opened", "is_upgrade", "error", "negotiated", "response", "key",
+                 "offered_subprotocols", "refused_response")
+
+    def __init__(self, compression: Optional[Deflate]) -> None:
+        self.compression = compression  # the permessage-deflate settings to offer or accept
+        self.opened = False  # client: a valid 101 came
+        self.is_upgrade = False  # server: the request is a valid upgrade
+        self.error: Optional[HandshakeError] = None
+        # Server: the permessage-deflate answer and codec agreed, for accept().
+        self.negotiated: Optional[Tuple[str, _PerMessageDeflate]] = None
+        self.response: Optional[Response] = None  # client: the server's answer
+        self.key = ""  # client: the Sec-WebSocket-Key sent
+        self.offered_subprotocols: Iterable[str] = ()
+        self.refused_response: Optional[Tuple[Response, str]] = None  # client: a non-101 being read
+
+
 class Protocol:
     """One side of a WebSocket connection, without I/O (RFC 6455).
 
@@ -1670,33 +1704,25 @@ class Protocol:
     __slots__ = (
         "state",
         "client",
-        "response",
         "outgoing",
-        "request",
-        "is_upgrade",
+        "_request",
+        "_handshake",
         "subprotocol",
-        "handshake_error",
         "close_code",
         "close_reason",
         "close_sent",
         "close_sent_reason",
         "_close_detail",
         "_sent_first",
-        "opened",
         "end_of_output",
         "max_size",
         "max_fragments",
         "extension",
-        "_compression",
-        "_negotiated",
         "_buffer",
         "_unbuffered",
         "_incoming",
         "_mask_length",
         "_mask_bit",
-        "_key",
-        "_offered_subprotocols",
-        "_refused_response",
         "_frames",
     )
 
@@ -1715,15 +1741,12 @@ class Protocol:
         # Client frames carry a mask, server frames none (RFC 6455 5.1).
         self._mask_length = 0 if client else MASK_LENGTH
         self._mask_bit = 0 if client else _MASK_BIT
-        self.response: Optional[Response] = None  # client: the server's answer
-        self._key = ""  # client: the Sec-WebSocket-Key sent
-        self._offered_subprotocols: Iterable[str] = ()
-        self._refused_response: Optional[Tuple[Response, str]] = None  # client: a non-101 being read
         self.outgoing = bytearray()
-        self.request: Optional[Request] = None
-        self.is_upgrade = False
+        # The request (server side): parsed while the handshake runs, then
+        # only its head as bytes (see the request property).
+        self._request: Union[Request, bytes, None] = None
+        self._handshake: Optional[_Handshake] = _Handshake(compression)  # None once a server accepted
         self.subprotocol: Optional[str] = None
-        self.handshake_error: Optional[HandshakeError] = None
         # The peer's close frame (NO_STATUS if it had no code); ABNORMAL when
         # the connection ended without one.
         self.close_code: Optional[int] = None
@@ -1733,16 +1756,12 @@ class Protocol:
         self.close_sent_reason = ""
         self._close_detail = ""  # why we failed the connection, kept local
         self._sent_first = False  # our close frame went before the peer's
-        self.opened = False  # the handshake was accepted
         self.end_of_output: Optional[str] = None  # CLOSE or SHUT_WR once CLOSED
         self.max_size = max_size
         self.max_fragments = (
             max_fragments if max_fragments is not None else _default_max_fragments(max_size)
         )
-        # permessage-deflate: the settings offered, what the request
-        # negotiated, and the codec in use once accepted.
-        self._compression = compression
-        self._negotiated: Optional[Tuple[str, _PerMessageDeflate]] = None
+        # permessage-deflate: the codec in use once accepted.
         self.extension: Optional[_PerMessageDeflate] = None
         # Bytes received and kept for later: a bytearray while there are
         # some, the shared b"" when there are none (an idle connection then
@@ -1761,6 +1780,51 @@ class Protocol:
 
     def __repr__(self) -> str:
         return "<Protocol %s>" % self.state.value
+
+    @property
+    def request(self) -> Optional[Request]:
+        """The client's request (server side), None until it has arrived.
+
+        After :meth:`accept` the protocol keeps only the request's head as
+        bytes, and each access builds a new, equal Request from it: an idle
+        connection holds one bytes object rather than a Request and its
+        strings, whatever the handler reads (from any thread, after the
+        close too)."""
+        request = self._request
+        if isinstance(request, bytes):
+            return _request_from_head(request)
+        return request
+
+    @property
+    def opened(self) -> bool:
+        """The opening handshake succeeded (the connection was open, or is)."""
+        handshake = self._handshake
+        return True if handshake is None else handshake.opened  # None: a server accepted
+
+    @property
+    def is_upgrade(self) -> bool:
+        """Server: the request is a valid WebSocket upgrade (not plain HTTP)."""
+        handshake = self._handshake
+        return True if handshake is None else handshake.is_upgrade  # None: accepted
+
+    @property
+    def handshake_error(self) -> Optional[HandshakeError]:
+        """Why the opening handshake failed, if it did."""
+        handshake = self._handshake
+        return None if handshake is None else handshake.error
+
+    @property
+    def response(self) -> Optional[Response]:
+        """Client: the server's answer to the opening handshake."""
+        handshake = self._handshake
+        return None if handshake is None else handshake.response
+
+    def _handshaking(self) -> _Handshake:
+        """The handshake's state, for the methods that only run during it."""
+        handshake = self._handshake
+        if handshake is None:
+            raise InvalidState("the opening handshake is over")
+        return handshake
 
     # -- state ----------------------------------------------------------------
 
@@ -1869,7 +1933,7 @@ class Protocol:
             if self.client:
                 if self._receive_response():
                     yield (Event.RESPONSE, self.response)
-            elif self.request is None:
+            elif self._request is None:
                 request = self._receive_request()
                 if request is not None:
                     yield (Event.REQUEST if self.is_upgrade else Event.HTTP_REQUEST, request)
@@ -1996,13 +2060,15 @@ class Protocol:
 
     def receive_eof(self) -> None:
         """The peer closed its side of TCP (or the connection dropped)."""
-        if self._refused_response is not None:
-            try:
-                self._read_refused_body(eof=True)  # a refusal's body ends with the connection
-            except HandshakeError as exc:
-                self.handshake_error = exc
-        elif self.client and self.state is _CONNECTING and self.handshake_error is None:
-            self.handshake_error = InvalidResponse("connection closed before the server answered")
+        handshake = self._handshake
+        if handshake is not None:
+            if handshake.refused_response is not None:
+                try:
+                    self._read_refused_body(handshake, eof=True)  # a refusal's body ends with the connection
+                except HandshakeError as exc:
+                    handshake.error = exc
+            elif self.client and self.state is _CONNECTING and handshake.error is None:
+                handshake.error = InvalidResponse("connection closed before the server answered")
         if self.close_code is None:
             self.close_code = CloseCode.ABNORMAL
         if self.state is not _CLOSED:
@@ -2034,65 +2100,67 @@ class Protocol:
         CLOSED with :attr:`handshake_error` set.  Raises ValueError for a
         header that would break the request.
         """
-        if not self.client or self.state is not _CONNECTING or self._key:
+        handshake = self._handshake
+        if not self.client or self.state is not _CONNECTING or handshake is None or handshake.key:
             raise InvalidState("only a new client protocol sends a request")
         if not target.startswith("/") or any(not " " < char < "\x7f" for char in target):
             raise ValueError("request target must be a path and query, got %r" % target)
-        self._key = base64.b64encode(os.urandom(16)).decode("ascii")
-        offered = self._offered_subprotocols = tuple(subprotocols)
+        handshake.key = base64.b64encode(os.urandom(16)).decode("ascii")
+        offered = handshake.offered_subprotocols = tuple(subprotocols)
         lines = [
             "GET %s HTTP/1.1" % target,
             _header_line("Host", host),
             "Upgrade: websocket",
             "Connection: Upgrade",
-            "Sec-WebSocket-Key: " + self._key,
+            "Sec-WebSocket-Key: " + handshake.key,
             "Sec-WebSocket-Version: 13",
         ]
         if origin is not None:
             lines.append(_header_line("Origin", origin))
         if offered:
             lines.append(_header_line("Sec-WebSocket-Protocol", ", ".join(offered)))
-        if self._compression is not None:
-            lines.append("Sec-WebSocket-Extensions: " + _deflate_offer(self._compression))
+        if handshake.compression is not None:
+            lines.append("Sec-WebSocket-Extensions: " + _deflate_offer(handshake.compression))
         lines.extend(_header_line(name, value) for name, value in headers)
         self.outgoing += ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def _receive_response(self) -> bool:
         """Client: read the server's answer; True once a valid 101 opened us."""
+        handshake = self._handshaking()
         try:
-            if self._refused_response is None:
+            if handshake.refused_response is None:
                 parsed = _parse_response_head(self._buffer)
                 if parsed is None:
                     return False
                 response, reason, head_length = parsed
                 del self._buffer[:head_length]  # type: ignore[union-attr]  # a bytearray while connecting
-                self.response = response
+                handshake.response = response
                 if response.status == 101:
-                    self._check_switch(Headers(response.headers))
-                    self.opened = True
+                    self._check_switch(handshake, Headers(response.headers))
+                    handshake.opened = True
                     self._set_state(_OPEN)
                     return True
-                self._refused_response = (response, reason)
-            self._read_refused_body(eof=False)
+                handshake.refused_response = (response, reason)
+            self._read_refused_body(handshake, eof=False)
         except HandshakeError as exc:
-            self.handshake_error = exc
+            handshake.error = exc
             self._set_state(_CLOSED)
         return False
 
-    def _read_refused_body(self, eof: bool) -> None:
+    def _read_refused_body(self, handshake: _Handshake, eof: bool) -> None:
         """Keep a refusal's body (up to a limit) until it is whole, then fail."""
-        if self._refused_response is None:
+        if handshake.refused_response is None:
             return
-        response, reason = self._refused_response
+        response, reason = handshake.refused_response
         length_text = Headers(response.headers).get("Content-Length")
         wanted = int(length_text) if length_text and length_text.isdigit() else None
         limit = MAX_REQUEST_HEAD if wanted is None else min(wanted, MAX_REQUEST_HEAD)
         if len(self._buffer) >= limit or eof:
             body = bytes(self._buffer[:limit])
-            self._refused_response = None
+            handshake.refused_response = None
             raise HandshakeError(response.status, reason, response.headers, body)
 
-    def _check_switch(self, headers: Headers) -> None:
+    def _check_switch(self, handshake: _Handshake, headers: Headers) -> None:
         """Validate a 101 (RFC 6455 4.1, the client's checks)."""
         def refuse(why: str) -> InvalidUpgrade:
             return InvalidUpgrade(why, headers.items())
@@ -2101,36 +2169,37 @@ class Protocol:
             raise refuse("Upgrade header must name websocket")
         if "upgrade" not in _header_tokens(headers.get("Connection")):
             raise refuse("Connection header must include upgrade")
-        if headers.get("Sec-WebSocket-Accept") != accept_key(self._key):
+        if headers.get("Sec-WebSocket-Accept") != accept_key(handshake.key):
             raise refuse("Sec-WebSocket-Accept does not match the key sent")
         extensions = headers.get_all("Sec-WebSocket-Extensions")
         if extensions:
-            if self._compression is None:
+            if handshake.compression is None:
                 raise refuse("an extension was not offered")
-            self.extension = _accept_deflate(extensions, self._compression)
+            self.extension = _accept_deflate(extensions, handshake.compression)
         subprotocols = [token.strip() for token in ",".join(headers.get_all("Sec-WebSocket-Protocol")).split(",")]
         subprotocols = [token for token in subprotocols if token]
         if subprotocols:
-            if len(subprotocols) != 1 or subprotocols[0] not in self._offered_subprotocols:
+            if len(subprotocols) != 1 or subprotocols[0] not in handshake.offered_subprotocols:
                 raise refuse("subprotocol %s was not offered" % ", ".join(subprotocols))
             self.subprotocol = subprotocols[0]
 
     # -- handshake: the server's side -----------------------------------------
 
     def _receive_request(self) -> Optional[Request]:
+        handshake = self._handshaking()
         try:
             parsed = _parse_request_head(self._buffer)
             if parsed is None:
                 return None
             request, head_length = parsed
             del self._buffer[:head_length]  # type: ignore[union-attr]  # a bytearray while connecting
-            self.request = request
-            self.is_upgrade = _check_upgrade_request(request)
-            if self.is_upgrade and self._compression is not None:
+            self._request = request
+            handshake.is_upgrade = _check_upgrade_request(request)
+            if handshake.is_upgrade and handshake.compression is not None:
                 offers = _parse_extensions(request.headers.get_all("Sec-WebSocket-Extensions"))
-                self._negotiated = _negotiate_deflate(offers, self._compression)
+                handshake.negotiated = _negotiate_deflate(offers, handshake.compression)
         except HandshakeError as exc:
-            self.handshake_error = exc
+            handshake.error = exc
             # A server's HandshakeError always carries the status to answer.
             self.respond(exc.status or 400, exc.headers, exc.reason.encode() + b"\n")
             return None
@@ -2143,8 +2212,14 @@ class Protocol:
         client offered) as Sec-WebSocket-Protocol.  Frames that arrived
         along with the request come out of :meth:`events` next.
         """
-        request = self.request
-        if request is None or not self.is_upgrade or self.state is not _CONNECTING:
+        request = self._request
+        handshake = self._handshake
+        if (
+            not isinstance(request, Request)
+            or handshake is None
+            or not handshake.is_upgrade
+            or self.state is not _CONNECTING
+        ):
             raise InvalidState("no upgrade request to accept")
         lines = [
             "HTTP/1.1 101 Switching Protocols",
@@ -2152,16 +2227,17 @@ class Protocol:
             "Connection: Upgrade",
             "Sec-WebSocket-Accept: " + accept_key(request.headers.get("Sec-WebSocket-Key") or ""),
         ]
-        if self._negotiated is not None:
-            response, self.extension = self._negotiated
+        if handshake.negotiated is not None:
+            response, self.extension = handshake.negotiated
             lines.append("Sec-WebSocket-Extensions: " + response)
         if subprotocol is not None:
             self.subprotocol = subprotocol
             lines.append("Sec-WebSocket-Protocol: " + subprotocol)
         lines.extend("%s: %s" % item for item in headers)
         self.outgoing += ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        request._cache_headers(False)
-        self.opened = True
+        # What an open connection keeps of its handshake: the request's head.
+        self._request = _request_head(request)
+        self._handshake = None  # so opened, and is_upgrade
         self._set_state(_OPEN)
 
     def respond(
@@ -2172,7 +2248,8 @@ class Protocol:
         if self.state is not _CONNECTING:
             raise InvalidState("cannot respond in state %s" % self.state.name)
         # RFC 9110 9.3.2: HEAD gets the headers GET would, and no body.
-        head_only = self.request is not None and self.request.method == "HEAD"
+        request = self._request  # a Request, or None, while connecting
+        head_only = isinstance(request, Request) and request.method == "HEAD"
         self.outgoing += _http_response(status, headers, body, head_only)
         self._set_state(_CLOSED)
 
@@ -4948,7 +5025,6 @@ class Connection:
 
     __slots__ = (
         "id",
-        "server",
         "remote_address",
         "data",
         "_sock",
@@ -4960,10 +5036,8 @@ class Connection:
         "_backlog",
         "_flush_scheduled",
         "_tls",
-        "_tls_handshaking",
         "_write_wants_read",
-        "_open_timer",
-        "_close_timer",
+        "_timer",
         "_ping_at",
         "_ping_payload",
         "_owner",
@@ -4996,7 +5070,6 @@ class Connection:
         # "opened" and "closed", answers what depends on its tables
         # (limits, metrics), and says whether it is shutting down.
         self._owner = owner
-        self.server: Optional[Server] = owner if isinstance(owner, Server) else None
         # The TCP peer; remote_address becomes the client a trusted proxy
         # names, and scheme what it used ("https" behind TLS).
         self.peer_address = address
@@ -5027,24 +5100,29 @@ class Connection:
         # the client's hello arrives, never here.  (A client's socket comes
         # with its handshake done.)
         self._tls = isinstance(sock, ssl.SSLSocket)
-        self._tls_handshaking = self._tls and not protocol.client
         self._write_wants_read = False
-        self._close_timer: Optional[_Timer] = None
         # Keepalive, checked by the loop's sweep: when the last ping went,
         # and its payload while its pong is awaited.
         self._ping_at = 0.0
         self._ping_payload: Optional[bytes] = None
         self._interest = _EVENT_READ
         loop.selector.register(sock, _EVENT_READ, self)
-        # The open timeout covers the TLS handshake too.
-        self._open_timer: Optional[_Timer] = None
+        # The open timeout (it covers the TLS handshake too), then the close
+        # timeout: one at a time, so one field.
+        self._timer: Optional[_Timer] = None
         if options.open_timeout is not None:
-            self._open_timer = loop.call_later(options.open_timeout, self._on_open_timeout)
+            self._timer = loop.call_later(options.open_timeout, self._on_open_timeout)
 
     def __repr__(self) -> str:
         return "<Connection %d %s %s>" % (self.id, _format_address(self.remote_address), self.state.value)
 
     # -- what handlers read ---------------------------------------------------
+
+    @property
+    def server(self) -> Optional[Server]:
+        """The server this connection came to (None for a client's)."""
+        owner = self._owner  # (a property, not a field: a slot fewer per connection)
+        return owner if isinstance(owner, Server) else None
 
     @property
     def state(self) -> State:
@@ -5519,7 +5597,7 @@ class Connection:
     # -- input ----------------------------------------------------------------
 
     def _handle_io(self, mask: int) -> None:
-        if self._tls_handshaking:
+        if self._tls and self._tls_handshaking():
             self._continue_tls_handshake()
             return
         if mask & _EVENT_READ:
@@ -5527,6 +5605,13 @@ class Connection:
         if mask & _EVENT_WRITE and self._sock is not None:
             if self._write():
                 self._update_interest()
+
+    def _tls_handshaking(self) -> bool:
+        """A server's TLS handshake is not done yet (the socket knows: no
+        version is agreed until it is; a field for it would cost every
+        connection).  A client's socket comes with its handshake done."""
+        sock: Any = self._sock
+        return sock is not None and not self._protocol.client and sock.version() is None
 
     def _continue_tls_handshake(self) -> None:
         """Drive the TLS handshake one step: it never blocks the loop."""
@@ -5549,7 +5634,6 @@ class Connection:
             )
             self._close_socket()
             return
-        self._tls_handshaking = False
         self._set_interest(_EVENT_READ)
         self._on_readable()  # the client's request may be buffered already
 
@@ -5818,12 +5902,13 @@ class Connection:
     # -- timers ---------------------------------------------------------------
 
     def _cancel_open_timer(self) -> None:
-        if self._open_timer is not None:
-            self._open_timer.cancel()
-            self._open_timer = None
+        timer = self._timer
+        if timer is not None and timer.callback == self._on_open_timeout:
+            timer.cancel()
+            self._timer = None
 
     def _on_open_timeout(self) -> None:
-        self._open_timer = None
+        self._timer = None
         logger.info(
             "connection %d from %s: opening handshake timed out",
             self.id,
@@ -5833,7 +5918,7 @@ class Connection:
 
     def _start_close_timer(self) -> None:
         """Bound the whole end of the connection, drained or not."""
-        if self._close_timer is not None or self._sock is None:
+        if self._sock is None:
             return
         timeout = self._options.close_timeout
         if timeout is None:
@@ -5841,10 +5926,17 @@ class Connection:
                 return  # waiting for the peer's close frame, as configured
             # Closed: the peer owes us nothing more, so this is bounded anyway.
             timeout = DEFAULT_CLOSE_TIMEOUT
-        self._close_timer = self._loop.call_later(timeout, self._on_close_timeout)
+        timer = self._timer
+        if timer is not None:
+            # Started already, or the open timer of a request refused as it
+            # arrived: whichever ends the connection sooner stays.
+            if timer.callback == self._on_close_timeout or timer.when <= time.monotonic() + timeout:
+                return
+            self._cancel_open_timer()
+        self._timer = self._loop.call_later(timeout, self._on_close_timeout)
 
     def _on_close_timeout(self) -> None:
-        self._close_timer = None
+        self._timer = None
         unsent = len(self._protocol.outgoing) + self._queued
         logger.info(
             "connection %d from %s: closing handshake timed out%s",
@@ -5911,10 +6003,9 @@ class Connection:
             return
         self._sock = None
         self._stop_keepalive()
-        self._cancel_open_timer()
-        if self._close_timer is not None:
-            self._close_timer.cancel()
-            self._close_timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         try:
             self._loop.selector.unregister(sock)
         except (KeyError, ValueError):

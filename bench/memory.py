@@ -1,12 +1,12 @@
 """Memory per connection, with and without permessage-deflate (stdlib only).
 
-    python bench/memory.py [--connections 1000]
+    python bench/memory.py [--connections 1000] [--idle-only]
 
 Starts `python wsloop.py` as a subprocess per row, opens the connections
 from this process, and prints the server's RSS growth per connection as the
-README's table: idle, then after one compressed message of JSON-like text
-each way (which makes each connection's zlib state), the client compressing
-with the window the server allowed.
+README's table: idle, idle after one short message each way, then after one
+compressed message of JSON-like text each way (which makes each connection's
+zlib state), the client compressing with the window the server allowed.
 """
 
 import argparse
@@ -114,16 +114,20 @@ def measure(count, offer, label, size=None):
         port = int(re.search(r":(\d+)$", process.stderr.readline().strip()).group(1))
         process.stderr.close()  # no more logs needed; the server keeps running
         warm, answer = handshake(port, offer)
+        if size:
+            payload = json_like(size)
+            frame = compressed_frame(payload, client_bits(answer)) if offer else zero_mask_frame(0x81, payload)
+            warm.sendall(frame)  # what the first message makes once is not counted per connection
+            read_frame(warm)
         base = status_kib(process.pid)
         socks = [handshake(port, offer)[0] for _ in range(count)]
         used = (status_kib(process.pid) - base) / count
         if size:
-            frame = compressed_frame(json_like(size), client_bits(answer))
             for sock in socks:
                 sock.sendall(frame)
                 read_frame(sock)
             used = (status_kib(process.pid) - base) / count
-        print("| %s | %.1f KiB |" % (label, used), flush=True)
+        print("| %s | %.2f KiB |" % (label, used), flush=True)
         for sock in socks + [warm]:
             sock.close()
     finally:
@@ -134,13 +138,17 @@ def measure(count, offer, label, size=None):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--connections", type=int, default=1000)
+    parser.add_argument("--idle-only", action="store_true", help="only the rows without zlib state (quick)")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     print("%d connections each, server RSS growth per connection:\n" % args.connections)
     print("| condition | per connection |\n|---|---|")
     measure(args.connections, None, "no compression, idle")
+    measure(args.connections, None, "no compression, idle after one 64-byte message each way", 64)
     measure(args.connections, "permessage-deflate", "deflate negotiated, idle")
+    if args.idle_only:
+        return
     measure(args.connections, "permessage-deflate; client_max_window_bits",
             "client offers `client_max_window_bits` (browsers do): 12-bit windows both ways; 1 KiB message", 1024)
     measure(args.connections, "permessage-deflate; client_max_window_bits",

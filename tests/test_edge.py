@@ -1,6 +1,7 @@
 """The HTTP edge: TLS in the loop, the handshake hook, origins, subprotocols,
 the health check and plain pages."""
 
+import gc
 import logging
 import socket
 import ssl
@@ -10,7 +11,7 @@ import pytest
 import trustme
 
 import wsloop
-from helpers import TIMEOUT, Client, http_get, request_bytes, running_server
+from helpers import TIMEOUT, Client, Recorder, connected, http_get, request_bytes, running_server
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +134,47 @@ def test_query_params_are_parsed_like_parse_qs():
         Client(server.port, path="/p?" + query)
         Client(server.port, path="/p")
     assert seen == [(expected, expected), ({}, {})]
+
+
+def test_request_after_the_handshake_is_what_on_handshake_saw_from_any_thread_and_after_close():
+    """An open connection keeps its request only as the head's bytes (and
+    nothing else of its handshake) and builds conn.request, path, query,
+    query_params and headers from them again: each equal to what
+    on_handshake read, from another thread and after the close too (an
+    absolute-form target, a repeated header, a Latin-1 value, a
+    percent-encoded query)."""
+    seen = []
+
+    class Note(Recorder):
+        def on_handshake(self, conn):
+            seen.append(read(conn))
+
+    def read(conn):
+        request = conn.request
+        return (request.method, request.target, request.version, request.path, request.query,
+                request.headers.items(), conn.path, conn.query, conn.query_params, conn.headers.items())
+
+    head = (request_bytes("ws://localhost:8765/chat?room=1&a=%20b&a=2")[:-2]
+            + b"X-Twice: one \r\nX-Twice:two\r\nUser-Agent: caf\xe9\r\n\r\n")
+    recorder = Note()
+    with running_server(recorder) as server:
+        client = Client(server.port, handshake=False)
+        client.sock.sendall(head)
+        assert client.read_head().startswith(b"HTTP/1.1 101 "), "not upgraded"
+        conn = connected(recorder, 1)[0]
+        expected = seen[0]
+        assert expected[:3] == ("GET", "/chat?room=1&a=%20b&a=2", (1, 1)), expected
+        assert expected[8] == {"room": ["1"], "a": [" b", "2"]}, expected
+        assert expected[9][-3:] == [("X-Twice", "one"), ("X-Twice", "two"), ("User-Agent", "caf\xe9")], expected
+        protocol = conn._protocol
+        held = [item for item in gc.get_referents(protocol) if isinstance(item, (wsloop.Request, wsloop._Handshake))]
+        assert held == [], "the open connection still holds its parsed request or handshake state"
+        assert (protocol.opened, protocol.is_upgrade, protocol.handshake_error, protocol.response) == (True, True, None, None)
+        assert read(conn) == expected, "rebuilt from another thread"
+        assert conn.headers.get("x-twice") == "one, two"
+        client.close()
+        assert recorder.close_event.wait(TIMEOUT), "on_close did not run"
+        assert read(conn) == expected, "rebuilt after the close"
 
 
 def test_hook_that_raises_gets_500_and_the_server_goes_on(caplog):

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import wsloop
-from helpers import TIMEOUT, Client, Recorder, client_frame, request_bytes, running_server
+from helpers import TIMEOUT, Client, Recorder, client_frame, request_bytes, running_server, wait_until
 
 TEXT, BINARY, CLOSE, PING, PONG = 1, 2, 8, 9, 10
 
@@ -215,6 +215,23 @@ def test_open_timeout_closes_a_silent_client():
         other = Client(server.port)
         other.send_text("fine")
         assert other.recv_message() == "fine"
+
+
+@pytest.mark.parametrize("open_timeout, close_timeout, ended_by", [
+    (60, 0.3, "closing handshake timed out"),
+    (0.3, 60, "opening handshake timed out"),
+])
+def test_a_request_refused_as_it_arrives_ends_at_the_sooner_of_the_two_timeouts(caplog, open_timeout, close_timeout, ended_by):
+    """A bad request is answered 400 while the open timeout still runs, and
+    the server then waits for the client's EOF: whichever timeout is due
+    first ends it (one timer field holds either)."""
+    with caplog.at_level(logging.INFO, logger="wsloop"):
+        with running_server(open_timeout=open_timeout, close_timeout=close_timeout) as server:
+            client = Client(server.port, handshake=False)
+            client.sock.sendall(b"GET / HTTP/1.0\r\n\r\n")  # then never closes
+            assert client.read_head().startswith(b"HTTP/1.1 505 ")
+            client.expect_eof()  # the server's half-close: it now waits for ours
+            wait_until(lambda: ended_by in caplog.text, TIMEOUT, message=lambda: "not %r: %s" % (ended_by, caplog.text))
 
 
 # -- keepalive ----------------------------------------------------------------
