@@ -618,13 +618,15 @@ class Response:
     """An HTTP response a handler gives: to refuse a handshake (e.g. 401 or
     403), or, with status 101, to accept it with ``headers`` added."""
 
-    __slots__ = ("status", "headers", "body", "_reason")
+    __slots__ = ("status", "headers", "body", "log_reason")
 
     def __init__(self, status: int, body: Union[bytes, str] = b"", headers: Iterable[Tuple[str, str]] = ()):
         self.status = status
         self.body = body.encode("utf-8") if isinstance(body, str) else bytes(body)
         self.headers = list(headers)
-        self._reason: Optional[str] = None  # for the server's log, not sent
+        # Why, for the server's access log; never sent.  A handler may set it
+        # on a refusal (``response.log_reason = "token expired"``).
+        self.log_reason: Optional[str] = None
 
     def __repr__(self) -> str:
         return "Response(%d)" % self.status
@@ -890,7 +892,7 @@ def _check_upgrade_request(request: Request) -> bool:
 
 def _refusal(status: int, reason: str, headers: Iterable[Tuple[str, str]] = ()) -> Response:
     response = Response(status, reason + "\n", headers)
-    response._reason = reason
+    response.log_reason = reason
     return response
 
 
@@ -4892,7 +4894,7 @@ class _Gate:
             return Response(200, body, [("Content-Type", content_type), ("Cache-Control", "no-store")])
         # RFC 9110 15.5.22: 426 names the protocol to upgrade to.
         response = Response(426, _PLAIN_HTTP_BODY, [("Upgrade", "websocket"), ("Connection", "Upgrade")])
-        response._reason = "not a WebSocket request"
+        response.log_reason = "not a WebSocket request"
         return response
 
     def _subprotocol(self, who: Any, request: Request) -> Tuple[Optional[str], Optional[Response]]:
@@ -5836,8 +5838,8 @@ class Connection:
                     headers = headers + response.headers
                 else:
                     answer = response
-                    if response._reason is None:
-                        response._reason = "refused by on_handshake"
+                    if response.log_reason is None:
+                        response.log_reason = "refused by on_handshake"
         if answer is not None:
             self._respond(answer)
             return
@@ -5877,7 +5879,7 @@ class Connection:
                 _printable(request.method) if request else "-",
                 _printable(request.path) if request else "-",
                 response.status,
-                _printable(response._reason or _HTTP_REASONS.get(response.status, "")),
+                _printable(response.log_reason or _HTTP_REASONS.get(response.status, "")),
             )
         self._after_protocol()
 

@@ -121,6 +121,30 @@ def test_hook_refuses_with_401_and_accepts_with_headers():
         assert accepted.recv_message() == "in"
 
 
+def test_a_refusals_log_reason_reaches_the_log_escaped_and_never_the_wire(caplog):
+    caplog.set_level(logging.INFO, logger="wsloop")
+
+    class Tokens(wsloop.Handler):
+        def on_handshake(self, conn):
+            refusal = wsloop.Response(403, "no\n")
+            if conn.query == "expired":
+                refusal.log_reason = "token expired\r\nFAKE LINE"
+            return refusal
+
+    with running_server(Tokens()) as server:
+        for query in ("expired", "other"):
+            refused = Client(server.port, handshake=False)
+            refused.sock.sendall(request_bytes("/?" + query))
+            status, head, body = refused.read_http_response()
+            assert status == 403
+            assert "expired" not in head
+            assert b"expired" not in body
+    answered = [r.getMessage() for r in caplog.records if "answered 403" in r.getMessage()]
+    assert len(answered) == 2, answered
+    assert answered[0].endswith(": token expired\\x0d\\x0aFAKE LINE"), answered[0]
+    assert answered[1].endswith(": refused by on_handshake"), answered[1]
+
+
 def test_query_params_are_parsed_like_parse_qs():
     seen = []
 
