@@ -6254,7 +6254,7 @@ class Server:
             raise
         for listener in sockets:
             listener.setblocking(False)
-            self._listeners.append(_Listener(self, listener, uds))
+            self._listeners.append(_Listener(self._loop, self._accept, listener, uds))
         address = sockets[0].getsockname()
         self._address = address[:2] if isinstance(address, tuple) else address
         # One descriptor held in reserve: out of descriptors, it is given
@@ -6986,12 +6986,20 @@ def _open_spare_fd() -> Optional[int]:
 
 
 class _Listener:
-    """One listening socket of a server, watched by its loop."""
+    """One listening socket, watched by a loop: when a client waits, it calls
+    ``on_ready(listener)`` (the server's accept)."""
 
-    __slots__ = ("server", "sock", "path", "watched")
+    __slots__ = ("loop", "on_ready", "sock", "path", "watched")
 
-    def __init__(self, server: Server, sock: socket.socket, path: Optional[str]):
-        self.server = server
+    def __init__(
+        self,
+        loop: _EventLoop,
+        on_ready: Callable[[_Listener], None],
+        sock: socket.socket,
+        path: Optional[str],
+    ):
+        self.loop = loop
+        self.on_ready = on_ready
         self.sock = sock
         self.path = path  # a Unix socket's file, removed on close
         self.watched = False
@@ -6999,16 +7007,16 @@ class _Listener:
 
     def watch(self) -> None:
         if not self.watched:
-            self.server._loop.selector.register(self.sock, selectors.EVENT_READ, self)
+            self.loop.selector.register(self.sock, selectors.EVENT_READ, self)
             self.watched = True
 
     def unwatch(self) -> None:
         if self.watched:
-            self.server._loop.selector.unregister(self.sock)
+            self.loop.selector.unregister(self.sock)
             self.watched = False
 
     def _handle_io(self, mask: int) -> None:
-        self.server._accept(self)
+        self.on_ready(self)
 
     def close(self) -> None:
         try:
@@ -8204,7 +8212,7 @@ class _WorkerServer(Server):
                 self._full_timer = self.call_later(_FULL_CHECK, self._take_again)
                 return
             sock.setblocking(False)
-            listener = _Listener(self, sock, None)
+            listener = _Listener(self._loop, self._accept, sock, None)
             self._listeners.append(listener)
             if self._accept_paused:
                 listener.unwatch()  # out of descriptors: _resume_accepting watches it
