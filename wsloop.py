@@ -1457,13 +1457,15 @@ _WHOLE_BINARY = _FIN | 0x2
 _WHOLE_PIECE = 4096
 
 
-def _frame_header(first_byte: int, length: int) -> bytes:
-    """The header of an unmasked (server-to-client) frame."""
+def _frame_header(first_byte: int, length: int, mask_bit: int = 0) -> bytes:
+    """The header of a frame whose payload is ``length`` bytes: the one
+    place a frame's header is built.  ``mask_bit`` is _MASK_BIT for a
+    client's frame, whose masking key goes right after this header."""
     if length < _LENGTH_16:
-        return bytes((first_byte, length))
+        return bytes((first_byte, mask_bit | length))
     if length <= _MAX_LENGTH_16:
-        return _pack_16(first_byte, _LENGTH_16, length)
-    return _pack_64(first_byte, _LENGTH_64, length)
+        return _pack_16(first_byte, mask_bit | _LENGTH_16, length)
+    return _pack_64(first_byte, mask_bit | _LENGTH_64, length)
 
 
 def encode_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
@@ -1477,68 +1479,15 @@ def _close_payload(code: Optional[int], reason: str = "") -> bytes:
     return struct.pack("!H", code) + reason.encode("utf-8")
 
 
-def _encode_compressed(message: Union[str, bytes], extension: "_PerMessageDeflate") -> bytes:
-    """Serialize a message for a connection with permessage-deflate."""
-    if isinstance(message, str):
-        opcode, payload = Opcode.TEXT, message.encode("utf-8")
-    elif isinstance(message, (bytes, bytearray, memoryview)):
-        opcode, payload = Opcode.BINARY, bytes(message)
-    else:
-        raise TypeError("message must be str or bytes, not %s" % type(message).__name__)
-    compressed = extension.compress(payload)
-    if compressed is None:
-        return _frame_header(_FIN | opcode, len(payload)) + payload
-    # RFC 7692 6.1: RSV1 marks the first (here: only) frame of a compressed message.
-    return _frame_header(_FIN | _RSV1 | opcode, len(compressed)) + compressed
-
-
 def encode_message(message: Union[str, bytes]) -> bytes:
-    """Serialize a whole message as one unmasked frame (text for ``str``)."""
-    # Exact type checks first: they are the cheap common case.
-    if type(message) is str:
-        payload = message.encode("utf-8")
-        first = _WHOLE_TEXT
-    elif isinstance(message, (bytes, bytearray, memoryview)):
-        payload = message if type(message) is bytes else bytes(message)
-        first = _WHOLE_BINARY
-    elif isinstance(message, str):
-        payload = message.encode("utf-8")
-        first = _WHOLE_TEXT
-    else:
-        raise TypeError("message must be str or bytes, not %s" % type(message).__name__)
-    length = len(payload)
-    if length < _LENGTH_16:
-        return bytes((first, length)) + payload  # no call for the common short header
-    return _frame_header(first, length) + payload
-
-
-def _message_parts(message: Union[str, bytes], extension: Optional[_PerMessageDeflate]) -> Tuple[int, bytes]:
-    """The first header byte and payload of a message in one frame."""
+    """Serialize a whole message as one unmasked frame (text for ``str``),
+    as a server without compression sends it (a thin helper: connections
+    frame what they send with :meth:`Protocol.send`)."""
     if isinstance(message, str):
-        opcode, payload = Opcode.TEXT, message.encode("utf-8")
-    elif isinstance(message, (bytes, bytearray, memoryview)):
-        opcode, payload = Opcode.BINARY, bytes(message)
-    else:
-        raise TypeError("message must be str or bytes, not %s" % type(message).__name__)
-    if extension is not None:
-        compressed = extension.compress(payload)
-        if compressed is not None:
-            return _FIN | _RSV1 | opcode, compressed
-    return _FIN | opcode, payload
-
-
-def _encode_masked(first_byte: int, payload: bytes) -> bytes:
-    """Serialize a client frame: masked with a fresh random key (RFC 6455 5.3)."""
-    length = len(payload)
-    key = os.urandom(MASK_LENGTH)
-    if length < _LENGTH_16:
-        header = bytes((first_byte, _MASK_BIT | length))
-    elif length <= _MAX_LENGTH_16:
-        header = _pack_16(first_byte, _MASK_BIT | _LENGTH_16, length)
-    else:
-        header = _pack_64(first_byte, _MASK_BIT | _LENGTH_64, length)
-    masked: bytes = _unmask(payload, key)  # XOR both ways
-    return header + key + masked
+        return encode_frame(Opcode.TEXT, message.encode("utf-8"))
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        return encode_frame(Opcode.BINARY, bytes(message))
+    raise TypeError("message must be str or bytes, not %s" % type(message).__name__)
 
 
 def _parse_close_payload(payload: bytes) -> Tuple[int, str]:
@@ -1885,26 +1834,20 @@ class Protocol:
         :meth:`receive_data` as usual.  (A shortcut, no more: anything it
         does not recognise, such as invalid UTF-8, takes the full path.)
         """
-        if (
-            self.state is not _OPEN
-            or self._incoming is not None
-            or self._buffer
-            or self._unbuffered is not None
-        ):
+        if self.state is not _OPEN or self._buffer or self._unbuffered is not None:
             return None
         header_length = 2 + self._mask_length
         length = len(data) - header_length
         # Only a 7-bit length: with 126 or 127 the bytes after the first two
         # are an extended length, not payload.
-        if length < 0 or length > _MAX_LENGTH_7 or data[1] != length | self._mask_bit or length > self.max_size:
-            return None
-        first = data[0]
-        if first != _WHOLE_TEXT and first != _WHOLE_BINARY:
+        if length < 0 or length > _MAX_LENGTH_7 or data[1] & _LENGTH_BITS != length:
             return None
         try:
-            return self._whole_event(first, data, header_length, len(data))
+            if not self._check_header(data[0], data[1], length):
+                return None
+            return self._whole_event(data[0], data, header_length, len(data))
         except ProtocolError:
-            return None  # invalid UTF-8: the full path fails the connection with 1007
+            return None  # a bad header, or invalid UTF-8: the full path fails the connection
 
     def _whole_event(
         self, first: int, data: Union[bytes, bytearray, memoryview], start: int, end: int
@@ -1995,25 +1938,16 @@ class Protocol:
                     length = _unpack_64(buffer, position + 2)[0]
                 if not mask_length:
                     header_length -= MASK_LENGTH  # a server's frame: no mask
-                if (
-                    (first == _WHOLE_TEXT or first == _WHOLE_BINARY)
-                    and second & _MASK_BIT == self._mask_bit
-                    and incoming is None
-                    and end - position >= header_length + length
-                    and length <= self.max_size
-                    and self.state is _OPEN
-                ):
+                if self._check_header(first, second, length) and end - position >= header_length + length:
                     # Fast path, the common case: a whole unfragmented,
-                    # uncompressed text or binary message.  The conditions
-                    # above are every check _check_header would make, so it
-                    # skips the per-frame state and unmasks the payload in
-                    # one call straight out of the received bytes.
+                    # uncompressed text or binary message, all received.
+                    # It skips the per-frame state and unmasks the payload
+                    # in one call straight out of the received bytes.
                     payload_start = position + header_length
                     position = payload_start + length
                     yield self._whole_event(first, buffer, payload_start, position)
                     continue
                 opcode = first & 0x0F
-                self._check_header(first, second, opcode, length)
                 if end - position < header_length:
                     break
                 mask = None
@@ -2257,8 +2191,22 @@ class Protocol:
 
     # -- frames ---------------------------------------------------------------
 
-    def _check_header(self, first: int, second: int, opcode: int, length: int) -> None:
-        """Reject a bad frame from its header alone, before reading its payload."""
+    def _check_header(self, first: int, second: int, length: int) -> bool:
+        """Reject a bad frame from its header alone, before reading its
+        payload: the one place frame headers are checked, for the fast paths
+        (whole_message, events) and the general one alike.  True when the
+        frame is a whole text or binary message that may take a fast path:
+        unfragmented, uncompressed, within max_size, while open and no other
+        message is arriving in pieces."""
+        if (
+            (first == _WHOLE_TEXT or first == _WHOLE_BINARY)
+            and second & _MASK_BIT == self._mask_bit
+            and length <= self.max_size
+            and self._incoming is None
+            and self.state is _OPEN
+        ):
+            return True  # every check below passes for such a frame
+        opcode = first & 0x0F
         if first & _RSV_BITS:
             # RFC 7692 6.1: RSV1 only on the first frame of a data message,
             # and only once permessage-deflate was negotiated.
@@ -2277,7 +2225,7 @@ class Protocol:
                 raise ProtocolError("control frame payload over %d bytes" % MAX_CONTROL_PAYLOAD)
             if not first & _FIN:
                 raise ProtocolError("fragmented control frame")
-            return
+            return False
         if opcode > 2:
             raise ProtocolError("reserved opcode %d" % opcode)
         if length >> 63:
@@ -2298,6 +2246,7 @@ class Protocol:
                 "message over %d bytes" % self.max_size, CloseCode.MESSAGE_TOO_BIG,
                 "{:,} bytes > max_size {:,}".format((0 if incoming is None else incoming.size) + length, self.max_size),
             )
+        return False
 
     def _start_data_frame(self, opcode: int, first: int, length: int) -> _Incoming:
         incoming = self._incoming
@@ -2380,7 +2329,7 @@ class Protocol:
         if opcode == Opcode.PING:
             if self.state is _OPEN:
                 # RFC 6455 5.5.2: answer with a pong carrying the same data.
-                self._queue_frame(_FIN | Opcode.PONG, payload)
+                self._write_frame(_FIN | Opcode.PONG, payload)
             return (Event.PING, payload)
         if opcode == Opcode.PONG:
             return (Event.PONG, payload)
@@ -2390,7 +2339,7 @@ class Protocol:
         if self.state is _OPEN:
             # RFC 6455 5.5.1: echo the status code in the reply.
             reply = None if code == CloseCode.NO_STATUS else code
-            self._queue_frame(_FIN | Opcode.CLOSE, _close_payload(reply))
+            self._write_frame(_FIN | Opcode.CLOSE, _close_payload(reply))
             self.close_sent = reply if reply is not None else CloseCode.NO_STATUS
             self.close_sent_reason = ""
         self._set_state(_CLOSED)
@@ -2399,7 +2348,7 @@ class Protocol:
     def _fail(self, code: int, reason: str, detail: str = "") -> None:
         """Fail the connection (RFC 6455 7.1.7): send a close, then stop."""
         if self.state is _OPEN:
-            self._queue_frame(_FIN | Opcode.CLOSE, _close_payload(code, reason))
+            self._write_frame(_FIN | Opcode.CLOSE, _close_payload(code, reason))
             self.close_sent = code
             self.close_sent_reason = reason
             self._close_detail = detail
@@ -2408,21 +2357,99 @@ class Protocol:
             self._set_state(_CLOSED)
 
     # -- output ---------------------------------------------------------------
+    #
+    # Every byte a Protocol sends is written here: messages by send(),
+    # control frames by _write_frame(), both with headers from
+    # _frame_header().  A caller that keeps its output as a queue of chunks
+    # after `outgoing` (Connection) passes ``reference_from``: a payload or a
+    # shared frame that large is then handed back for it to queue by
+    # reference, not copied (a large message goes out as its header and its
+    # payload in one sendmsg(), never joined; a broadcast frame is held once).
 
-    def encode(self, message: Union[str, bytes]) -> bytes:
-        """Serialize a message for this connection (compressed if negotiated,
-        masked from a client)."""
-        if self.client:
-            return _encode_masked(*_message_parts(message, self.extension))
-        if self.extension is None:
-            return encode_message(message)
-        return _encode_compressed(message, self.extension)
+    def check_send(self, message: Any) -> Union[str, bytes, PreparedMessage]:
+        """``message`` as :meth:`send` takes it, or the error send() would
+        raise: :class:`ConnectionClosed` unless the connection is open,
+        TypeError unless it is a ``str``, bytes-like (copied: the caller may
+        reuse its buffer) or :class:`PreparedMessage`.  Also for a caller in
+        another thread, which must get its errors in its own thread."""
+        if self.state is not _OPEN:
+            raise self.closed_error()
+        if isinstance(message, PreparedMessage):
+            return message
+        return _checked_message(message)
 
-    def _queue_frame(self, first_byte: int, payload: bytes) -> None:
-        if self.client:
-            self.outgoing += _encode_masked(first_byte, payload)
+    def send(
+        self, message: Union[str, bytes, PreparedMessage], reference_from: int = _UNLIMITED_SIZE
+    ) -> Optional[bytes]:
+        """Queue a text (``str``) or binary (``bytes``) message, or a
+        :class:`PreparedMessage`, as one frame (compressed if negotiated,
+        masked from a client).
+
+        Returns None when the frame is all in :attr:`outgoing`; with
+        ``reference_from``, a payload or shared frame of at least that many
+        bytes is returned instead, to be written right after ``outgoing``.
+        """
+        if type(message) is str and self.state is _OPEN and self.extension is None and not self.client:
+            # The common case, first: plain text from a server.
+            payload = message.encode("utf-8")
+            length = len(payload)
+            if length < _LENGTH_16 and length < reference_from:
+                self.outgoing += bytes((_WHOLE_TEXT, length)) + payload  # no call for the short header
+                return None
+            return self._write_frame(_WHOLE_TEXT, payload, reference_from)
+        message = self.check_send(message)
+        extension = self.extension
+        if isinstance(message, PreparedMessage):
+            key = None if extension is None else extension.shared_key
+            if self.client or (extension is not None and key is None):
+                message = message.message  # masked, or compressed with our own context: ours alone
+            else:
+                # Framed once for every connection with the same settings.
+                frame = message.frames.get(key)
+                if frame is None:
+                    first, payload = self._message_payload(message.message)
+                    frame = message.frames[key] = _frame_header(first, len(payload)) + payload
+                if len(frame) >= reference_from:
+                    return frame
+                self.outgoing += frame
+                return None
+        first, payload = self._message_payload(message)
+        return self._write_frame(first, payload, reference_from)
+
+    def _message_payload(self, message: Union[str, bytes]) -> Tuple[int, bytes]:
+        """The first header byte and the payload of ``message`` in one frame."""
+        if isinstance(message, str):
+            first, payload = _WHOLE_TEXT, message.encode("utf-8")
         else:
-            self.outgoing += _frame_header(first_byte, len(payload)) + payload
+            first, payload = _WHOLE_BINARY, message
+        extension = self.extension
+        if extension is not None:
+            compressed = extension.compress(payload)
+            if compressed is not None:
+                # RFC 7692 6.1: RSV1 marks the first (here: only) frame of a compressed message.
+                return first | _RSV1, compressed
+        return first, payload
+
+    def _write_frame(self, first_byte: int, payload: bytes, reference_from: int = _UNLIMITED_SIZE) -> Optional[bytes]:
+        """Write one frame into :attr:`outgoing`, or return what the caller
+        queues after it (see :meth:`send`): a small frame whole, a large
+        one's payload (its header is written)."""
+        length = len(payload)
+        if self.client:
+            # RFC 6455 5.3: every client frame masked with a fresh random key.
+            key = os.urandom(MASK_LENGTH)
+            header = _frame_header(first_byte, length, _MASK_BIT) + key
+            payload = _unmask(payload, key)  # XOR both ways
+        else:
+            header = _frame_header(first_byte, length)
+        if length < reference_from:
+            self.outgoing += header
+            self.outgoing += payload
+            return None
+        if length < _COPY_FREE_FROM:
+            return header + payload  # one chunk: cheaper than two when small
+        self.outgoing += header
+        return payload
 
     def closed_error(self, message: str = "") -> ConnectionClosed:
         """A :class:`ConnectionClosed` that says how this connection ended
@@ -2437,19 +2464,13 @@ class Protocol:
             sent_first=self._sent_first,
         )
 
-    def send(self, message: Union[str, bytes]) -> None:
-        """Queue a text (``str``) or binary (``bytes``) message."""
-        if self.state is not _OPEN:
-            raise self.closed_error()
-        self.outgoing += self.encode(message)
-
     def ping(self, payload: bytes = b"") -> None:
         """Queue a ping (at most 125 bytes of payload)."""
         if len(payload) > MAX_CONTROL_PAYLOAD:
             raise ValueError("ping payload over %d bytes" % MAX_CONTROL_PAYLOAD)
         if self.state is not _OPEN:
             raise self.closed_error()
-        self._queue_frame(_FIN | Opcode.PING, bytes(payload))
+        self._write_frame(_FIN | Opcode.PING, bytes(payload))
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Start the closing handshake; a no-op unless the connection is open."""
@@ -2460,7 +2481,7 @@ class Protocol:
             raise ValueError("close reason over %d bytes" % MAX_CLOSE_REASON)
         if self.state is not _OPEN:
             return
-        self._queue_frame(_FIN | Opcode.CLOSE, _close_payload(code, reason))
+        self._write_frame(_FIN | Opcode.CLOSE, _close_payload(code, reason))
         self.close_sent = code
         self.close_sent_reason = reason
         self._sent_first = True
@@ -2563,8 +2584,11 @@ class _EventLoop:
         self.crossing_lock = threading.Lock()
         self._flush_queue: List[_Flushing] = []
         # One receive buffer for every connection: the loop reads one socket
-        # at a time, and the protocol copies out what it keeps.
-        self.receive_buffer = bytearray(RECV_SIZE)
+        # at a time, and the protocol copies out what it keeps.  RECV_SIZE
+        # and a frame's largest header: a message of RECV_SIZE bytes (a round
+        # size, as 256 KiB is) then comes in one read and takes the fast
+        # path, unmasked once, rather than in two reads and joined.
+        self.receive_buffer = bytearray(RECV_SIZE + _HEADER_64)
         self.receive_view = memoryview(self.receive_buffer)
         self._stopping = False
         # The thread that runs (or last ran) the loop: its owner.
@@ -4924,26 +4948,13 @@ class PreparedMessage:
     compresses it itself.  :meth:`Server.broadcast` uses one.
     """
 
-    __slots__ = ("message", "_plain", "_shared")
+    __slots__ = ("message", "frames")
 
     def __init__(self, message: Union[str, bytes]):
         self.message = _checked_message(message)
-        self._plain: Optional[bytes] = None
-        self._shared: Dict[Tuple[int, int], bytes] = {}
-
-    def _frame_for(self, extension: Optional[_PerMessageDeflate]) -> bytes:
-        if extension is None:
-            plain = self._plain
-            if plain is None:
-                plain = self._plain = encode_message(self.message)
-            return plain
-        key = extension.shared_key
-        if key is None:
-            return _encode_compressed(self.message, extension)  # its own context
-        frame = self._shared.get(key)
-        if frame is None:
-            frame = self._shared[key] = _encode_compressed(self.message, extension)
-        return frame
+        # The frames built so far, by compression settings (None: plain);
+        # filled by Protocol.send.
+        self.frames: Dict[Optional[Tuple[int, int]], bytes] = {}
 
 
 def _check_topic(topic: Any) -> None:
@@ -4990,8 +5001,18 @@ def _check_ping(payload: Any) -> bytes:
 
 # From this size a frame is queued by reference (Connection._enqueue), not
 # copied into the output buffer: a large frame broadcast to many is held
-# once.  Below it, one append to a bytearray is cheaper than a queue entry.
+# once, and a large message goes out as its header and its payload, never
+# joined (Protocol.send).  Below it, one append to a bytearray is cheaper
+# than a queue entry.
 _COPY_FREE_FROM = 16 * 2**10
+
+
+class _Continued(bytes):
+    """Queued output whose last frame may go on in the next chunk (a large
+    payload queued apart from its header): the two are kept or dropped
+    together."""
+
+    __slots__ = ()
 # Queued chunks handed to one sendmsg() at most (IOV_MAX is 1024 on Linux),
 # where there is one (not on Windows, nor on TLS sockets).
 _BUFFERS_PER_WRITE = 64
@@ -5196,11 +5217,9 @@ class Connection:
         reason).  A peer that lets more than ``max_pending_output`` back up
         is closed with 1008.
         """
+        protocol = self._protocol
         if self._loop.thread_id != _get_ident():
-            if not isinstance(message, PreparedMessage):
-                message = _checked_message(message)
-            if self._protocol.state is not _OPEN:
-                raise self._protocol.closed_error()
+            message = protocol.check_send(message)  # the caller gets its own errors
             # Counted in pending_output from now on: a thread that sends
             # faster than the loop takes its messages sees them back up.
             size = len(message.message if isinstance(message, PreparedMessage) else message)
@@ -5208,21 +5227,22 @@ class Connection:
                 self._crossing += size
             self._loop.call_soon_threadsafe(self._send_from_thread, message, size)
             return
-        protocol = self._protocol
-        extension = protocol.extension
+        if len(protocol.outgoing) + self._queued > self._options.max_pending_output:
+            self._over_output_limit(message)
+        # Backed up, every frame is queued by reference (a broadcast frame is
+        # then held once); else only a large one (see Protocol.send).
+        chunk = protocol.send(message, _COPY_FREE_FROM if self._queue is None else 0)
         self._stats.messages_out += 1
-        if type(message) is str and extension is None and not protocol.client:
-            self._send_frame(encode_message(message))  # the common case, first
-        elif protocol.client:  # every frame masked with its own key: nothing shared
-            if isinstance(message, PreparedMessage):
-                message = message.message
-            self._send_frame(protocol.encode(message))
-        elif isinstance(message, PreparedMessage):
-            self._send_frame(message._frame_for(extension))
-        elif extension is None:
-            self._send_frame(encode_message(message))
-        else:
-            self._send_frame(_encode_compressed(message, extension))
+        if chunk is not None:
+            self._enqueue(chunk)
+            output = self._stats.output
+            total = self._options.max_total_pending
+            if total is not None and output.held > total:
+                self._shed_slowest(output, total)
+                if self._sock is None or protocol.state is not _OPEN:
+                    raise protocol.closed_error("peer too slow: total output limit reached")
+        if not self._flush_scheduled:  # the flag test saves a call per message
+            self._schedule_flush()
 
     def ping(self, payload: bytes = b"") -> None:
         """Send a ping (at most 125 bytes); the pong reaches no handler."""
@@ -5336,37 +5356,24 @@ class Connection:
             # Closed after the caller's check: the close says why.
             logger.debug("connection %d: message from another thread dropped: closed", self.id)
 
-    def _send_frame(self, frame: bytes) -> None:
-        """Queue ``frame``: copied into the protocol's output buffer when
-        small and nothing backs up (the hot path), else by reference."""
+    def _over_output_limit(self, message: Any) -> None:
+        """Over ``max_pending_output`` before a send: close (1008) and
+        raise unless a write makes room."""
         protocol = self._protocol
-        if protocol.state is not _OPEN:
-            raise protocol.closed_error()
+        protocol.check_send(message)  # closed already: say so, not "too slow"
+        # Over the limit only counts once the kernel has refused to take more.
+        self._flush()
         limit = self._options.max_pending_output
         if len(protocol.outgoing) + self._queued > limit:
-            # Over the limit only counts once the kernel has refused to take more.
-            self._flush()
-            if len(protocol.outgoing) + self._queued > limit:
-                logger.warning(
-                    "connection %d from %s: closed: over %d bytes of output pending (peer too slow)",
-                    self.id,
-                    _format_address(self.remote_address),
-                    limit,
-                )
-                self._stats.slow_consumer_closes += 1
-                self._close_now(CloseCode.POLICY_VIOLATION, "too slow to keep up")
-                raise protocol.closed_error("peer too slow: output limit reached")
-        if self._queue is None and len(frame) < _COPY_FREE_FROM:
-            protocol.outgoing += frame
-        else:
-            self._enqueue(frame)
-            output = self._stats.output
-            total = self._options.max_total_pending
-            if total is not None and output.held > total:
-                self._shed_slowest(output, total)
-                if self._sock is None or protocol.state is not _OPEN:
-                    raise protocol.closed_error("peer too slow: total output limit reached")
-        self._schedule_flush()
+            logger.warning(
+                "connection %d from %s: closed: over %d bytes of output pending (peer too slow)",
+                self.id,
+                _format_address(self.remote_address),
+                limit,
+            )
+            self._stats.slow_consumer_closes += 1
+            self._close_now(CloseCode.POLICY_VIOLATION, "too slow to keep up")
+            raise protocol.closed_error("peer too slow: output limit reached")
 
     def _enqueue(self, chunk: bytes) -> None:
         """Queue ``chunk`` by reference after all that is pending.
@@ -5384,7 +5391,8 @@ class Connection:
             output.holders[self] = None
         outgoing = self._protocol.outgoing
         if outgoing:
-            pending = bytes(outgoing)
+            # With a chunk after them, these bytes may end with its header.
+            pending = _Continued(outgoing) if chunk else bytes(outgoing)
             outgoing.clear()
             queue.append(pending)
             output.hold(pending)
@@ -5397,18 +5405,23 @@ class Connection:
     def _drop_queue(self, keep_head: bool) -> None:
         """Forget what is queued (all but the first chunk if ``keep_head``:
         it may be a frame partly written, and TLS must retry a write with
-        the same bytes), releasing it from the server's count."""
+        the same bytes; with the payload that continues it, if any),
+        releasing it from the server's count."""
         queue = self._queue
         if queue is None:
             return
         output = self._stats.output
-        head = queue.popleft() if keep_head else None
+        kept: List[bytes] = []
+        if keep_head:
+            kept.append(queue.popleft())
+            while type(kept[-1]) is _Continued and queue:
+                kept.append(queue.popleft())  # a large frame's payload stays with its header
         for chunk in queue:
             output.release(chunk)
         queue.clear()
-        if head is not None:
-            queue.append(head)
-            self._queued = len(head) - self._head_sent
+        if kept:
+            queue.extend(kept)
+            self._queued = sum(map(len, kept)) - self._head_sent
             return
         self._queue = None
         self._queued = 0

@@ -257,11 +257,34 @@ def test_rsv1_without_negotiation_is_1002():
 # -- over sockets ----------------------------------------------------------------
 
 
-def test_echo_and_broadcast_over_the_wire_share_frames_where_they_can(monkeypatch):
+def test_a_prepared_message_is_compressed_once_for_connections_without_context():
+    message = "broadcast me " * 100
+    prepared = wsloop.PreparedMessage(message)
+    shared = [open_deflate("permessage-deflate; server_no_context_takeover") for _ in range(2)]
+    kept = open_deflate("permessage-deflate")
+    plain = open_protocol_without_compression()
+    # Queued by reference (what a backed-up connection does): the same bytes.
+    first, second = (protocol.send(prepared, reference_from=0) for protocol in shared)
+    assert first is second
+    assert kept.send(prepared, reference_from=0) is not first  # it compresses with its own context
+    assert plain.send(prepared, reference_from=0) is not first
+    assert len(prepared.frames) == 2  # one compressed frame, one plain
+    ((fin, opcode, payload, rsv),) = parse_server_frames(first)
+    assert rsv == 0x40  # RSV1: compressed
+    assert zlib.decompressobj(wbits=-15).decompress(payload + b"\x00\x00\xff\xff") == message.encode()
+
+
+def open_protocol_without_compression():
+    protocol = wsloop.Protocol()
+    protocol.receive_data(request_bytes())
+    list(protocol.events())
+    protocol.accept()
+    protocol.data_to_send()
+    return protocol
+
+
+def test_echo_and_broadcast_over_the_wire_compress_where_negotiated():
     offer_shared = "permessage-deflate; server_no_context_takeover"
-    compressions = []
-    real = wsloop._encode_compressed
-    monkeypatch.setattr(wsloop, "_encode_compressed", lambda m, e: compressions.append(m) or real(m, e))
     with running_server(wsloop.Chat()) as server:
         a = Client(server.port, headers={"Sec-WebSocket-Extensions": offer_shared})
         b = Client(server.port, headers={"Sec-WebSocket-Extensions": offer_shared})
@@ -273,15 +296,13 @@ def test_echo_and_broadcast_over_the_wire_share_frames_where_they_can(monkeypatc
             fin, opcode, payload = client.recv_frame()
             assert zlib.decompressobj(wbits=-12).decompress(payload + b"\x00\x00\xff\xff") == message.encode()
         assert c.recv_message() == message
-        # Two receivers without context, one compressed frame; the third took the plain one.
-        assert compressions == [message]
         kept = Client(server.port, headers={"Sec-WebSocket-Extensions": "permessage-deflate"})
-        kept2 = Client(server.port, headers={"Sec-WebSocket-Extensions": "permessage-deflate"})
-        del compressions[:]
-        server.broadcast(message)  # queued from this thread; read the copies to know it ran
-        for client in (a, b, kept, kept2):
-            client.recv_frame()
-        assert compressions == [message] * 3  # one shared + one each for those that keep a context
+        prepared = wsloop.PreparedMessage(message)
+        server.broadcast(prepared)  # queued from this thread; read the copies to know it ran
+        frames = {client: client.recv_frame() for client in (a, b, kept)}
+        assert frames[a] == frames[b]  # the one frame built for both
+        assert c.recv_message() == message
+        assert len(prepared.frames) == 2  # plain for c, compressed once for a and b
 
 
 def json_like(size, seed=7692):

@@ -123,6 +123,24 @@ def test_past_max_total_pending_the_slowest_receiver_is_closed_with_1008_and_its
                     client.shutdown()
 
 
+def test_a_large_message_shed_at_once_still_reaches_the_peer_whole_before_the_close():
+    # A large message is queued as its header, then its payload by reference:
+    # shedding the connection keeps the two together, not a header alone.
+    size = 256 * KiB
+    with running_server(ping_interval=None, max_total_pending=64 * KiB) as server:
+        client = Client(server.port)
+        try:
+            open_count(server, 1)
+            connection = server.connections[0]
+            with pytest.raises(wsloop.ConnectionClosed, match="total output limit"):
+                in_loop(server, lambda: connection.send(numbered(1, size)))
+            got, code = read_until_close(client)
+            assert code == 1008
+            assert got == [numbered(1, size)]
+        finally:
+            client.shutdown()
+
+
 def test_max_total_pending_must_be_positive():
     with pytest.raises(ValueError):
         wsloop.Server(port=0, max_total_pending=0)

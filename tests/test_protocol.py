@@ -387,6 +387,47 @@ def test_each_length_field_holds_up_to_its_maximum(size, header):
     assert len(frame) - size == header
 
 
+def test_send_frames_every_message_here_and_checks_it_once():
+    protocol = open_protocol()
+    protocol.send("text")
+    protocol.send(b"bytes")
+    protocol.send(bytearray(b"array"))
+    protocol.send(wsloop.PreparedMessage("prepared"))
+    assert sent_frames(protocol) == [(TEXT, b"text"), (BINARY, b"bytes"), (BINARY, b"array"), (TEXT, b"prepared")]
+    with pytest.raises(TypeError, match="message must be str or bytes, not int"):
+        protocol.check_send(42)
+    with pytest.raises(TypeError, match="not int"):
+        protocol.send(42)
+    assert protocol.data_to_send() == b""
+    protocol.close()
+    with pytest.raises(wsloop.ConnectionClosed):
+        protocol.check_send("late")
+    with pytest.raises(wsloop.ConnectionClosed):
+        protocol.send(wsloop.PreparedMessage("late"))
+
+
+@pytest.mark.parametrize("size", [16 * 2**10, 256 * 2**10])
+def test_a_large_payload_is_handed_back_not_joined_to_its_header(size):
+    protocol = open_protocol()
+    payload = bytes(size)
+    chunk = protocol.send(payload, reference_from=2**14)
+    assert chunk is payload  # no copy: the caller queues it after the header
+    assert parse_server_frames(protocol.data_to_send() + chunk) == [(True, BINARY, payload, 0)]
+    assert protocol.send(b"small", reference_from=2**14) is None  # copied into outgoing
+    assert protocol.send(payload) is None  # by default everything goes to outgoing
+    assert sent_frames(protocol) == [(BINARY, b"small"), (BINARY, payload)]
+
+
+def test_a_prepared_frame_is_built_once_and_shared():
+    prepared = wsloop.PreparedMessage(b"x" * 100)
+    first, second = open_protocol(), open_protocol()
+    chunk = first.send(prepared, reference_from=0)  # a backed-up connection queues frames by reference
+    assert second.send(prepared, reference_from=0) is chunk
+    assert parse_server_frames(chunk) == [(True, BINARY, b"x" * 100, 0)]
+    second.send(prepared)  # copied where nothing backs up
+    assert sent_frames(second) == [(BINARY, b"x" * 100)]
+
+
 def test_eof_without_close_is_abnormal():
     protocol = open_protocol()
     protocol.receive_eof()

@@ -116,17 +116,18 @@ def test_http_errors_over_the_wire():
 # -- broadcast ----------------------------------------------------------------
 
 
-def test_broadcast_chat_reaches_everyone(monkeypatch):
+def test_broadcast_chat_reaches_everyone():
     with running_server(wsloop.Chat()) as server:
         clients = [Client(server.port) for _ in range(3)]
         assert len(server.connections) == 3  # the 101 is sent after the server registers it
-        calls = []
-        real_encode = wsloop.encode_message
-        monkeypatch.setattr(wsloop, "encode_message", lambda m: calls.append(m) or real_encode(m))
         clients[0].send_text("hi all")
         for client in clients:
             assert client.recv_message() == "hi all"
-        assert calls == ["hi all"]  # one frame built, shared by all
+        prepared = wsloop.PreparedMessage("hi again")
+        server.broadcast(prepared)
+        for client in clients:
+            assert client.recv_message() == "hi again"
+        assert prepared.frames == {None: wsloop.encode_message("hi again")}  # one frame built, shared by all
 
 
 def test_broadcast_to_chosen_connections_from_another_thread():
