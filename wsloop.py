@@ -5059,6 +5059,7 @@ class Connection:
         "_backlog",
         "_flush_scheduled",
         "_tls",
+        "_tls_handshaking",
         "_write_wants_read",
         "_timer",
         "_ping_at",
@@ -5123,6 +5124,7 @@ class Connection:
         # the client's hello arrives, never here.  (A client's socket comes
         # with its handshake done.)
         self._tls = isinstance(sock, ssl.SSLSocket)
+        self._tls_handshaking = self._tls and not protocol.client
         self._write_wants_read = False
         # Keepalive, checked by the loop's sweep: when the last ping went,
         # and its payload while its pong is awaited.
@@ -5612,7 +5614,7 @@ class Connection:
     # -- input ----------------------------------------------------------------
 
     def _handle_io(self, mask: int) -> None:
-        if self._tls and self._tls_handshaking():
+        if self._tls_handshaking:
             self._continue_tls_handshake()
             return
         if mask & _EVENT_READ:
@@ -5620,13 +5622,6 @@ class Connection:
         if mask & _EVENT_WRITE and self._sock is not None:
             if self._write():
                 self._update_interest()
-
-    def _tls_handshaking(self) -> bool:
-        """A server's TLS handshake is not done yet (the socket knows: no
-        version is agreed until it is; a field for it would cost every
-        connection).  A client's socket comes with its handshake done."""
-        sock: Any = self._sock
-        return sock is not None and not self._protocol.client and sock.version() is None
 
     def _continue_tls_handshake(self) -> None:
         """Drive the TLS handshake one step: it never blocks the loop."""
@@ -5649,6 +5644,7 @@ class Connection:
             )
             self._close_socket()
             return
+        self._tls_handshaking = False
         self._set_interest(_EVENT_READ)
         self._on_readable()  # the client's request may be buffered already
 
