@@ -68,10 +68,14 @@ spoken from the same loop.  And a client: :func:`connect`,
 :func:`reconnecting` (connections again and again, with back-off), and
 ``python wsloop.py --connect URL``.
 
-The file is layered top to bottom, each section using only those above it:
-constants, exceptions, helpers, the HTTP handshake, permessage-deflate, the
-frame codec, the socket-free protocol (server and client roles), the
-selectors loop, the Redis bridge, the public API, the client and the CLI.
+The file is layered top to bottom, the code of each section using only
+those above it (a type annotation may name a class further down: the
+handler's methods are given a Connection): constants, helpers (and
+Headers), exceptions, the HTTP handshake, permessage-deflate, the frame
+codec, the socket-free protocol (server and client roles), the selectors
+loop, history, the Redis bridge, handlers and options, admission, the
+connection, listening, the server, serving and signals, the client and the
+CLI.  Each section's banner says what it owns.
 """
 
 from __future__ import annotations
@@ -265,132 +269,13 @@ def _default_max_fragments(max_size: int) -> int:
 
 
 # =============================================================================
-# Exceptions
-# =============================================================================
-
-
-class WebSocketError(Exception):
-    """Base class of every error wsloop raises."""
-
-
-class ProtocolError(WebSocketError):
-    """The peer broke RFC 6455; ``code`` is the close code to fail it with,
-    ``reason`` what the close frame says, ``detail`` the facts kept local
-    (for this side's :class:`ConnectionClosed`, not sent on the wire)."""
-
-    def __init__(self, reason: str, code: int = CloseCode.PROTOCOL_ERROR, detail: str = ""):
-        super().__init__(reason)
-        self.reason = reason
-        self.code = code
-        self.detail = detail or reason
-
-
-class HandshakeError(WebSocketError):
-    """The opening handshake cannot succeed; ``status`` is the HTTP refusal
-    (the status a server answers with, or, for a client, the one the server
-    refused with) and None when there was none: then it is one of the two
-    subclasses below.  ``headers`` (a :class:`Headers`) and ``body`` are
-    what a server's refusal said, for a client."""
-
-    def __init__(
-        self,
-        status: Optional[int],
-        reason: str,
-        headers: Iterable[Tuple[str, str]] = (),
-        body: bytes = b"",
-    ):
-        super().__init__("%d %s" % (status, reason) if status is not None else reason)
-        self.status = status
-        self.reason = reason
-        # Headers is defined further down; it exists by the time one is raised.
-        self.headers = Headers(headers)
-        self.body = body  # what a server's refusal said, for a client
-
-
-class InvalidState(WebSocketError, RuntimeError):
-    """A method called when the object's state does not allow it (accepting
-    twice, running a server again, topics on a client).  A RuntimeError too,
-    so that code catching that keeps working."""
-
-
-class InvalidResponse(HandshakeError):
-    """Client: the server's answer is not a valid HTTP response (or the
-    connection closed before one came); ``status`` is None.  Perhaps not a
-    WebSocket server, or one starting: :func:`reconnecting` tries again."""
-
-    def __init__(self, reason: str):
-        super().__init__(None, reason)
-
-
-class InvalidUpgrade(HandshakeError):
-    """Client: the server switched protocols (101) but its answer breaks
-    RFC 6455 4.1 or RFC 7692 (a 101 over HTTP/1.0, a wrong
-    Sec-WebSocket-Accept, an extension or subprotocol not offered);
-    ``status`` is None and ``headers`` are the 101's.  A server bug:
-    :func:`reconnecting` does not try again."""
-
-    def __init__(self, reason: str, headers: Iterable[Tuple[str, str]] = ()):
-        super().__init__(None, reason, headers)
-
-
-class ConnectionClosed(WebSocketError):
-    """The connection is closed (or closing): nothing more can be sent, or
-    nothing more will be received.  It says why:
-
-    - ``code`` and ``reason``: the peer's close frame (1005 if it had no
-      code; 1006 and ``""`` if none came);
-    - ``sent_code`` and ``sent_reason``: the close frame this side sent
-      (None and ``""`` if it sent none);
-    - ``detail``: when this side failed the connection, the facts behind
-      its close code (kept local, never sent);
-    - ``sent_first``: this side's close frame went first (it was not an
-      answer to the peer's).
-
-    Its message tells the same story, e.g. ``sent 1009 (message too big):
-    2,097,152 bytes > max_size 1,048,576; no close frame received``.
-    """
-
-    def __init__(
-        self,
-        message: str = "",
-        *,
-        code: int = CloseCode.ABNORMAL,
-        reason: str = "",
-        sent_code: Optional[int] = None,
-        sent_reason: str = "",
-        detail: str = "",
-        sent_first: bool = False,
-    ):
-        self.code = code
-        self.reason = reason
-        self.sent_code = sent_code
-        self.sent_reason = sent_reason
-        self.detail = detail
-        self.sent_first = sent_first
-        received = "no close frame received" if code == CloseCode.ABNORMAL else "received " + _close_text(code, reason)
-        if sent_code is None:
-            story = received
-        else:
-            sent = "sent " + _close_text(sent_code, sent_reason, detail)
-            story = sent + "; " + received if sent_first or code == CloseCode.ABNORMAL else received + "; then " + sent
-        super().__init__(message + ": " + story if message else story)
-
-
-def _close_text(code: int, reason: str, detail: str = "") -> str:
-    """``1009 (message too big)`` and the reason (escaped) or the detail."""
-    try:
-        name = CloseCode(code).name.lower().replace("_", " ")
-    except ValueError:
-        name = "private use" if code >= 4000 else "registered"
-    text = "%d (%s)" % (code, name)
-    if detail:
-        return text + ": " + detail
-    return text + " " + repr(reason) if reason else text
-
-
-# =============================================================================
 # Helpers
 # =============================================================================
+#
+# Small pure functions the later sections share: the accept key, escaping
+# for logs, unmasking, an HTTP answer, the check of one option (a
+# ValueError naming it), an address to show; and Headers, the one header
+# container.
 
 
 def accept_key(key: Union[str, bytes]) -> str:
@@ -533,9 +418,35 @@ def _http_response(
     return head if head_only else head + body
 
 
-# =============================================================================
-# HTTP handshake (RFC 6455 section 4.2, RFC 9112 for the HTTP/1.1 syntax)
-# =============================================================================
+class _OptionError(ValueError):
+    """A bad value for an option: ``options`` names it first, then any
+    other option the message names (the CLI puts their flags in their
+    place)."""
+
+    def __init__(self, message: str, *options: str):
+        super().__init__(message)
+        self.options = options
+
+
+def _bad(option: str, expected: str, value: Any) -> _OptionError:
+    return _OptionError("%s must be %s, not %r" % (option, expected, value), option)
+
+
+def _timeout(name: str, value: Optional[float]) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("%s must be a number of seconds or None, not %r" % (name, value))
+    if not value > 0:  # NaN too
+        raise _bad(name, "a positive number of seconds, or None to disable it", value)
+    return value
+
+
+def _format_address(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = address[0]
+        return ("[%s]:%d" if ":" in host else "%s:%d") % (host, address[1])
+    return str(address)
 
 
 class Headers:
@@ -569,6 +480,137 @@ class Headers:
 
     def __repr__(self) -> str:
         return "Headers(%r)" % (self._items,)
+
+
+# =============================================================================
+# Exceptions
+# =============================================================================
+#
+# One base, WebSocketError; a protocol error carries its close code and a
+# handshake error its HTTP status, so one place turns each into its answer.
+
+
+class WebSocketError(Exception):
+    """Base class of every error wsloop raises."""
+
+
+class ProtocolError(WebSocketError):
+    """The peer broke RFC 6455; ``code`` is the close code to fail it with,
+    ``reason`` what the close frame says, ``detail`` the facts kept local
+    (for this side's :class:`ConnectionClosed`, not sent on the wire)."""
+
+    def __init__(self, reason: str, code: int = CloseCode.PROTOCOL_ERROR, detail: str = ""):
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+        self.detail = detail or reason
+
+
+class HandshakeError(WebSocketError):
+    """The opening handshake cannot succeed; ``status`` is the HTTP refusal
+    (the status a server answers with, or, for a client, the one the server
+    refused with) and None when there was none: then it is one of the two
+    subclasses below.  ``headers`` (a :class:`Headers`) and ``body`` are
+    what a server's refusal said, for a client."""
+
+    def __init__(
+        self,
+        status: Optional[int],
+        reason: str,
+        headers: Iterable[Tuple[str, str]] = (),
+        body: bytes = b"",
+    ):
+        super().__init__("%d %s" % (status, reason) if status is not None else reason)
+        self.status = status
+        self.reason = reason
+        self.headers = Headers(headers)
+        self.body = body  # what a server's refusal said, for a client
+
+
+class InvalidState(WebSocketError, RuntimeError):
+    """A method called when the object's state does not allow it (accepting
+    twice, running a server again, topics on a client).  A RuntimeError too,
+    so that code catching that keeps working."""
+
+
+class InvalidResponse(HandshakeError):
+    """Client: the server's answer is not a valid HTTP response (or the
+    connection closed before one came); ``status`` is None.  Perhaps not a
+    WebSocket server, or one starting: :func:`reconnecting` tries again."""
+
+    def __init__(self, reason: str):
+        super().__init__(None, reason)
+
+
+class InvalidUpgrade(HandshakeError):
+    """Client: the server switched protocols (101) but its answer breaks
+    RFC 6455 4.1 or RFC 7692 (a 101 over HTTP/1.0, a wrong
+    Sec-WebSocket-Accept, an extension or subprotocol not offered);
+    ``status`` is None and ``headers`` are the 101's.  A server bug:
+    :func:`reconnecting` does not try again."""
+
+    def __init__(self, reason: str, headers: Iterable[Tuple[str, str]] = ()):
+        super().__init__(None, reason, headers)
+
+
+class ConnectionClosed(WebSocketError):
+    """The connection is closed (or closing): nothing more can be sent, or
+    nothing more will be received.  It says why:
+
+    - ``code`` and ``reason``: the peer's close frame (1005 if it had no
+      code; 1006 and ``""`` if none came);
+    - ``sent_code`` and ``sent_reason``: the close frame this side sent
+      (None and ``""`` if it sent none);
+    - ``detail``: when this side failed the connection, the facts behind
+      its close code (kept local, never sent);
+    - ``sent_first``: this side's close frame went first (it was not an
+      answer to the peer's).
+
+    Its message tells the same story, e.g. ``sent 1009 (message too big):
+    2,097,152 bytes > max_size 1,048,576; no close frame received``.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        code: int = CloseCode.ABNORMAL,
+        reason: str = "",
+        sent_code: Optional[int] = None,
+        sent_reason: str = "",
+        detail: str = "",
+        sent_first: bool = False,
+    ):
+        self.code = code
+        self.reason = reason
+        self.sent_code = sent_code
+        self.sent_reason = sent_reason
+        self.detail = detail
+        self.sent_first = sent_first
+        received = "no close frame received" if code == CloseCode.ABNORMAL else "received " + _close_text(code, reason)
+        if sent_code is None:
+            story = received
+        else:
+            sent = "sent " + _close_text(sent_code, sent_reason, detail)
+            story = sent + "; " + received if sent_first or code == CloseCode.ABNORMAL else received + "; then " + sent
+        super().__init__(message + ": " + story if message else story)
+
+
+def _close_text(code: int, reason: str, detail: str = "") -> str:
+    """``1009 (message too big)`` and the reason (escaped) or the detail."""
+    try:
+        name = CloseCode(code).name.lower().replace("_", " ")
+    except ValueError:
+        name = "private use" if code >= 4000 else "registered"
+    text = "%d (%s)" % (code, name)
+    if detail:
+        return text + ": " + detail
+    return text + " " + repr(reason) if reason else text
+
+
+# =============================================================================
+# HTTP handshake (RFC 6455 section 4.2, RFC 9112 for the HTTP/1.1 syntax)
+# =============================================================================
 
 
 class Request:
@@ -1504,6 +1546,43 @@ def _parse_close_payload(payload: bytes) -> Tuple[int, str]:
     except UnicodeDecodeError:
         raise ProtocolError("close reason is not UTF-8", CloseCode.INVALID_DATA) from None
     return code, reason
+
+
+# From this size a frame is queued by reference (Connection._enqueue), not
+# copied into the output buffer: a large frame broadcast to many is held
+# once, and a large message goes out as its header and its payload, never
+# joined (Protocol.send).  Below it, one append to a bytearray is cheaper
+# than a queue entry.
+_COPY_FREE_FROM = 16 * 2**10
+
+
+def _checked_message(message: Any) -> Union[str, bytes]:
+    """``message`` as ``str`` or ``bytes`` (a copy of other bytes-likes, which
+    the caller may reuse), or TypeError."""
+    if isinstance(message, (str, bytes)):
+        return message
+    if isinstance(message, (bytearray, memoryview)):
+        return bytes(message)
+    raise TypeError("message must be str or bytes, not %s" % type(message).__name__)
+
+
+class PreparedMessage:
+    """A message framed once to be sent to many connections.
+
+    ``conn.send(prepared)`` takes it like a ``str`` or ``bytes``; its frame
+    is built once for every connection without compression, and compressed
+    once per group of connections that keep no compression context
+    (``server_no_context_takeover``); a connection that keeps one
+    compresses it itself.  :meth:`Server.broadcast` uses one.
+    """
+
+    __slots__ = ("message", "frames")
+
+    def __init__(self, message: Union[str, bytes]):
+        self.message = _checked_message(message)
+        # The frames built so far, by compression settings (None: plain);
+        # filled by Protocol.send.
+        self.frames: Dict[Optional[Tuple[int, int]], bytes] = {}
 
 
 # =============================================================================
@@ -4299,8 +4378,11 @@ class RedisBroker:
 
 
 # =============================================================================
-# Public API: handlers, connections, the server
+# Handlers and options: what a user writes, and every setting checked once
 # =============================================================================
+#
+# A handler is what the server calls; _Options holds every setting of a server
+# or a client, each checked where it is built (a ValueError naming it).
 
 
 class Handler:
@@ -4420,30 +4502,6 @@ def _handler_methods(handler: Any) -> Dict[str, Optional[Callable[..., Any]]]:
                 "synchronous; use def, and hand slow work to a thread" % name
             )
     return methods
-
-
-class _OptionError(ValueError):
-    """A bad value for an option: ``options`` names it first, then any
-    other option the message names (the CLI puts their flags in their
-    place)."""
-
-    def __init__(self, message: str, *options: str):
-        super().__init__(message)
-        self.options = options
-
-
-def _bad(option: str, expected: str, value: Any) -> _OptionError:
-    return _OptionError("%s must be %s, not %r" % (option, expected, value), option)
-
-
-def _timeout(name: str, value: Optional[float]) -> Optional[float]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError("%s must be a number of seconds or None, not %r" % (name, value))
-    if not value > 0:  # NaN too
-        raise _bad(name, "a positive number of seconds, or None to disable it", value)
-    return value
 
 
 # The options _timeout checks: on the command line, their None is 'none'.
@@ -4660,6 +4718,14 @@ class _Options:
         own (its senders wait at write_high_water instead)."""
         _timeout("open_timeout", open_timeout)
         return cls({"on_message": on_message}, open_timeout=None, max_pending_output=None, **options)
+
+# =============================================================================
+# Admission: the server's counts, and the gate at the edge
+# =============================================================================
+#
+# Socket-free: given a parsed request and the transport's facts, the gate
+# says who the client really is and whether it may come in (limits, proxies,
+# origins, the health and metrics pages).  It owns the counts it checks.
 
 
 class _HeldOutput:
@@ -4937,24 +5003,13 @@ class _Gate:
         # RFC 6455 4.2.2: only a subprotocol the client offered may be named.
         return (chosen if chosen in offered else None), None
 
-
-class PreparedMessage:
-    """A message framed once to be sent to many connections.
-
-    ``conn.send(prepared)`` takes it like a ``str`` or ``bytes``; its frame
-    is built once for every connection without compression, and compressed
-    once per group of connections that keep no compression context
-    (``server_no_context_takeover``); a connection that keeps one
-    compresses it itself.  :meth:`Server.broadcast` uses one.
-    """
-
-    __slots__ = ("message", "frames")
-
-    def __init__(self, message: Union[str, bytes]):
-        self.message = _checked_message(message)
-        # The frames built so far, by compression settings (None: plain);
-        # filled by Protocol.send.
-        self.frames: Dict[Optional[Tuple[int, int]], bytes] = {}
+# =============================================================================
+# Connection: one peer, driven by the loop
+# =============================================================================
+#
+# A Connection owns its socket, its Protocol, its output queue and its
+# timers: it reads into the protocol, writes what the protocol framed, and
+# hands events to the handler.  Its public methods are the handler's API.
 
 
 def _check_topic(topic: Any) -> None:
@@ -4969,16 +5024,6 @@ def _check_topic(topic: Any) -> None:
         raise ValueError("a topic must be encodable as UTF-8 (no lone surrogates): %r" % topic[:64]) from None
     if size > MAX_TOPIC_BYTES:
         raise ValueError("a topic is at most %d bytes of UTF-8, not %d" % (MAX_TOPIC_BYTES, size))
-
-
-def _checked_message(message: Any) -> Union[str, bytes]:
-    """``message`` as ``str`` or ``bytes`` (a copy of other bytes-likes, which
-    the caller may reuse), or TypeError."""
-    if isinstance(message, (str, bytes)):
-        return message
-    if isinstance(message, (bytearray, memoryview)):
-        return bytes(message)
-    raise TypeError("message must be str or bytes, not %s" % type(message).__name__)
 
 
 def _check_close(code: int, reason: str) -> None:
@@ -4999,24 +5044,19 @@ def _check_ping(payload: Any) -> bytes:
     return data
 
 
-# From this size a frame is queued by reference (Connection._enqueue), not
-# copied into the output buffer: a large frame broadcast to many is held
-# once, and a large message goes out as its header and its payload, never
-# joined (Protocol.send).  Below it, one append to a bytearray is cheaper
-# than a queue entry.
-_COPY_FREE_FROM = 16 * 2**10
-
-
 class _Continued(bytes):
     """Queued output whose last frame may go on in the next chunk (a large
     payload queued apart from its header): the two are kept or dropped
     together."""
 
     __slots__ = ()
+
+
 # Queued chunks handed to one sendmsg() at most (IOV_MAX is 1024 on Linux),
 # where there is one (not on Windows, nor on TLS sockets).
 _BUFFERS_PER_WRITE = 64
 _HAS_SENDMSG = hasattr(socket.socket, "sendmsg")
+
 
 # Input a connection may handle in one turn of the loop before the others
 # get theirs: message bytes delivered (after inflating), plus a fixed cost
@@ -5025,9 +5065,28 @@ _HAS_SENDMSG = hasattr(socket.socket, "sendmsg")
 _TURN_BUDGET = 2 * RECV_SIZE
 _MESSAGE_COST = 64
 
+
 # How many client host strings the server shares between connections before
 # it starts afresh (see Server._add_connection).
 _HOSTS_KEPT = 4096
+
+
+class _Owner(typing.Protocol):
+    """What a connection tells its owner (a Server, or a client's
+    ClientConnection): that it opened, and that it closed."""
+
+    def _connection_opened(self, connection: Connection) -> None:
+        """The opening handshake is done: the connection is open."""
+
+    def _connection_closed(self, connection: Connection) -> None:
+        """The socket is closed: the owner forgets the connection."""
+
+
+class _Admitting(_Owner, typing.Protocol):
+    """A server's side of a connection: it decides who comes in."""
+
+    def _admit(self, connection: Connection, request: Request, is_upgrade: bool, peer: Any, tls: bool) -> _Admission:
+        """The gate's decision on the connection's request."""
 
 
 class Connection:
@@ -5080,7 +5139,7 @@ class Connection:
 
     def __init__(
         self,
-        owner: Any,
+        owner: _Owner,
         sock: socket.socket,
         address: Any,
         connection_id: int,
@@ -5146,8 +5205,8 @@ class Connection:
     @property
     def server(self) -> Optional[Server]:
         """The server this connection came to (None for a client's)."""
-        owner = self._owner  # (a property, not a field: a slot fewer per connection)
-        return owner if isinstance(owner, Server) else None
+        # (A property, not a field: a slot fewer per connection.)
+        return None if self._protocol.client else typing.cast("Server", self._owner)
 
     @property
     def state(self) -> State:
@@ -5829,7 +5888,7 @@ class Connection:
         protocol = self._protocol
         options = self._options
         self._cancel_open_timer()
-        admission = self._owner._admit(self, request, protocol.is_upgrade, self.peer_address, self._tls)
+        admission = typing.cast(_Admitting, self._owner)._admit(self, request, protocol.is_upgrade, self.peer_address, self._tls)
         self.remote_address = admission.address
         self.scheme = admission.scheme
         answer = admission.response
@@ -6074,12 +6133,125 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 def _describe_close(code: int, reason: str) -> str:
     return "%d (%s)" % (code, _printable(reason)) if reason else str(code)
 
+# =============================================================================
+# Listening: the sockets clients arrive on, and a spare descriptor
+# =============================================================================
 
-def _format_address(address: Any) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        host = address[0]
-        return ("[%s]:%d" if ":" in host else "%s:%d") % (host, address[1])
-    return str(address)
+
+_SPARE_READ = 65536
+_OUT_OF_FDS_ANSWER = _http_response(503, [("Retry-After", "5")], b"server busy: out of file descriptors\n")
+
+
+def _open_spare_fd() -> Optional[int]:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+
+
+class _Listener:
+    """One listening socket, watched by a loop: when a client waits, it calls
+    ``on_ready(listener)`` (the server's accept)."""
+
+    __slots__ = ("loop", "on_ready", "sock", "path", "watched")
+
+    def __init__(
+        self,
+        loop: _EventLoop,
+        on_ready: Callable[[_Listener], None],
+        sock: socket.socket,
+        path: Optional[str],
+    ):
+        self.loop = loop
+        self.on_ready = on_ready
+        self.sock = sock
+        self.path = path  # a Unix socket's file, removed on close
+        self.watched = False
+        self.watch()
+
+    def watch(self) -> None:
+        if not self.watched:
+            self.loop.selector.register(self.sock, selectors.EVENT_READ, self)
+            self.watched = True
+
+    def unwatch(self) -> None:
+        if self.watched:
+            self.loop.selector.unregister(self.sock)
+            self.watched = False
+
+    def _handle_io(self, mask: int) -> None:
+        self.on_ready(self)
+
+    def close(self) -> None:
+        try:
+            self.unwatch()
+        except (KeyError, ValueError, OSError):
+            pass
+        self.sock.close()
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+def _listen_unix(path: str, backlog: int, mode: int) -> socket.socket:
+    """Listen on a Unix socket at ``path`` with permissions ``mode``.
+
+    A socket file left by a process that died is removed; one that something
+    still listens on is "in use" (OSError), and anything else is not touched.
+    """
+    if os.path.exists(path):
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            raise OSError(errno.EEXIST, "%s exists and is not a socket" % path)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale: nothing listens
+        except OSError:
+            pass
+        else:
+            raise OSError(errno.EADDRINUSE, "%s is in use: something listens on it" % path)
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # The umask would widen the window before chmod: bind with the mode.
+        old_umask = os.umask(0o777 & ~mode)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, mode)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _listen(host: str, port: int, backlog: int, reuse_port: bool = False) -> socket.socket:
+    """Bind a listening TCP socket; ``::`` listens on IPv4 too where it can;
+    ``reuse_port``: share the port with other processes (SO_REUSEPORT)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = infos[0]
+    dualstack = family == socket.AF_INET6 and host in ("::", "") and socket.has_dualstack_ipv6()
+    return socket.create_server(
+        address[:2] if family == socket.AF_INET6 else address,
+        family=family,
+        backlog=backlog,
+        dualstack_ipv6=dualstack,
+        reuse_port=reuse_port,
+    )
+
+# =============================================================================
+# Server: the listeners, the connection table, topics and shutdown
+# =============================================================================
+#
+# The server owns its listeners, its loop (unless it was given one), the
+# table of connections and the topics; other threads reach it only through
+# the loop's door.
 
 
 class Server:
@@ -6982,113 +7154,12 @@ class Server:
         for listener in listeners:
             listener.close()
 
-
-_SPARE_READ = 65536
-_OUT_OF_FDS_ANSWER = _http_response(503, [("Retry-After", "5")], b"server busy: out of file descriptors\n")
-
-
-def _open_spare_fd() -> Optional[int]:
-    try:
-        return os.open(os.devnull, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return None
-
-
-class _Listener:
-    """One listening socket, watched by a loop: when a client waits, it calls
-    ``on_ready(listener)`` (the server's accept)."""
-
-    __slots__ = ("loop", "on_ready", "sock", "path", "watched")
-
-    def __init__(
-        self,
-        loop: _EventLoop,
-        on_ready: Callable[[_Listener], None],
-        sock: socket.socket,
-        path: Optional[str],
-    ):
-        self.loop = loop
-        self.on_ready = on_ready
-        self.sock = sock
-        self.path = path  # a Unix socket's file, removed on close
-        self.watched = False
-        self.watch()
-
-    def watch(self) -> None:
-        if not self.watched:
-            self.loop.selector.register(self.sock, selectors.EVENT_READ, self)
-            self.watched = True
-
-    def unwatch(self) -> None:
-        if self.watched:
-            self.loop.selector.unregister(self.sock)
-            self.watched = False
-
-    def _handle_io(self, mask: int) -> None:
-        self.on_ready(self)
-
-    def close(self) -> None:
-        try:
-            self.unwatch()
-        except (KeyError, ValueError, OSError):
-            pass
-        self.sock.close()
-        if self.path is not None:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
-
-
-def _listen_unix(path: str, backlog: int, mode: int) -> socket.socket:
-    """Listen on a Unix socket at ``path`` with permissions ``mode``.
-
-    A socket file left by a process that died is removed; one that something
-    still listens on is "in use" (OSError), and anything else is not touched.
-    """
-    if os.path.exists(path):
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
-            raise OSError(errno.EEXIST, "%s exists and is not a socket" % path)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)  # stale: nothing listens
-        except OSError:
-            pass
-        else:
-            raise OSError(errno.EADDRINUSE, "%s is in use: something listens on it" % path)
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        # The umask would widen the window before chmod: bind with the mode.
-        old_umask = os.umask(0o777 & ~mode)
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, mode)
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _listen(host: str, port: int, backlog: int, reuse_port: bool = False) -> socket.socket:
-    """Bind a listening TCP socket; ``::`` listens on IPv4 too where it can;
-    ``reuse_port``: share the port with other processes (SO_REUSEPORT)."""
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, _, _, _, address = infos[0]
-    dualstack = family == socket.AF_INET6 and host in ("::", "") and socket.has_dualstack_ipv6()
-    return socket.create_server(
-        address[:2] if family == socket.AF_INET6 else address,
-        family=family,
-        backlog=backlog,
-        dualstack_ipv6=dualstack,
-        reuse_port=reuse_port,
-    )
+# =============================================================================
+# Serving from the main thread, and signals
+# =============================================================================
+#
+# serve() for the common case; SIGINT and SIGTERM start a graceful shutdown
+# (every client closed with 1001 within close_timeout).
 
 
 def serve(handler: Any = None, host: str = "127.0.0.1", port: int = 8765, **options: Any) -> None:
@@ -7130,7 +7201,6 @@ def _install_signal_handlers(server: Server) -> Dict[int, Any]:
             signum = getattr(signal, name)
             previous[signum] = signal.signal(signum, on_signal)
     return previous
-
 
 # =============================================================================
 # The client: connect() and a blocking connection on its own small loop
