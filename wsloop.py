@@ -2619,6 +2619,10 @@ class _Watched(typing.Protocol):
     def _handle_io(self, mask: int) -> None:
         """Act on readiness (``mask`` of ``selectors.EVENT_*``)."""
 
+    def _io_failed(self) -> None:
+        """``_handle_io`` raised (a bug, logged by the loop): end what
+        cannot go on, so one socket never takes the process down."""
+
 
 class _Flushing(typing.Protocol):
     """Writes its pending output once per turn, when scheduled."""
@@ -2772,6 +2776,9 @@ class _EventLoop:
         # skipped.  (What its writer queued runs in this turn anyway.)
         self._wake_pending = False
 
+    def _io_failed(self) -> None:
+        self._wake_pending = False  # the next wake-up writes again
+
     def stop(self) -> None:
         self._stopping = True
         self._wake()
@@ -2790,7 +2797,10 @@ class _EventLoop:
                 timeout = max(0.0, timers[0].when - time.monotonic())
             for key, mask in select(timeout):
                 watched: _Watched = key.data
-                watched._handle_io(mask)
+                try:
+                    watched._handle_io(mask)
+                except Exception:
+                    self._watched_failed(watched)
             if timers:
                 self._run_timers()
             # What is queued now; what these callbacks queue runs next turn,
@@ -2799,6 +2809,13 @@ class _EventLoop:
                 callback, args = ready.popleft()
                 self._run_callback(callback, args)
             self._run_flushes()
+
+    def _watched_failed(self, watched: _Watched) -> None:
+        logger.exception("error handling I/O of %r", watched)
+        try:
+            watched._io_failed()
+        except Exception:
+            logger.exception("error ending %r after an I/O error", watched)
 
     def _run_timers(self) -> None:
         timers = self._timers
@@ -3521,6 +3538,9 @@ class _RedisLink:
         if self.sock is not None and interest != self.interest:
             self.interest = interest
             self.loop.selector.modify(self.sock, interest, self)
+
+    def _io_failed(self) -> None:
+        self.fail("internal error", logged=True)  # (_handle_io catches what it can)
 
     def _handle_io(self, mask: int) -> None:
         try:
@@ -5672,6 +5692,12 @@ class Connection:
 
     # -- input ----------------------------------------------------------------
 
+    def _io_failed(self) -> None:
+        # A bug met while serving this peer: the other connections go on;
+        # this one ends at once (its state is not to be trusted).
+        if self._sock is not None:
+            self._close_socket(reset=True)
+
     def _handle_io(self, mask: int) -> None:
         if self._tls_handshaking:
             self._continue_tls_handshake()
@@ -6181,6 +6207,16 @@ class _Listener:
 
     def _handle_io(self, mask: int) -> None:
         self.on_ready(self)
+
+    def _io_failed(self) -> None:
+        # Accepting raised: pause a second rather than spin on the error.
+        if self.watched:
+            self.unwatch()
+            self.loop.call_later(1.0, self._watch_again)
+
+    def _watch_again(self) -> None:
+        if self.sock.fileno() != -1:  # not closed meanwhile
+            self.watch()
 
     def close(self) -> None:
         try:

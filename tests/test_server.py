@@ -540,3 +540,44 @@ def test_running_a_server_twice_raises_invalid_state_a_runtime_error_too():
     assert isinstance(info.value, RuntimeError), "existing `except RuntimeError` still catches it"
     assert isinstance(info.value, wsloop.WebSocketError)
     assert "already run" in str(info.value)
+
+
+def test_a_bug_met_serving_one_peer_drops_it_and_the_server_goes_on(monkeypatch, caplog):
+    """An exception escaping a connection's I/O handling (a bug, injected
+    here for one path) is logged and ends that connection alone: the loop
+    and every other connection go on."""
+    reading = wsloop.Connection._on_readable
+
+    def buggy(self):
+        if self.path == "/bug":
+            raise RuntimeError("injected bug")
+        reading(self)
+
+    monkeypatch.setattr(wsloop.Connection, "_on_readable", buggy)
+    closed = []
+
+    class Note(wsloop.Handler):
+        def on_message(self, conn, message):
+            conn.send(message)
+
+        def on_close(self, conn, code, reason):
+            closed.append(conn.path)
+
+    with running_server(Note()) as server:
+        healthy = Client(server.port, path="/ok")
+        victim = Client(server.port, path="/bug")  # the bug is met on its first message
+        victim.send_text("boom")
+        try:
+            victim.expect_eof()
+        except ConnectionResetError:
+            pass  # dropped with a reset: just as good
+        healthy.send_text("still here")
+        assert healthy.recv_message() == "still here"
+        late = Client(server.port, path="/ok")
+        late.send_text("and new ones come in")
+        assert late.recv_message() == "and new ones come in"
+        wait_until(lambda: "/bug" in closed)
+        assert len(server.connections) == 2
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR and "error handling I/O" in r.getMessage()]
+    assert len(errors) == 1, [r.getMessage() for r in caplog.records]
+    assert "injected bug" in (errors[0].exc_text or "")
