@@ -7436,13 +7436,25 @@ class ClientConnection:
         self._resume_if_taken()  # the last message is answered
         if connection.pending_output > self._high_water:
             drained = threading.Event()
+            taken = []  # set in the loop's thread if the output drained while open
+
+            def on_drained() -> None:
+                # Also called when the connection is gone; only a drain
+                # before the end means the message was taken (an answer
+                # that closes the connection may come right after it).
+                if connection.state is not State.CLOSED:
+                    taken.append(True)
+                drained.set()
+
             with self._condition:
                 done = self._done
                 if not done:
                     self._drain_waiters.append(drained)  # set at the end, too
             if not done:
-                connection.when_drained(drained.set)  # queued behind the send
+                connection.when_drained(on_drained)  # queued behind the send
                 drained.wait()
+            if taken:
+                return
             with self._condition:
                 if self._done:
                     raise connection._protocol.closed_error("closed before the message was taken")
