@@ -2624,7 +2624,7 @@ class _Watched(typing.Protocol):
         cannot go on, so one socket never takes the process down."""
 
 
-class _Flushing(typing.Protocol):
+class _Flushing(_Watched, typing.Protocol):
     """Writes its pending output once per turn, when scheduled."""
 
     def _flush(self) -> None:
@@ -2844,7 +2844,10 @@ class _EventLoop:
         while queue:
             self._flush_queue = []
             for connection in queue:
-                connection._flush()
+                try:
+                    connection._flush()
+                except Exception:
+                    self._watched_failed(connection)
             queue = self._flush_queue
 
     def close(self) -> None:
@@ -4735,9 +4738,14 @@ class _Options:
         checked here but is connect()'s own deadline (TimeoutError), not
         the connection's open timer, which would end it as if the server
         had; and a client connection's pending output has no bound of its
-        own (its senders wait at write_high_water instead)."""
+        own (its senders wait at write_high_water instead), nor a share of
+        a server's total (there is none: a client never sheds itself)."""
         _timeout("open_timeout", open_timeout)
-        return cls({"on_message": on_message}, open_timeout=None, max_pending_output=None, **options)
+        return cls(
+            {"on_message": on_message}, open_timeout=None, max_pending_output=None,
+            max_total_pending=_UNLIMITED_SIZE, **options,
+        )
+
 
 # =============================================================================
 # Admission: the server's counts, and the gate at the edge
@@ -5065,7 +5073,7 @@ def _check_ping(payload: Any) -> bytes:
 
 
 class _Continued(bytes):
-    """Queued output whose last frame may go on in the next chunk (a large
+    """Queued output whose last frame goes on in the next chunk (a large
     payload queued apart from its header): the two are kept or dropped
     together."""
 
@@ -5312,10 +5320,13 @@ class Connection:
             self._over_output_limit(message)
         # Backed up, every frame is queued by reference (a broadcast frame is
         # then held once); else only a large one (see Protocol.send).
+        written = len(protocol.outgoing)
         chunk = protocol.send(message, _COPY_FREE_FROM if self._queue is None else 0)
         self._stats.messages_out += 1
         if chunk is not None:
-            self._enqueue(chunk)
+            # The protocol wrote into outgoing as well only when it split a
+            # frame: its header there, its payload handed back.
+            self._enqueue(chunk, len(protocol.outgoing) != written)
             output = self._stats.output
             total = self._options.max_total_pending
             if total is not None and output.held > total:
@@ -5456,14 +5467,16 @@ class Connection:
             self._close_now(CloseCode.POLICY_VIOLATION, "too slow to keep up")
             raise protocol.closed_error("peer too slow: output limit reached")
 
-    def _enqueue(self, chunk: bytes) -> None:
+    def _enqueue(self, chunk: bytes, split: bool = False) -> None:
         """Queue ``chunk`` by reference after all that is pending.
 
         A frame sent to many connections (a broadcast, a PreparedMessage, the
         same bytes sent to each) is then held once, whatever the number of
         receivers that have not read it yet; the server counts it once in
         ``stats.output``.  What the protocol wrote into ``outgoing`` comes
-        first, so it moves to the queue before ``chunk``.
+        first, so it moves to the queue before ``chunk``; if ``split``,
+        ``chunk`` is the payload of a frame whose header ends ``outgoing``,
+        and the two are kept or dropped together.
         """
         queue = self._queue
         output = self._stats.output
@@ -5472,8 +5485,7 @@ class Connection:
             output.holders[self] = None
         outgoing = self._protocol.outgoing
         if outgoing:
-            # With a chunk after them, these bytes may end with its header.
-            pending = _Continued(outgoing) if chunk else bytes(outgoing)
+            pending = _Continued(outgoing) if split else bytes(outgoing)
             outgoing.clear()
             queue.append(pending)
             output.hold(pending)
@@ -6177,19 +6189,22 @@ def _open_spare_fd() -> Optional[int]:
 
 class _Listener:
     """One listening socket, watched by a loop: when a client waits, it calls
-    ``on_ready(listener)`` (the server's accept)."""
+    ``on_ready(listener)`` (the server's accept); if that raises (a bug),
+    ``on_failed()`` (the server pauses accepting)."""
 
-    __slots__ = ("loop", "on_ready", "sock", "path", "watched")
+    __slots__ = ("loop", "on_ready", "on_failed", "sock", "path", "watched")
 
     def __init__(
         self,
         loop: _EventLoop,
         on_ready: Callable[[_Listener], None],
+        on_failed: Callable[[], None],
         sock: socket.socket,
         path: Optional[str],
     ):
         self.loop = loop
         self.on_ready = on_ready
+        self.on_failed = on_failed
         self.sock = sock
         self.path = path  # a Unix socket's file, removed on close
         self.watched = False
@@ -6209,14 +6224,7 @@ class _Listener:
         self.on_ready(self)
 
     def _io_failed(self) -> None:
-        # Accepting raised: pause a second rather than spin on the error.
-        if self.watched:
-            self.unwatch()
-            self.loop.call_later(1.0, self._watch_again)
-
-    def _watch_again(self) -> None:
-        if self.sock.fileno() != -1:  # not closed meanwhile
-            self.watch()
+        self.on_failed()
 
     def close(self) -> None:
         try:
@@ -6471,7 +6479,7 @@ class Server:
             raise
         for listener in sockets:
             listener.setblocking(False)
-            self._listeners.append(_Listener(self._loop, self._accept, listener, uds))
+            self._listeners.append(_Listener(self._loop, self._accept, self._accept_failed, listener, uds))
         address = sockets[0].getsockname()
         self._address = address[:2] if isinstance(address, tuple) else address
         # One descriptor held in reserve: out of descriptors, it is given
@@ -7086,6 +7094,10 @@ class Server:
             listener.unwatch()
         self._loop.call_later(delay, self._resume_accepting)
 
+    def _accept_failed(self) -> None:
+        # Accepting raised (a bug, logged): pause rather than spin on it.
+        self._pause_accepting(1.0)
+
     def _resume_accepting(self) -> None:
         self._accept_paused = False
         if self._may_accept():
@@ -7107,9 +7119,14 @@ class Server:
                 hosts.clear()  # bounded, whatever addresses arrive
             address = (hosts.setdefault(address[0], address[0]),) + address[1:]
         self._stats.accepted += 1
-        sock.setblocking(False)
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:  # gone already (a reset before accept, on some systems)
+            logger.debug("dropped a client as it was accepted: %s", exc)
+            sock.close()
+            return
         ssl_context = options.ssl_context
         if ssl_context is not None:
             sock = ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
@@ -8339,7 +8356,7 @@ class _WorkerServer(Server):
                 self._full_timer = self.call_later(_FULL_CHECK, self._take_again)
                 return
             sock.setblocking(False)
-            listener = _Listener(self._loop, self._accept, sock, None)
+            listener = _Listener(self._loop, self._accept, self._accept_failed, sock, None)
             self._listeners.append(listener)
             if self._accept_paused:
                 listener.unwatch()  # out of descriptors: _resume_accepting watches it

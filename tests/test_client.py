@@ -770,6 +770,18 @@ def test_a_message_over_the_clients_max_size_closes_with_1009():
             assert ws._connection.close_sent == 1009  # private: the code the client sent
 
 
+def test_a_client_never_sheds_itself_at_the_servers_total_output_bound(monkeypatch):
+    # max_total_pending bounds what a server holds for all its peers; a
+    # client has one peer and waits at write_high_water instead.  A small
+    # default stands in for "a quarter of physical memory".
+    monkeypatch.setattr(wsloop, "_default_max_total_pending", lambda: 2**20)
+    message = bytes(range(256)) * (4 * 2**12)  # 4 MiB
+    with running_server(wsloop.Echo(), max_size=None, max_pending_output=2**30, max_total_pending=2**30) as server:
+        with wsloop.connect(ws_url(server), max_size=None, compression=False) as ws:
+            ws.send(message)
+            assert ws.recv(timeout=TIMEOUT) == message
+
+
 def test_compression_is_negotiated_by_default_and_can_be_refused():
     with running_server(wsloop.Echo()) as server:
         with wsloop.connect(ws_url(server)) as ws:

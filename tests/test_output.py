@@ -141,6 +141,30 @@ def test_a_large_message_shed_at_once_still_reaches_the_peer_whole_before_the_cl
             client.shutdown()
 
 
+def test_a_shared_frame_shed_at_once_is_not_sent_after_send_said_it_failed():
+    # A whole frame queued by reference (a PreparedMessage) after a small one
+    # still in the output buffer: shedding keeps the small one, which was
+    # accepted, and frees the large one, which send() refused.
+    size = 256 * KiB
+    with running_server(ping_interval=None, max_total_pending=64 * KiB) as server:
+        client = Client(server.port)
+        try:
+            open_count(server, 1)
+            connection = server.connections[0]
+
+            def send_both():
+                connection.send(b"small")
+                connection.send(wsloop.PreparedMessage(numbered(2, size)))
+
+            with pytest.raises(wsloop.ConnectionClosed, match="total output limit"):
+                in_loop(server, send_both)
+            got, code = read_until_close(client)
+            assert code == 1008
+            assert got == [b"small"], [len(message) for message in got]
+        finally:
+            client.shutdown()
+
+
 def test_max_total_pending_must_be_positive():
     with pytest.raises(ValueError):
         wsloop.Server(port=0, max_total_pending=0)

@@ -542,22 +542,25 @@ def test_running_a_server_twice_raises_invalid_state_a_runtime_error_too():
     assert "already run" in str(info.value)
 
 
-def test_a_bug_met_serving_one_peer_drops_it_and_the_server_goes_on(monkeypatch, caplog):
-    """An exception escaping a connection's I/O handling (a bug, injected
-    here for one path) is logged and ends that connection alone: the loop
-    and every other connection go on."""
-    reading = wsloop.Connection._on_readable
+@pytest.mark.parametrize("where", ["_on_readable", "_flush"])
+def test_a_bug_met_serving_one_peer_drops_it_and_the_server_goes_on(where, monkeypatch, caplog):
+    """An exception escaping a connection's reading or writing (a bug,
+    injected here for one connection) is logged and ends that connection
+    alone: the loop and every other connection go on."""
+    original = getattr(wsloop.Connection, where)
 
-    def buggy(self):
-        if self.path == "/bug":
+    def buggy(self, *args):
+        if self.data == "bug":
             raise RuntimeError("injected bug")
-        reading(self)
+        return original(self, *args)
 
-    monkeypatch.setattr(wsloop.Connection, "_on_readable", buggy)
+    monkeypatch.setattr(wsloop.Connection, where, buggy)
     closed = []
 
     class Note(wsloop.Handler):
         def on_message(self, conn, message):
+            if message == "boom":
+                conn.data = "bug"  # from now on, this connection meets the bug
             conn.send(message)
 
         def on_close(self, conn, code, reason):
@@ -565,8 +568,11 @@ def test_a_bug_met_serving_one_peer_drops_it_and_the_server_goes_on(monkeypatch,
 
     with running_server(Note()) as server:
         healthy = Client(server.port, path="/ok")
-        victim = Client(server.port, path="/bug")  # the bug is met on its first message
-        victim.send_text("boom")
+        victim = Client(server.port, path="/bug")
+        victim.send_text("boom")  # its echo meets the bug, or its next read
+        if where == "_on_readable":
+            assert victim.recv_message() == "boom"
+            victim.send_text("again")
         try:
             victim.expect_eof()
         except ConnectionResetError:
