@@ -5031,6 +5031,7 @@ class _Gate:
         # RFC 6455 4.2.2: only a subprotocol the client offered may be named.
         return (chosen if chosen in offered else None), None
 
+
 # =============================================================================
 # Connection: one peer, driven by the loop
 # =============================================================================
@@ -6171,6 +6172,7 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 def _describe_close(code: int, reason: str) -> str:
     return "%d (%s)" % (code, _printable(reason)) if reason else str(code)
 
+
 # =============================================================================
 # Listening: the sockets clients arrive on, and a spare descriptor
 # =============================================================================
@@ -6288,6 +6290,7 @@ def _listen(host: str, port: int, backlog: int, reuse_port: bool = False) -> soc
         dualstack_ipv6=dualstack,
         reuse_port=reuse_port,
     )
+
 
 # =============================================================================
 # Server: the listeners, the connection table, topics and shutdown
@@ -7207,6 +7210,7 @@ class Server:
         for listener in listeners:
             listener.close()
 
+
 # =============================================================================
 # Serving from the main thread, and signals
 # =============================================================================
@@ -7254,6 +7258,7 @@ def _install_signal_handlers(server: Server) -> Dict[int, Any]:
             signum = getattr(signal, name)
             previous[signum] = signal.signal(signum, on_signal)
     return previous
+
 
 # =============================================================================
 # The client: connect() and a blocking connection on its own small loop
