@@ -1504,6 +1504,9 @@ _HEADER_64 = 2 + 8 + MASK_LENGTH
 _WHOLE_TEXT = _FIN | 0x1
 _WHOLE_BINARY = _FIN | 0x2
 
+# The header of each server text frame with a 7-bit length (Protocol.send).
+_SHORT_TEXT_HEADERS = [bytes((_WHOLE_TEXT, length)) for length in range(_LENGTH_16)]
+
 # Pieces of a message at least this large are kept whole until it ends.
 _WHOLE_PIECE = 4096
 
@@ -2482,7 +2485,11 @@ class Protocol:
             payload = message.encode("utf-8")
             length = len(payload)
             if length < _LENGTH_16 and length < reference_from:
-                self.outgoing += bytes((_WHOLE_TEXT, length)) + payload  # no call for the short header
+                # Its header from a table, and two appends rather than a
+                # header built and joined to the payload first.
+                outgoing = self.outgoing
+                outgoing += _SHORT_TEXT_HEADERS[length]
+                outgoing += payload
                 return None
             return self._write_frame(_WHOLE_TEXT, payload, reference_from)
         message = self.check_send(message)
