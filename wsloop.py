@@ -308,6 +308,14 @@ def _header_tokens(value: Optional[str]) -> List[str]:
 # XOR tables for _unmask_python, one per key byte, made on first use.
 _XOR_TABLES: List[Optional[bytes]] = [None] * 256
 _TRANSLATE_FROM = 2048  # below this many bytes the big integer is faster
+# For a short payload (a 7-bit length, up to 125 bytes: most messages) the
+# repeated key is made as an integer, the key's times 0x..0100000001 cut to
+# the payload's length, rather than as bytes: no bytes(mask), repetition,
+# slice and concatenation.  It took a third off a 64-byte unmask here
+# (1.43 -> 0.95 us).  About 16 KB of integers for the two tables.
+_SHORT_UNMASK = 126
+_KEY_REPEATS = [((1 << (32 * ((length + 3) >> 2))) - 1) // 0xFFFFFFFF for length in range(_SHORT_UNMASK)]
+_LENGTH_BITS_OF = [(1 << (8 * length)) - 1 for length in range(_SHORT_UNMASK)]
 
 
 def _printable(text: str) -> str:
@@ -351,8 +359,9 @@ def _unmask_python(data: bytes, mask: bytes) -> bytes:
     does gigabytes a second.
     """
     length = len(data)
-    if not length:
-        return b""
+    if length < _SHORT_UNMASK:
+        key_bits = int.from_bytes(mask, "little") * _KEY_REPEATS[length] & _LENGTH_BITS_OF[length]
+        return (int.from_bytes(data, "little") ^ key_bits).to_bytes(length, "little")
     if length < _TRANSLATE_FROM:
         key = bytes(mask) * (length >> 2) + mask[: length & 3]
         return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
@@ -1495,6 +1504,9 @@ _HEADER_64 = 2 + 8 + MASK_LENGTH
 _WHOLE_TEXT = _FIN | 0x1
 _WHOLE_BINARY = _FIN | 0x2
 
+# The header of each server text frame with a 7-bit length (Protocol.send).
+_SHORT_TEXT_HEADERS = [bytes((_WHOLE_TEXT, length)) for length in range(_LENGTH_16)]
+
 # Pieces of a message at least this large are kept whole until it ends.
 _WHOLE_PIECE = 4096
 
@@ -2473,7 +2485,11 @@ class Protocol:
             payload = message.encode("utf-8")
             length = len(payload)
             if length < _LENGTH_16 and length < reference_from:
-                self.outgoing += bytes((_WHOLE_TEXT, length)) + payload  # no call for the short header
+                # Its header from a table, and two appends rather than a
+                # header built and joined to the payload first.
+                outgoing = self.outgoing
+                outgoing += _SHORT_TEXT_HEADERS[length]
+                outgoing += payload
                 return None
             return self._write_frame(_WHOLE_TEXT, payload, reference_from)
         message = self.check_send(message)
