@@ -133,6 +133,20 @@ class Node:
 
         wait_until(check, timeout, message=lambda: "broker never %s; stats %r" % (what, last))
 
+    def wait_links_down(self):
+        """Until every link has noticed Redis is gone.  The broker's state
+        changes with the first; a publish written to a publisher link that
+        has not read its EOF yet is lost in flight (a gap for receivers),
+        not buffered."""
+
+        def down():
+            return all(
+                server["publisher"] != "ready" and server["subscriber"] != "ready"
+                for server in self.stats()["servers"]
+            )
+
+        wait_until(down, RECOVERY_TIMEOUT, message=lambda: "links still up: %r" % (self.stats()["servers"],))
+
 
 @contextmanager
 def cluster(url_or_urls, count=2, prefix="wsloop", **broker_options):
@@ -339,7 +353,7 @@ def test_publishes_while_redis_is_down_are_bounded_and_counted(redis_server):
         redis_server.wait_numsub("wsloop:t", 2)
         flows(a, b, "before")
         redis_server.kill()
-        A.wait_state(lambda state: state != "connected", "noticed Redis had gone")
+        A.wait_links_down()
         waiting = ["%02d" % n + "x" * (chunk - 2) for n in range(count)]
         for message in waiting:
             A.server.publish("t", message)
@@ -1138,7 +1152,7 @@ def test_publishes_made_while_away_wait_until_this_process_has_resubscribed(fake
         number, _ = fake_redis.subscriber()
         fake_redis.hold_confirmations = True
         fake_redis.drop_all()
-        A.wait_state(lambda state: state != "connected", "noticed Redis had gone")
+        A.wait_links_down()
         A.server.publish("t", "while away")
         fake_redis.subscriber(after=number + 1)  # resubscribing, unconfirmed
         A.wait_state(lambda state: state == "connected", "reconnected")
