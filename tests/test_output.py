@@ -123,44 +123,37 @@ def test_past_max_total_pending_the_slowest_receiver_is_closed_with_1008_and_its
                     client.shutdown()
 
 
-def test_a_large_message_shed_at_once_still_reaches_the_peer_whole_before_the_close():
+SHED_SIZE = 256 * KiB
+
+
+def _large_message_alone(connection):
+    connection.send(numbered(1, SHED_SIZE))
+
+
+def _shared_frame_after_a_small_one(connection):
+    connection.send(b"small")
+    connection.send(wsloop.PreparedMessage(numbered(2, SHED_SIZE)))
+
+
+@pytest.mark.parametrize("send, expected", [
+    (_large_message_alone, [numbered(1, SHED_SIZE)]),
+    (_shared_frame_after_a_small_one, [b"small"]),
+])
+def test_shedding_at_once_keeps_a_split_frame_whole_and_frees_a_refused_shared_one(send, expected):
     # A large message is queued as its header, then its payload by reference:
-    # shedding the connection keeps the two together, not a header alone.
-    size = 256 * KiB
+    # shedding keeps the two together, not a header alone.  A whole shared
+    # frame (a PreparedMessage) queued after a small one is freed: send()
+    # refused it, so the peer must not get it.
     with running_server(ping_interval=None, max_total_pending=64 * KiB) as server:
         client = Client(server.port)
         try:
             open_count(server, 1)
             connection = server.connections[0]
             with pytest.raises(wsloop.ConnectionClosed, match="total output limit"):
-                in_loop(server, lambda: connection.send(numbered(1, size)))
+                in_loop(server, lambda: send(connection))
             got, code = read_until_close(client)
             assert code == 1008
-            assert got == [numbered(1, size)]
-        finally:
-            client.shutdown()
-
-
-def test_a_shared_frame_shed_at_once_is_not_sent_after_send_said_it_failed():
-    # A whole frame queued by reference (a PreparedMessage) after a small one
-    # still in the output buffer: shedding keeps the small one, which was
-    # accepted, and frees the large one, which send() refused.
-    size = 256 * KiB
-    with running_server(ping_interval=None, max_total_pending=64 * KiB) as server:
-        client = Client(server.port)
-        try:
-            open_count(server, 1)
-            connection = server.connections[0]
-
-            def send_both():
-                connection.send(b"small")
-                connection.send(wsloop.PreparedMessage(numbered(2, size)))
-
-            with pytest.raises(wsloop.ConnectionClosed, match="total output limit"):
-                in_loop(server, send_both)
-            got, code = read_until_close(client)
-            assert code == 1008
-            assert got == [b"small"], [len(message) for message in got]
+            assert got == expected, [len(message) for message in got]
         finally:
             client.shutdown()
 
